@@ -1,0 +1,51 @@
+"""vlmkit: assemble vision-language models from swappable, plugin-registered parts.
+
+Imports are lazy: ``import vlmkit`` is cheap and never imports transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "build": "vlmkit.builder",
+    "build_from_hf": "vlmkit.builder",
+    "spec_from_hf": "vlmkit.hf",
+    "load_processor": "vlmkit.processor",
+    "VLMSpec": "vlmkit.spec",
+    "load_yaml": "vlmkit.spec",
+    "dump_yaml": "vlmkit.spec",
+    "json_schema": "vlmkit.spec",
+    "VLM": "vlmkit.model",
+    "save_hf": "vlmkit.export",
+    "get_registry": "vlmkit.plugins",
+    "register_plugin": "vlmkit.plugins",
+}
+
+__all__ = ["hookimpl", "errors", "__version__", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from . import errors
+    from .builder import build, build_from_hf
+    from .export import save_hf
+    from .hf import spec_from_hf
+    from .model import VLM
+    from .plugins import get_registry, register_plugin
+    from .processor import load_processor
+    from .spec import VLMSpec, dump_yaml, json_schema, load_yaml
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("vlmkit.errors")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

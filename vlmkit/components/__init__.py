@@ -1,0 +1,1 @@
+"""Built-in components; each module is a plugin."""

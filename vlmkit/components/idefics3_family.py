@@ -1,0 +1,186 @@
+"""Model family ``idefics3`` / ``smolvlm``: Hugging Face ``config.json`` -> vlmkit spec.
+
+Every number comes from the checkpoint's files; transformers' defaults for these model types
+fill keys a config leaves out (the SmolVLM2 configs omit several). Cross-checks:
+
+- ``scale_factor`` vs ``text_config.pixel_shuffle_factor``;
+- tokens per image ``(image_size / patch_size)^2 / scale_factor^2`` vs
+  ``text_config.perceiver_config.resampler_n_latents`` and processor_config.json ``image_seq_len``;
+- ``image_token_id`` inside ``text_config.vocab_size``; top-level ``vocab_size`` vs the text one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError
+from ..hookspecs import hookimpl
+from ..hub import read_json
+
+__all__ = ["MODEL_TYPES", "spec_dict_from_config"]
+
+#: ``model_type`` values this family answers, with transformers' top-level defaults.
+MODEL_TYPES = {"idefics3": {"image_token_id": 128257, "scale_factor": 2}, "smolvlm": {"image_token_id": 128257, "scale_factor": 2}}
+
+VISION_KEYS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+    "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout",
+)  # fmt: skip
+TEXT_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
+)  # fmt: skip
+
+
+def _section(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise SpecError(f"expected a mapping, got {type(value).__name__}", key_path=key, source=source)
+    return value
+
+
+def _positive_int(value: Any, key_path: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SpecError(f"expected a positive integer, got {value!r}", key_path=key_path, source=source)
+    return value
+
+
+def _pick(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: section[k] for k in keys if section.get(k) is not None}
+
+
+def _tokens_per_image(vision: dict[str, Any], scale: int, source: str) -> int:
+    image_size = _positive_int(vision.get("image_size", 224), "vision_config.image_size", source)
+    patch_size = _positive_int(vision.get("patch_size", 32), "vision_config.patch_size", source)
+    if image_size % patch_size:
+        raise SpecError(
+            f"image_size {image_size} is not a multiple of patch_size {patch_size}",
+            key_path="vision_config.image_size", source=source,
+        )
+    grid = image_size // patch_size
+    if grid % scale:
+        valid = [s for s in range(1, grid + 1) if grid % s == 0]
+        raise SpecError(
+            f"scale_factor {scale} does not divide the {grid}x{grid} patch grid "
+            f"(image_size {image_size} / patch_size {patch_size}); valid scales: {valid}",
+            key_path="scale_factor", source=source,
+        )
+    return (grid // scale) ** 2
+
+
+def _cross_check_scale(config: dict[str, Any], text: dict[str, Any], source: str) -> int:
+    scale = _positive_int(config.get("scale_factor", MODEL_TYPES[config["model_type"]]["scale_factor"]), "scale_factor", source)
+    shuffle = text.get("pixel_shuffle_factor")
+    if shuffle is not None and shuffle != scale:
+        raise SpecError(
+            f"scale_factor is {scale} but text_config.pixel_shuffle_factor is {shuffle}",
+            key_path="text_config.pixel_shuffle_factor", source=source,
+            hint="the two must agree; the connector uses scale_factor",
+        )
+    return scale
+
+
+def _cross_check_tokens(tokens: int, text: dict[str, Any], folder: Path | None, source: str) -> None:
+    perceiver = text.get("perceiver_config")
+    latents = perceiver.get("resampler_n_latents") if isinstance(perceiver, dict) else None
+    if latents is not None and latents != tokens:
+        raise SpecError(
+            f"resampler_n_latents is {latents} but the image grid and scale_factor give {tokens} tokens per image",
+            key_path="text_config.perceiver_config.resampler_n_latents", source=source,
+        )
+    if folder is None:
+        return
+    proc = read_json(folder, "processor_config.json", required=False)
+    seq = (proc or {}).get("image_seq_len")
+    if seq is not None and seq != tokens:
+        raise SpecError(
+            f"processor_config.json image_seq_len is {seq} but config.json gives {tokens} tokens per image "
+            "((image_size / patch_size)^2 / scale_factor^2)",
+            key_path="image_seq_len", source=str(Path(folder) / "processor_config.json"),
+            hint="the checkpoint files contradict each other; fix image_seq_len or the vision config",
+        )
+
+
+def _backbone(config: dict[str, Any], text: dict[str, Any], source: str) -> dict[str, Any]:
+    text_type = text.get("model_type", "llama")
+    if text_type != "llama":
+        return {"name": "hf_causal_lm", "config": text, "tie_word_embeddings": bool(config.get("tie_word_embeddings", False))}
+    backbone = {"name": "llama", **_pick(text, TEXT_KEYS)}
+    tie = bool(config.get("tie_word_embeddings", False))
+    if "tie_word_embeddings" in text and bool(text["tie_word_embeddings"]) != tie:
+        warnings.warn(
+            f"{source}: tie_word_embeddings is {tie} at the top level but {text['tie_word_embeddings']} in "
+            "text_config; the top-level value wins (as in transformers' Idefics3ForConditionalGeneration)",
+            stacklevel=3,
+        )
+    backbone["tie_word_embeddings"] = tie
+    top_vocab = config.get("vocab_size")
+    if top_vocab is not None and "vocab_size" in text and top_vocab != text["vocab_size"]:
+        raise SpecError(
+            f"vocab_size is {top_vocab} but text_config.vocab_size is {text['vocab_size']}",
+            key_path="vocab_size", source=source,
+        )
+    return backbone
+
+
+def spec_dict_from_config(config: dict[str, Any], folder: Path | None = None, source: str = "config.json") -> dict[str, Any]:
+    """The YAML-form spec of an Idefics3/SmolVLM ``config.json`` (validated later by the caller)."""
+    vision = _section(config, "vision_config", source)
+    text = _section(config, "text_config", source)
+    scale = _cross_check_scale(config, text, source)
+    tokens = _tokens_per_image(vision, scale, source)
+    _cross_check_tokens(tokens, text, folder, source)
+    backbone = _backbone(config, text, source)
+    image_token_id = config.get("image_token_id", MODEL_TYPES[config["model_type"]]["image_token_id"])
+    vocab = backbone.get("vocab_size", text.get("vocab_size", 32000))
+    if isinstance(image_token_id, int) and isinstance(vocab, int) and not 0 <= image_token_id < vocab:
+        raise SpecError(
+            f"image_token_id {image_token_id} is outside the vocabulary (text_config.vocab_size {vocab})",
+            key_path="image_token_id", source=source,
+        )
+    return {
+        "vision_tower": {"name": "navit", **_pick(vision, VISION_KEYS)},
+        "connector": {"name": "idefics3", "scale_factor": scale},
+        "aligner": {"name": "hidden_align"},
+        "packer": {"name": "image_packer", "image_token_id": image_token_id, "tokens_per_image": tokens},
+        "backbone": backbone,
+    }
+
+
+@hookimpl
+def vlmkit_spec_from_hf(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
+    """Answer for ``model_type`` idefics3 and smolvlm."""
+    if config.get("model_type") not in MODEL_TYPES:
+        return None
+    return spec_dict_from_config(config, folder, source=str(Path(folder) / "config.json"))
+
+
+@hookimpl
+def vlmkit_register_components(registry) -> None:
+    """This module registers no component; it teaches vlmkit the idefics3/smolvlm configs."""
+
+
+@hookimpl
+def vlmkit_hf_config_from_spec(spec) -> dict[str, Any] | None:
+    """Idefics3 ``config.json`` for navit + idefics3 connector + identity aligner + llama."""
+    names = (spec.vision_tower.name, spec.connector.name, spec.packer.name, spec.backbone.name)
+    if names != ("navit", "idefics3", "image_packer", "llama"):
+        return None
+    text = spec.backbone.params.model_dump(mode="json")
+    tie = text.pop("tie_word_embeddings")
+    if text.get("hidden_size") is None:
+        return None
+    vision = spec.vision_tower.params.model_dump(mode="json")
+    return {
+        "architectures": ["Idefics3ForConditionalGeneration"],
+        "model_type": "idefics3",
+        "image_token_id": spec.packer.params.image_token_id,
+        "scale_factor": spec.connector.params.scale_factor,
+        "tie_word_embeddings": tie,
+        "vocab_size": text["vocab_size"],
+        "vision_config": {"model_type": "idefics3_vision", **vision},
+        "text_config": {"model_type": "llama", "tie_word_embeddings": tie, **{k: v for k, v in text.items() if v is not None}},
+    }

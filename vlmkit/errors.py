@@ -1,0 +1,102 @@
+"""Errors raised by vlmkit.
+
+Every error a user can trigger with bad input is a :class:`VlmkitError`. Messages name the
+offending value, where it came from (file and key path), what was expected and what to do.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+__all__ = [
+    "VlmkitError",
+    "SpecError",
+    "UnknownComponentError",
+    "PluginError",
+    "WeightLoadError",
+    "PackingError",
+    "SourceNotFoundError",
+    "ProcessorError",
+    "GenerationError",
+    "closest",
+]
+
+
+class VlmkitError(Exception):
+    """Base class of every error vlmkit raises on purpose.
+
+    ``hint`` is a short "what to do" line; the CLI prints it under the message.
+    """
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message}\n  hint: {hint}")
+
+
+class SpecError(VlmkitError, ValueError):
+    """A model spec (from config.json or YAML) is missing, malformed, contradictory or impossible.
+
+    ``key_path`` is the dotted path of the offending key (``vision_config.patch_size``) and
+    ``source`` the file it came from, when known.
+    """
+
+    def __init__(
+        self, message: str, *, key_path: str | None = None, source: str | None = None, hint: str | None = None
+    ) -> None:
+        self.key_path = key_path
+        self.source = source
+        self.detail = message
+        where = ""
+        if key_path:
+            where += f"{key_path}: "
+        prefix = f"{source}: " if source else ""
+        super().__init__(f"{prefix}{where}{message}", hint=hint)
+
+
+class UnknownComponentError(VlmkitError, KeyError):
+    """A registry name that no installed plugin provides."""
+
+    def __init__(self, kind: str, name: str, choices: Iterable[str]) -> None:
+        self.kind = kind
+        self.name = name
+        self.choices = sorted(choices)
+        near = closest(name, self.choices)
+        msg = f"unknown {kind} {name!r}; registered {kind}s: {', '.join(self.choices) or '(none)'}"
+        if near:
+            msg += f". Did you mean {near!r}?"
+        super().__init__(msg, hint="install the plugin that provides it, or run `vlmkit plugins` to list names")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return Exception.__str__(self)
+
+
+class PluginError(VlmkitError):
+    """A plugin failed to load, or two plugins registered the same name."""
+
+
+class WeightLoadError(VlmkitError):
+    """Weights are missing, unexpected, mis-shaped, of a wrong dtype, corrupt or pickle-only."""
+
+
+class PackingError(VlmkitError, ValueError):
+    """Image placeholders in ``input_ids`` do not match the images given."""
+
+
+class SourceNotFoundError(VlmkitError, FileNotFoundError):
+    """A checkpoint folder or Hub repo id that cannot be found (or reached offline)."""
+
+
+class ProcessorError(VlmkitError, ValueError):
+    """Bad processor input: an unusable image, prompt, or a token budget exceeded."""
+
+
+class GenerationError(VlmkitError, ValueError):
+    """Generation arguments out of range, or a backbone that cannot honour the request."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The registered name closest to ``name``, or ``None`` when nothing is close."""
+    hits = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return hits[0] if hits else None

@@ -1,0 +1,55 @@
+"""Export: a vlmkit model -> a Hugging Face checkpoint folder, by inverting the key maps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .errors import VlmkitError
+from .weights import save_safetensors
+
+__all__ = ["save_hf", "TOKENIZER_FILES"]
+
+#: Non-weight files copied from the spec's tokenizer folder, when it is local.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "generation_config.json",
+)  # fmt: skip
+
+
+def save_hf(model, folder: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files) that transformers loads.
+
+    Raises :class:`VlmkitError` when no installed family can describe the model's slot
+    combination as a transformers config.
+    """
+    from .plugins import get_plugin_manager
+
+    config = get_plugin_manager().hook.vlmkit_hf_config_from_spec(spec=model.spec)
+    if config is None:
+        names = ", ".join(f"{s}={getattr(model.spec, s).name}" for s in ("vision_tower", "connector", "backbone"))
+        raise VlmkitError(
+            f"no installed plugin can write a Hugging Face config for this combination ({names})",
+            hint="export is available for models transformers has a class for (e.g. navit + idefics3 + llama)",
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    tensors = {}
+    for slot, module in model.slots().items():
+        tensors.update(module.key_map().export(module.state_dict()))
+    save_safetensors(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    _copy_tokenizer(model.spec.tokenizer, folder)
+    return folder
+
+
+def _copy_tokenizer(source: str | None, folder: Path) -> None:
+    if not source or not Path(source).is_dir():
+        return
+    for name in TOKENIZER_FILES:
+        src = Path(source) / name
+        if src.is_file() and not (folder / name).exists():
+            shutil.copyfile(src, folder / name)

@@ -1,0 +1,102 @@
+"""Finding a checkpoint: a local folder, or a Hugging Face Hub repo id fetched with huggingface_hub.
+
+Downloads go through ``huggingface_hub.snapshot_download`` so they share the user's HF cache and
+honour ``HF_HUB_OFFLINE``. A repo id already in the cache resolves without network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import SourceNotFoundError, SpecError
+
+__all__ = ["resolve_source", "read_json", "CHECKPOINT_PATTERNS"]
+
+#: Files vlmkit reads from a checkpoint. Pickle files (``*.bin``, ``*.pt``) are never fetched.
+CHECKPOINT_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "tokenizer.model",
+    "merges.txt",
+]
+
+
+def resolve_source(source: str | os.PathLike, *, weights: bool = True, revision: str | None = None) -> Path:
+    """Return a local folder holding ``source``'s files.
+
+    ``source`` is a folder path, or a Hub repo id (``owner/name``). With ``weights=False`` only
+    the small JSON/tokenizer files are fetched.
+    """
+    path = Path(os.fspath(source)).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise SourceNotFoundError(
+            f"{str(source)!r} is a file, not a checkpoint folder",
+            hint="pass the folder that holds config.json (and the .safetensors weights)",
+        )
+    text = os.fspath(source)
+    if not _looks_like_repo_id(text):
+        raise SourceNotFoundError(
+            f"no folder {text!r}, and it is not a Hub repo id (owner/name)",
+            hint="check the path, or pass a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
+        )
+    return _snapshot(text, weights=weights, revision=revision)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _snapshot(repo_id: str, *, weights: bool, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = CHECKPOINT_PATTERNS if weights else [p for p in CHECKPOINT_PATTERNS if p != "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"Hub repo {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
+            f"(offline or no network): {exc.__class__.__name__}",
+            hint="download it once with network (`hf download REPO`), or pass a local folder",
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise SourceNotFoundError(
+            f"Hub repo {repo_id!r} does not exist (or is private)",
+            hint="check the spelling, or log in with `hf auth login` for a private repo",
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise SourceNotFoundError(
+            f"could not fetch Hub repo {repo_id!r}: {exc}",
+            hint="check the network, or pass a local folder",
+        ) from exc
+
+
+def read_json(folder: Path, name: str, *, required: bool = True) -> dict[str, Any] | None:
+    """Read ``folder/name`` as a JSON object; ``None`` when optional and absent.
+
+    Raises :class:`SpecError` naming the file when it is not JSON or not an object.
+    """
+    path = Path(folder) / name
+    if not path.is_file():
+        if required:
+            raise SourceNotFoundError(
+                f"{path} does not exist",
+                hint=f"a checkpoint folder needs {name}; pass the folder that holds it",
+            )
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"not valid JSON ({exc})", source=str(path), hint="restore the file from the checkpoint") from exc
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"expected a JSON object at the top level, got {type(data).__name__}", source=str(path)
+        )
+    return data

@@ -1,0 +1,208 @@
+"""The validated model spec: which registered component fills each slot, with its typed params.
+
+The YAML form (also what ``spec_from_hf`` produces)::
+
+    vision_tower: {name: navit, hidden_size: 768, image_size: 512, patch_size: 16, ...}
+    connector:    {name: idefics3, scale_factor: 4}
+    aligner:      {name: hidden_align}          # optional: inserted from the widths
+    packer:       {name: image_packer, image_token_id: 49190, tokens_per_image: 64}
+    backbone:     {name: llama, hidden_size: 576, ...}
+    weights: HuggingFaceTB/SmolVLM-256M-Instruct   # optional: a folder or repo id, or per slot
+    tokenizer: HuggingFaceTB/SmolVLM-256M-Instruct # optional
+    freeze: [vision_tower, backbone]               # optional
+
+Each slot's params are validated by that component's pydantic ``Params`` (unknown keys are
+errors), so a spec never holds an unchecked value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import SpecError
+from .protocols import SLOTS
+
+__all__ = ["ComponentSpec", "VLMSpec", "validate_spec", "load_yaml", "dump_yaml", "json_schema", "DEFAULT_ALIGNER"]
+
+DEFAULT_ALIGNER = "hidden_align"
+
+
+class ComponentSpec(BaseModel):
+    """One slot: the registry ``name`` and the validated ``params`` of that component."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str
+    params: BaseModel
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form: ``{"name": ..., **params}``."""
+        return {"name": self.name, **self.params.model_dump(mode="json")}
+
+
+class VLMSpec(BaseModel):
+    """A whole model. Build one with :func:`validate_spec`, ``spec_from_hf`` or :func:`load_yaml`."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    vision_tower: ComponentSpec
+    connector: ComponentSpec
+    aligner: ComponentSpec
+    packer: ComponentSpec
+    backbone: ComponentSpec
+    weights: str | dict[str, str] | None = Field(
+        default=None, description="Folder or Hub repo id holding the weights, or one per slot."
+    )
+    tokenizer: str | None = Field(default=None, description="Folder or repo id of tokenizer/processor files.")
+    freeze: list[str] = Field(default_factory=list, description="Slots whose parameters do not train.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_components(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError(f"a spec is a mapping of the slots {', '.join(SLOTS)}; got {type(data).__name__}")
+        data = dict(data)
+        data.setdefault("aligner", {"name": DEFAULT_ALIGNER})
+        for slot in SLOTS:
+            if slot in data and not isinstance(data[slot], ComponentSpec):
+                data[slot] = _component(slot, data[slot])
+        return data
+
+    @model_validator(mode="after")
+    def _check_slots(self) -> VLMSpec:
+        for slot in self.freeze:
+            if slot not in SLOTS:
+                raise ValueError(f"freeze: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+        if isinstance(self.weights, dict):
+            for slot in self.weights:
+                if slot not in SLOTS:
+                    raise ValueError(f"weights: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The YAML form of the whole spec (defaults included, so it is self-describing)."""
+        out: dict[str, Any] = {slot: getattr(self, slot).to_dict() for slot in SLOTS}
+        for key in ("weights", "tokenizer"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.freeze:
+            out["freeze"] = list(self.freeze)
+        return out
+
+    def weights_for(self, slot: str) -> str | None:
+        """Where ``slot``'s weights come from, or ``None`` (fresh init)."""
+        if isinstance(self.weights, dict):
+            return self.weights.get(slot)
+        return self.weights
+
+
+class _SlotError(ValueError):
+    def __init__(self, slot: str, exc: Exception) -> None:
+        self.slot, self.exc = slot, exc
+        super().__init__(str(exc))
+
+
+def _component(slot: str, raw: Any) -> ComponentSpec:
+    from .plugins import get_registry
+
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ValueError(f"{slot} must be a mapping with a `name` (the registry name) and its params; got {raw!r}")
+    raw = dict(raw)
+    name = raw.pop("name")
+    entry = get_registry().get(slot, name)  # raises UnknownComponentError (not a ValueError)
+    try:
+        params = entry.cls.Params.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise _SlotError(slot, exc) from exc
+    return ComponentSpec(name=name, params=params)
+
+
+def validate_spec(data: Any, *, source: str | None = None) -> VLMSpec:
+    """Validate a YAML-form mapping into a :class:`VLMSpec`; errors become :class:`SpecError`."""
+    try:
+        return VLMSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise _to_spec_error(exc, source) from None
+
+
+def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: str = "") -> SpecError:
+    err = exc.errors()[0]
+    ctx_exc = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_exc, _SlotError):
+        return _to_spec_error(ctx_exc.exc, source, prefix=f"{ctx_exc.slot}.")  # type: ignore[arg-type]
+    loc = ".".join(str(p) for p in err["loc"])
+    key_path = prefix + loc if loc else prefix.rstrip(".") or None
+    got = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (this component does not take it)"
+    elif err["type"] != "missing" and not isinstance(got, dict):
+        msg += f" (got {got!r})"
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return SpecError(msg + more, key_path=key_path, source=source, hint="fix this key; `vlmkit schema` prints every valid key")
+
+
+def load_yaml(path: str | Path) -> VLMSpec:
+    """Read and validate a YAML model file."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        from .errors import SourceNotFoundError
+
+        raise SourceNotFoundError(f"no YAML file {str(path)!r}", hint="check the path") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise SpecError(f"not valid YAML: {exc}", source=str(path), hint="check the indentation and quoting") from None
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"a model YAML is a mapping with keys {', '.join(SLOTS)}; got {type(data).__name__}", source=str(path)
+        )
+    return validate_spec(data, source=str(path))
+
+
+def dump_yaml(spec: VLMSpec, path: str | Path | None = None) -> str:
+    """The YAML text of ``spec`` (written to ``path`` when given); ``load_yaml`` reads it back equal."""
+    import yaml
+
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    if path is not None:
+        Path(path).write_text(text, encoding="utf-8")
+    return text
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON schema for model YAML files, covering every registered component's params."""
+    from .plugins import get_registry
+
+    registry = get_registry()
+    defs: dict[str, Any] = {}
+    props: dict[str, Any] = {}
+    for slot in SLOTS:
+        choices = []
+        for name in registry.names(slot):
+            schema = registry.get(slot, name).cls.Params.model_json_schema(ref_template="#/$defs/{model}")
+            defs.update(schema.pop("$defs", {}))
+            schema.setdefault("properties", {})
+            schema["properties"] = {"name": {"const": name}, **schema["properties"]}
+            schema["required"] = ["name", *schema.get("required", [])]
+            schema["additionalProperties"] = False
+            choices.append(schema)
+        props[slot] = {"oneOf": choices}
+    base = VLMSpec.model_json_schema()
+    for key in ("weights", "tokenizer", "freeze"):
+        props[key] = base["properties"][key]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "vlmkit model",
+        "type": "object",
+        "properties": props,
+        "required": [s for s in SLOTS if s != "aligner"],
+        "additionalProperties": False,
+        "$defs": defs,
+    }

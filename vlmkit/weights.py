@@ -1,0 +1,189 @@
+"""Reading and writing safetensors checkpoints through the components' key maps.
+
+Never unpickles: a folder with only ``.bin``/``.pt`` weights is refused. Tensors are read one at
+a time from memory-mapped files into the (meta-initialised) model, so the weights are held once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import WeightLoadError
+from .keymap import KeyMap
+
+__all__ = ["Checkpoint", "LoadReport", "find_weight_files", "load_component", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of ``folder`` (single file or the shards of an index)."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        return _shards_from_index(index)
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise WeightLoadError(
+            f"{folder} has only pickle weights ({', '.join(pickles)}); vlmkit never unpickles a checkpoint, "
+            "because loading a pickle can run arbitrary code",
+            hint="convert it once in a trusted environment to safetensors (transformers: "
+            "model.save_pretrained(out, safe_serialization=True))",
+        )
+    raise WeightLoadError(
+        f"no weights in {folder}: expected model.safetensors or {INDEX_NAME}",
+        hint="pass the checkpoint folder, or build with load_weights=False for a fresh model",
+    )
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise WeightLoadError(f"{index} is not a valid safetensors index ({exc})") from None
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise WeightLoadError(
+            f"{index} names shard(s) that are not in the folder: {', '.join(missing)}",
+            hint="the download is incomplete; fetch the missing shard(s) again",
+        )
+    return [index.parent / n for n in names]
+
+
+class Checkpoint:
+    """All tensors of a safetensors checkpoint, by name, opened lazily with mmap."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self._handles = {}
+        self._where: dict[str, object] = {}
+        for path in find_weight_files(self.folder):
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise WeightLoadError(
+                    f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})",
+                    hint="the file is truncated or corrupt; download it again",
+                ) from None
+            self._handles[path] = handle
+            for key in keys:
+                self._where[key] = handle
+
+    def keys(self) -> set[str]:
+        """Every tensor name in the checkpoint."""
+        return set(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``key`` without reading its data."""
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        """Read one tensor."""
+        try:
+            return self._where[key].get_tensor(key)
+        except Exception as exc:
+            raise WeightLoadError(
+                f"could not read tensor {key!r} from {self.folder} ({type(exc).__name__}: {exc})",
+                hint="the file is truncated or corrupt; download it again",
+            ) from None
+
+
+@dataclass
+class LoadReport:
+    """What loading did, per component: tensors loaded, and problems found."""
+
+    loaded: dict[str, int] = field(default_factory=dict)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    mismatched: dict[str, list[str]] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+    fresh: dict[str, list[str]] = field(default_factory=dict)  # params left at fresh init
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, mis-shaped or unexpected."""
+        return not (self.missing or self.mismatched or self.unexpected)
+
+    def summary(self) -> str:
+        """A multi-line, per-component description of the problems."""
+        lines = []
+        for title, table in (("missing", self.missing), ("mis-shaped", self.mismatched)):
+            for slot, keys in table.items():
+                lines.append(f"  {slot}: {len(keys)} {title}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+        if self.unexpected:
+            u = self.unexpected
+            lines.append(f"  {len(u)} unexpected (read by no component): {', '.join(u[:6])}{' ...' if len(u) > 6 else ''}")
+        return "\n".join(lines)
+
+
+def _gather(rule_sources: Iterable[str], ckpt: Checkpoint) -> list[str]:
+    return [s for s in rule_sources if s not in ckpt._where]  # noqa: SLF001
+
+
+def load_component(
+    slot: str, module: nn.Module, keymap: KeyMap, ckpt: Checkpoint, dtype: torch.dtype, report: LoadReport
+) -> set[str]:
+    """Load ``module``'s tensors from ``ckpt`` into ``report``; returns the checkpoint keys read.
+
+    Mis-shaped and missing tensors are recorded (not raised) so one error can list them all.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    state: dict[str, torch.Tensor] = {}
+    for rule in keymap:
+        absent = _gather(rule.sources, ckpt)
+        if absent:
+            report.missing.setdefault(slot, []).extend(absent)
+            continue
+        parts = [ckpt.get(s) for s in rule.sources]
+        tensor = parts[0] if len(parts) == 1 else _fuse(parts, rule.rows, rule.local, slot, report)
+        if tensor is None:
+            continue
+        want = expected.get(rule.local)
+        if want is None or tuple(tensor.shape) != want:
+            report.mismatched.setdefault(slot, []).append(
+                f"{'/'.join(rule.sources)} {tuple(tensor.shape)} (model expects {want})"
+            )
+            continue
+        if not (tensor.is_floating_point() or tensor.dtype == torch.bool):
+            report.mismatched.setdefault(slot, []).append(f"{rule.local}: dtype {tensor.dtype} is not floating point")
+            continue
+        state[rule.local] = tensor.to(dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+    report.loaded[slot] = len(state)
+    return {s for r in keymap for s in r.sources}
+
+
+def _fuse(parts, rows, local, slot, report) -> torch.Tensor | None:
+    got = tuple(p.shape[0] for p in parts)
+    if got != tuple(rows) or len({p.shape[1:] for p in parts}) != 1:
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        report.mismatched.setdefault(slot, []).append(f"{local}: parts {shapes} (model expects rows {tuple(rows)})")
+        return None
+    return torch.cat(parts, dim=0)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (made contiguous, de-aliased) to ``path``."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    out = {}
+    for key, t in tensors.items():
+        t = t.detach().to("cpu")
+        ptr = t.untyped_storage().data_ptr()
+        out[key] = t.clone().contiguous() if ptr in seen else t.contiguous()
+        seen.add(ptr)
+    save_file(out, str(path), metadata=metadata or {"format": "pt"})
