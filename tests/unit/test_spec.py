@@ -67,7 +67,7 @@ BAD = [
     ("vision_config.hidden_size", lambda c: c["vision_config"].update(hidden_size=0), "greater than 0"),
     ("text_config.hidden_size", lambda c: c["text_config"].update(hidden_size=-5), "greater than 0"),
     ("text_config.pixel_shuffle_factor", lambda c: c["text_config"].update(pixel_shuffle_factor=2), "pixel_shuffle_factor"),
-    ("vision_config.image_size", lambda c: c["vision_config"].update(image_size=500), "not a multiple"),
+    ("vision_config.image_size", lambda c: c["vision_config"].update(image_size=8), "smaller than patch_size"),
     ("text_config.perceiver_config.resampler_n_latents",
      lambda c: c["text_config"]["perceiver_config"].update(resampler_n_latents=81), "resampler_n_latents"),
     ("vocab_size", lambda c: c.update(vocab_size=1000), "vocab_size"),

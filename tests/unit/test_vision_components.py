@@ -55,11 +55,18 @@ def test_non_positive_ints_rejected(cls, field):
     assert field in text and "greater than 0" in text and "input_value=0" in text
 
 
-def test_image_size_must_be_multiple_of_patch():
+def test_image_size_must_hold_a_patch():
     with pytest.raises(pydantic.ValidationError) as info:
-        NavitVisionTower.Params(image_size=100, patch_size=16)
+        NavitVisionTower.Params(image_size=12, patch_size=16)
     text = str(info.value)
-    assert "image_size=100" in text and "patch_size=16" in text and "multiple" in text
+    assert "image_size=12" in text and "patch_size=16" in text and "smaller" in text
+
+
+def test_image_size_remainder_is_allowed_like_transformers():
+    # SigLIP-so400m: 384 px / 14 px patches -> a 27 x 27 grid, the last 6 pixels unseen.
+    tower = NavitVisionTower(NavitVisionTower.Params(hidden_size=16, num_attention_heads=2, intermediate_size=8,
+                                                     num_hidden_layers=1, image_size=384, patch_size=14))
+    assert tower.num_patches_per_side == 27
 
 
 def test_heads_must_divide_hidden():

@@ -55,9 +55,9 @@ def _pick(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 def _tokens_per_image(vision: dict[str, Any], scale: int, source: str) -> int:
     image_size = _positive_int(vision.get("image_size", 224), "vision_config.image_size", source)
     patch_size = _positive_int(vision.get("patch_size", 32), "vision_config.patch_size", source)
-    if image_size % patch_size:
+    if image_size < patch_size:
         raise SpecError(
-            f"image_size {image_size} is not a multiple of patch_size {patch_size}",
+            f"image_size {image_size} is smaller than patch_size {patch_size}: no patch fits",
             key_path="vision_config.image_size", source=source,
         )
     grid = image_size // patch_size

@@ -70,8 +70,10 @@ HiddenAct = Literal["gelu_pytorch_tanh", "gelu", "quick_gelu", "relu", "silu"]
 class VisionParams(BaseModel):
     """Settings shared by the SigLIP-style towers; names and meaning as in HF ``vision_config``.
 
-    Subclasses only change defaults. Cross-field checks: ``image_size`` is a multiple of
-    ``patch_size`` and ``hidden_size`` a multiple of ``num_attention_heads``.
+    Subclasses only change defaults. Cross-field checks: ``image_size`` is at least
+    ``patch_size`` (the grid is ``image_size // patch_size``; like transformers, a remainder is
+    allowed and not seen, e.g. SigLIP-so400m's 384 px / 14 px = 27 patches) and ``hidden_size``
+    is a multiple of ``num_attention_heads``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -82,18 +84,17 @@ class VisionParams(BaseModel):
     num_attention_heads: int = Field(16, gt=0, description="Attention heads; must divide hidden_size.")
     num_channels: int = Field(3, gt=0, description="Input image channels.")
     image_size: int = Field(224, gt=0, description="Square side (pixels) of the position table.")
-    patch_size: int = Field(32, gt=0, description="Square patch side (pixels); must divide image_size.")
+    patch_size: int = Field(32, gt=0, description="Square patch side (pixels); the grid is image_size // patch_size.")
     hidden_act: HiddenAct = Field("gelu_pytorch_tanh", description="MLP activation.")
     layer_norm_eps: float = Field(1e-6, gt=0, description="LayerNorm epsilon.")
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Attention dropout (training only).")
 
     @model_validator(mode="after")
     def _check_divisibility(self) -> VisionParams:
-        if self.image_size % self.patch_size:
+        if self.image_size < self.patch_size:
             raise ValueError(
-                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
-                f"image_size must be a multiple of patch_size (e.g. "
-                f"{max(1, self.image_size // self.patch_size) * self.patch_size})"
+                f"image_size={self.image_size} is smaller than patch_size={self.patch_size}; "
+                "the tower would see no patch (image_size must be at least patch_size)"
             )
         if self.hidden_size % self.num_attention_heads:
             divisors = [d for d in range(1, self.hidden_size + 1) if self.hidden_size % d == 0 and d <= 64]
