@@ -59,7 +59,8 @@ def image_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
     if first_linear is not None:
         hooks.append(first_linear.register_forward_pre_hook(record_input("connector (before projection)")))
     hooks.append(model.connector.register_forward_hook(record("connector")))
-    hooks.append(model.aligner.register_forward_hook(record("aligner")))
+    if any(True for _ in model.aligner.parameters()):  # an identity aligner changes no shape
+        hooks.append(model.aligner.register_forward_hook(record("aligner")))
     try:
         with torch.no_grad():
             model.aligner(model.connector(tower(torch.zeros(1, 3, side, side, device="meta"))))
@@ -87,16 +88,19 @@ def describe(source: str, *, load_weights: bool | None, console) -> None:
     counts = model.parameter_counts()
     dists = plugin_sources()
     table = Table()
-    for col in ("slot", "component", "plugin", "params", "parameters"):
-        table.add_column(col, overflow="fold")
+    for col in ("slot", "component", "plugin", "parameters"):
+        table.add_column(col)
     from .plugins import get_registry
 
     for slot in SLOTS:
         cs = getattr(model.spec, slot)
         entry = get_registry().get(slot, cs.name)
-        params = ", ".join(f"{k}={v}" for k, v in cs.params.model_dump().items() if v is not None)
-        table.add_row(slot, cs.name, f"{entry.plugin} ({dists.get(entry.plugin, '?')})", params, f"{counts[slot]:,}")
+        table.add_row(slot, cs.name, f"{entry.plugin} ({dists.get(entry.plugin, '?')})", f"{counts[slot]:,}")
     console.print(table)
+    for slot in SLOTS:
+        cs = getattr(model.spec, slot)
+        params = ", ".join(f"{k}={v}" for k, v in cs.params.model_dump().items() if v is not None)
+        console.print(f"  {slot} ({cs.name}): {params or '(no params)'}")
     console.print(f"total parameters: {sum(counts.values()):,}")
     stages = image_shapes(model.spec)
     console.print("one image: " + " -> ".join(_fmt_shape(n, s) for n, s in stages))

@@ -106,7 +106,7 @@ class Checkpoint:
 class LoadReport:
     """What loading did, per component: tensors loaded, and problems found."""
 
-    loaded: dict[str, int] = field(default_factory=dict)
+    loaded: dict[str, int] = field(default_factory=dict)  # checkpoint tensors read, per slot
     missing: dict[str, list[str]] = field(default_factory=dict)
     mismatched: dict[str, list[str]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
@@ -142,6 +142,7 @@ def load_component(
     """
     expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
+    n_read = 0
     for rule in keymap:
         absent = _gather(rule.sources, ckpt)
         if absent:
@@ -161,8 +162,9 @@ def load_component(
             report.mismatched.setdefault(slot, []).append(f"{rule.local}: dtype {tensor.dtype} is not floating point")
             continue
         state[rule.local] = tensor.to(dtype)
+        n_read += len(rule.sources)
     module.load_state_dict(state, strict=False, assign=True)
-    report.loaded[slot] = len(state)
+    report.loaded[slot] = n_read
     return {s for r in keymap for s in r.sources}
 
 
