@@ -1,0 +1,29 @@
+"""Input side of vlmkit: prompts and images to Idefics3/SmolVLM model inputs.
+
+>>> proc = load_processor("HuggingFaceTB/SmolVLM-256M-Instruct")          # doctest: +SKIP
+>>> prompt = proc.apply_chat_template(
+...     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+... )                                                                    # doctest: +SKIP
+>>> batch = proc(text=prompt, images=image)                              # doctest: +SKIP
+>>> proc.image_cost(image).visual_tokens                                 # doctest: +SKIP
+1088
+"""
+
+from .checks import CheckedSpec
+from .image import ImageCost, ImageSettings
+from .processor import Processor, ProcessorOutput, PromptCost, load_processor
+from .text import ChatTemplate, ImageTokenLayout, SpecWarning, TextTokenizer
+
+__all__ = [
+    "ChatTemplate",
+    "CheckedSpec",
+    "ImageCost",
+    "ImageSettings",
+    "ImageTokenLayout",
+    "Processor",
+    "ProcessorOutput",
+    "PromptCost",
+    "SpecWarning",
+    "TextTokenizer",
+    "load_processor",
+]

@@ -1,0 +1,361 @@
+"""Text side of the processor: the tokenizer, the chat template and the image-token layout.
+
+Tokenization uses the ``tokenizers`` library directly on the checkpoint's ``tokenizer.json``;
+special-token roles (bos/eos/pad/unk, padding side) come from ``tokenizer_config.json`` and
+``special_tokens_map.json``. The chat template is rendered with a sandboxed Jinja environment
+configured like the reference (``trim_blocks``, ``lstrip_blocks``, ``tojson``, ``raise_exception``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ProcessorError, SpecError
+from ..hub import read_json
+from .image import ImageCost
+
+__all__ = [
+    "LAYOUT_TOKEN_NAMES",
+    "TILE_TOKEN_FORMAT",
+    "ChatTemplate",
+    "ImageTokenLayout",
+    "SpecWarning",
+    "TextTokenizer",
+    "load_chat_template",
+]
+
+
+class SpecWarning(UserWarning):
+    """Checkpoint files disagree in a way vlmkit can resolve; the message says which value wins."""
+
+
+#: Names of the Idefics3/SmolVLM framing tokens, as the reference processor spells them. Each is
+#: looked up in the tokenizer (its id always comes from there) and can be overridden by the same
+#: key in ``tokenizer_config.json`` (top level or ``extra_special_tokens``).
+LAYOUT_TOKEN_NAMES = {
+    "image_token": "<image>",
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+#: Tile position tokens: ``<row_{row}_col_{col}>`` with 1-based row and column.
+TILE_TOKEN_FORMAT = "<row_{row}_col_{col}>"
+
+_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _token_text(value: Any) -> str | None:
+    """A token given as a string or as an AddedToken-like dict ``{"content": ...}``."""
+    if isinstance(value, Mapping):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the special-token roles of its checkpoint.
+
+    ``encode`` returns ids for one string; ``decode`` turns ids back into text. Role tokens
+    (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``) are strings or ``None``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        roles: Mapping[str, str | None],
+        padding_side: str = "right",
+        source: str = "tokenizer.json",
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.backend = tokenizer
+        self.source = source
+        self.config = dict(config or {})
+        self.roles = {role: roles.get(role) for role in _ROLES}
+        if padding_side not in ("left", "right"):
+            raise SpecError(
+                f"padding_side must be 'left' or 'right', got {padding_side!r}",
+                key_path="padding_side",
+                source=source,
+            )
+        self.padding_side = padding_side
+        self._special = {tok.content for tok in tokenizer.get_added_tokens_decoder().values() if tok.special}
+        self._added = {tok.content for tok in tokenizer.get_added_tokens_decoder().values()}
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> TextTokenizer:
+        """Read ``tokenizer.json`` (required), ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+        path = Path(folder) / "tokenizer.json"
+        backend = _load_backend(path)
+        config = read_json(folder, "tokenizer_config.json", required=False) or {}
+        special_map = read_json(folder, "special_tokens_map.json", required=False) or {}
+        roles = {role: _token_text(config.get(role)) or _token_text(special_map.get(role)) for role in _ROLES}
+        marked = [_token_text(t) for t in config.get("additional_special_tokens") or []]
+        marked += [_token_text(t) for t in special_map.get("additional_special_tokens") or []]
+        marked += [_token_text(v) for v in (config.get("added_tokens_decoder") or {}).values() if v.get("special")]
+        _mark_special(backend, [*marked, *roles.values()])
+        side = config.get("padding_side", "right")
+        if side not in ("left", "right"):
+            raise SpecError(
+                f"padding_side must be 'left' or 'right', got {side!r}",
+                key_path="padding_side",
+                source=str(Path(folder) / "tokenizer_config.json"),
+            )
+        return cls(backend, roles=roles, padding_side=side, source=str(path), config=config)
+
+    # ---------------------------------------------------------------- vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` (whole token, no splitting), or ``None``."""
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    def is_added(self, token: str) -> bool:
+        """Whether ``token`` is an added token, i.e. matched whole in raw text."""
+        return token in self._added
+
+    def is_special(self, token: str) -> bool:
+        return token in self._special
+
+    def role_id(self, role: str) -> int | None:
+        """The id of the ``bos_token`` / ``eos_token`` / ``pad_token`` / ``unk_token`` role."""
+        token = self.roles.get(role)
+        return None if token is None else self.token_to_id(token)
+
+    # ---------------------------------------------------------------- encode / decode
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (added tokens such as ``<image>`` are matched whole)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        return [enc.ids for enc in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` (a list or 1-D tensor)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({self.source!r}, vocab_size={self.vocab_size}, padding_side={self.padding_side!r})"
+
+
+def _load_backend(path: Path) -> Any:
+    """``tokenizers.Tokenizer`` from ``tokenizer.json``; :class:`SpecError` when absent or malformed."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise SpecError(
+            "no tokenizer.json in the checkpoint folder",
+            source=str(path.parent),
+            hint="vlmkit reads the fast-tokenizer file tokenizer.json; save it with tokenizer.save_pretrained()",
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+        raise SpecError(f"cannot be read by the tokenizers library: {exc}", source=str(path)) from exc
+
+
+def _mark_special(backend: Any, tokens: Sequence[str | None]) -> None:
+    """Mark as special the tokens the config files call special but tokenizer.json does not.
+
+    Only tokens already in the vocabulary are marked (as transformers does); none is added.
+    """
+    from tokenizers import AddedToken
+
+    special = {tok.content for tok in backend.get_added_tokens_decoder().values() if tok.special}
+    todo = [t for t in dict.fromkeys(tokens) if t and t not in special and backend.token_to_id(t) is not None]
+    if todo:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in todo])
+
+
+# ----------------------------------------------------------------------------- image tokens
+
+
+@dataclass(frozen=True)
+class ImageTokenLayout:
+    """The token strings that frame an image in the prompt, and how big a tile grid they allow.
+
+    An image split into ``rows x cols`` tiles becomes, per row,
+    ``(<fake><row_r_col_c><image>*seq_len) * cols + "\\n"``, then
+    ``"\\n<fake><global-img><image>*seq_len<fake>"``; an unsplit image is just the last part
+    without the leading newline.
+    """
+
+    image: str
+    fake: str
+    global_image: str
+    tile_format: str
+    max_rows: int
+    max_cols: int
+
+    def expand(self, cost: ImageCost, image_seq_len: int) -> str:
+        """The text that replaces one image placeholder."""
+        run = self.image * image_seq_len
+        glob = f"{self.fake}{self.global_image}{run}{self.fake}"
+        rows, cols = cost.tiles
+        if rows == 0 and cols == 0:
+            return glob
+        lines = [
+            "".join(f"{self.fake}{self.tile_format.format(row=r + 1, col=c + 1)}{run}" for c in range(cols)) + "\n"
+            for r in range(rows)
+        ]
+        return "".join(lines) + "\n" + glob
+
+    def fits(self, cost: ImageCost) -> bool:
+        """Whether the tokenizer has a tile token for every tile of ``cost.tiles``."""
+        rows, cols = cost.tiles
+        return rows <= self.max_rows and cols <= self.max_cols
+
+
+def layout_token_names(config: Mapping[str, Any]) -> dict[str, str]:
+    """The framing token names: defaults, overridden by ``tokenizer_config.json`` entries."""
+    extra = config.get("extra_special_tokens")
+    extra = extra if isinstance(extra, Mapping) else {}
+    names = dict(LAYOUT_TOKEN_NAMES)
+    for key in names:
+        value = _token_text(config.get(key)) or _token_text(extra.get(key))
+        if value:
+            names[key] = value
+    return names
+
+
+def count_tile_tokens(tokenizer: TextTokenizer, tile_format: str) -> tuple[int, int]:
+    """Largest ``(rows, cols)`` such that every ``tile_format`` token of that grid exists."""
+    rows = 0
+    while tokenizer.token_to_id(tile_format.format(row=rows + 1, col=1)) is not None:
+        rows += 1
+    cols = 0
+    while tokenizer.token_to_id(tile_format.format(row=1, col=cols + 1)) is not None:
+        cols += 1
+    complete = all(
+        tokenizer.token_to_id(tile_format.format(row=r, col=c)) is not None
+        for r in range(1, rows + 1)
+        for c in range(1, cols + 1)
+    )
+    return (rows, cols) if complete else (0, 0)
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _generation_extension():
+    """A Jinja extension that accepts ``{% generation %}...{% endgeneration %}`` and renders the body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render", []), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller):
+            return caller()
+
+    return GenerationTag
+
+
+class ChatTemplate:
+    """A checkpoint's Jinja chat template, compiled in an immutable sandbox."""
+
+    def __init__(self, source_text: str, *, origin: str) -> None:
+        from jinja2 import TemplateSyntaxError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.text = source_text
+        self.origin = origin
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
+        try:
+            self._template = env.from_string(source_text)
+        except TemplateSyntaxError as exc:
+            raise SpecError(f"chat template is not valid Jinja: {exc}", source=origin) from exc
+
+    def render(self, messages: Sequence[Mapping[str, Any]], **variables: Any) -> str:
+        """Render one conversation; ``variables`` (add_generation_prompt, bos_token, ...) are visible."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._template.render(messages=list(messages), **variables)
+        except TemplateError as exc:
+            raise ProcessorError(
+                f"the chat template ({self.origin}) rejected the messages: {exc}",
+                hint="messages are dicts with 'role' and 'content'; content is a list of "
+                "{'type': 'text', 'text': ...} / {'type': 'image'} items",
+            ) from exc
+
+
+def _template_from_tokenizer_config(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, Mapping)}
+        return named.get("default")
+    return None
+
+
+def load_chat_template(folder: Path, tokenizer_config: Mapping[str, Any]) -> ChatTemplate | None:
+    """The chat template from ``chat_template.jinja``, ``chat_template.json`` or ``tokenizer_config.json``.
+
+    The first found wins; when a later file holds a different template a :class:`SpecWarning`
+    says which one is used. ``None`` when the checkpoint has none.
+    """
+    found: list[tuple[str, str]] = []
+    jinja_path = Path(folder) / "chat_template.jinja"
+    if jinja_path.is_file():
+        found.append((str(jinja_path), jinja_path.read_text(encoding="utf-8")))
+    json_cfg = read_json(folder, "chat_template.json", required=False) or {}
+    if isinstance(json_cfg.get("chat_template"), str):
+        found.append((str(Path(folder) / "chat_template.json"), json_cfg["chat_template"]))
+    from_tok = _template_from_tokenizer_config(tokenizer_config.get("chat_template"))
+    if from_tok:
+        found.append((str(Path(folder) / "tokenizer_config.json"), from_tok))
+    if not found:
+        return None
+    origin, text = found[0]
+    others = [o for o, t in found[1:] if t != text]
+    if others:
+        warnings.warn(
+            f"chat templates differ between {origin} and {', '.join(others)}; using the one in {origin} "
+            "(a dedicated chat-template file takes precedence, as in transformers)",
+            SpecWarning,
+            stacklevel=3,
+        )
+    return ChatTemplate(text, origin=origin)
