@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# huggingface_hub reads HF_HUB_OFFLINE once, at import: set it before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

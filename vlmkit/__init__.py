@@ -6,6 +6,7 @@ Imports are lazy: ``import vlmkit`` is cheap and never imports transformers.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .hookspecs import hookimpl
@@ -23,6 +24,8 @@ _EXPORTS = {
     "json_schema": "vlmkit.spec",
     "VLM": "vlmkit.model",
     "save_hf": "vlmkit.export",
+    "generate": "vlmkit.generation",
+    "stream": "vlmkit.generation",
     "get_registry": "vlmkit.plugins",
     "register_plugin": "vlmkit.plugins",
 }
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from . import errors
     from .builder import build, build_from_hf
     from .export import save_hf
+    from .generation import generate, stream
     from .hf import spec_from_hf
     from .model import VLM
     from .plugins import get_registry, register_plugin
@@ -41,10 +45,10 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "errors":
-        return importlib.import_module("vlmkit.errors")
     module = _EXPORTS.get(name)
     if module is None:
+        if importlib.util.find_spec(f"vlmkit.{name}") is not None:  # a submodule: vlmkit.spec, vlmkit.errors...
+            return importlib.import_module(f"vlmkit.{name}")
         raise AttributeError(f"module 'vlmkit' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -11,41 +11,114 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import SpecError, WeightLoadError
+from .errors import PluginError, SourceNotFoundError, SpecError, VlmkitError, WeightLoadError, short_repr
 from .model import VLM
 from .protocols import SLOTS
 from .spec import VLMSpec, load_yaml, validate_spec
 from .weights import Checkpoint, LoadReport, load_component
 
-__all__ = ["build", "build_from_hf", "resolve_dtype", "assemble"]
+__all__ = ["build", "build_from_hf", "resolve_dtype", "resolve_device", "assemble"]
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                  "fp64": "float64", "double": "float64"}  # fmt: skip
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config: dict | None = None) -> torch.dtype:
     """The one dtype for the whole model.
 
-    ``None`` means float32 on CPU (bf16 matmuls are far slower than fp32 on CPUs without bf16
-    units) and the checkpoint's ``torch_dtype`` elsewhere.
+    ``None`` (or ``"auto"``) means float32 on CPU (bf16 matmuls are far slower than fp32 on CPUs
+    without bf16 units) and the checkpoint's ``torch_dtype`` elsewhere. Only floating dtypes are
+    accepted: a :class:`SpecError` names anything else.
     """
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise SpecError(
+                f"dtype {dtype} is not a floating-point type; model weights must be floats",
+                key_path="dtype", hint=f"choose one of {', '.join(_DTYPES)}",
+            )
         return dtype
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise SpecError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
+    if isinstance(dtype, str) and dtype != "auto":
+        name = _DTYPE_ALIASES.get(dtype.removeprefix("torch."), dtype.removeprefix("torch."))
+        if name not in _DTYPES:
+            raise SpecError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}", key_path="dtype",
+                            hint="pass a name such as 'bfloat16', a torch.dtype, or None for the default")  # fmt: skip
+        return _DTYPES[name]
+    if dtype is not None and dtype != "auto":
+        raise SpecError(f"dtype must be a name such as 'bfloat16', a torch.dtype or None; got {type(dtype).__name__} {short_repr(dtype)}",
+                        key_path="dtype", hint=f"choose one of {', '.join(_DTYPES)}")  # fmt: skip
     if device.type == "cpu":
         return torch.float32
     declared = (config or {}).get("torch_dtype") or (config or {}).get("dtype")
-    return _DTYPES.get(declared, torch.float32)
+    return _DTYPES.get(declared, torch.float32) if isinstance(declared, str) else torch.float32
 
 
-def _component_cls(spec: VLMSpec, slot: str) -> type:
+def resolve_device(device: str | int | torch.device | None) -> torch.device:
+    """``device`` as a usable :class:`torch.device` (``None`` = CPU).
+
+    A device that is malformed, absent on this machine (``"cuda"`` without a GPU, ``"cuda:3"``
+    with one GPU) or unusable raises :class:`VlmkitError`, not a torch ``RuntimeError``.
+    """
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise VlmkitError(f"device must be a name such as 'cpu' or 'cuda:0', got {type(device).__name__} {short_repr(device)}",
+                          hint="pass 'cpu', 'cuda', 'cuda:1', 'mps' or a torch.device")  # fmt: skip
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise VlmkitError(f"{device!r} is not a device name ({exc})", hint="use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if dev.type == "meta":
+        raise VlmkitError("device 'meta' holds no data: a model built there cannot run",
+                          hint="build on 'cpu' (or a GPU); for shapes only, use vlmkit.builder.assemble(spec, meta_slots=...)")  # fmt: skip
+    _probe_device(dev)
+    return dev
+
+
+def _probe_device(dev: torch.device) -> None:
+    backend = getattr(torch, dev.type, None) if dev.type != "cpu" else None
+    available = getattr(backend, "is_available", None)
+    if callable(available) and not available():
+        raise VlmkitError(
+            f"device {str(dev)!r} is not available on this machine (torch.{dev.type}.is_available() is False)",
+            hint=f"use device='cpu', or run where a {dev.type} device and a torch build supporting it exist",
+        )
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and callable(count) and dev.index >= count():
+        raise VlmkitError(f"device {str(dev)!r} does not exist: this machine has {count()} {dev.type} device(s)",
+                          hint=f"use an index from 0 to {count() - 1}" if count() else "use device='cpu'")  # fmt: skip
+    try:
+        torch.empty(0, device=dev)
+    except Exception as exc:  # torch says "no driver", "not compiled with ...", NotImplementedError...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VlmkitError(f"cannot use device {str(dev)!r}: {first}", hint="use device='cpu', or check the driver") from None
+
+
+def _make(spec: VLMSpec, slot: str, meta: bool, **widths):
+    """Instantiate ``slot``'s component; impossible params become a :class:`SpecError`, other
+    failures a :class:`PluginError` naming the plugin (never a raw torch error)."""
     from .plugins import get_registry
 
-    return get_registry().get(slot, getattr(spec, slot).name).cls
+    entry = get_registry().get(slot, getattr(spec, slot).name)
+    where = torch.device("meta") if meta else contextlib.nullcontext()
+    args = (getattr(spec, slot).params,)
+    try:
+        with where:
+            return entry.cls(*args, **widths)
+    except VlmkitError:
+        raise
+    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
+        raise SpecError(
+            f"{entry.name!r} cannot be built from these params ({type(exc).__name__}: {short_repr(str(exc), 200)})",
+            key_path=slot, hint="a size is impossible or far too large; check the numbers of this slot",
+        ) from exc
+    except Exception as exc:
+        raise PluginError(
+            f"{slot} {entry.name!r} (plugin {entry.plugin!r}) failed while being built: {type(exc).__name__}: {exc}",
+            hint="this is a bug in that component; run with --debug and report it to its authors",
+        ) from exc
 
 
 def assemble(spec: VLMSpec, meta_slots: frozenset[str] = frozenset()) -> VLM:
@@ -53,24 +126,13 @@ def assemble(spec: VLMSpec, meta_slots: frozenset[str] = frozenset()) -> VLM:
 
     Slots in ``meta_slots`` are built on the meta device (their weights come from a checkpoint).
     """
-
-    def where(slot: str):
-        return torch.device("meta") if slot in meta_slots else contextlib.nullcontext()
-
-    with where("backbone"):
-        backbone = _component_cls(spec, "backbone")(spec.backbone.params)
-    with where("vision_tower"):
-        tower = _component_cls(spec, "vision_tower")(spec.vision_tower.params)
-    with where("connector"):
-        connector = _component_cls(spec, "connector")(
-            spec.connector.params, in_features=tower.hidden_size, grid=tower.num_patches_per_side,
-            out_features=backbone.hidden_size,
-        )
-    with where("aligner"):
-        aligner = _component_cls(spec, "aligner")(
-            spec.aligner.params, in_features=connector.out_features, out_features=backbone.hidden_size
-        )
-    packer = _component_cls(spec, "packer")(spec.packer.params, tokens_per_image=_tokens(spec, connector))
+    backbone = _make(spec, "backbone", "backbone" in meta_slots)
+    tower = _make(spec, "vision_tower", "vision_tower" in meta_slots)
+    connector = _make(spec, "connector", "connector" in meta_slots, in_features=tower.hidden_size,
+                      grid=tower.num_patches_per_side, out_features=backbone.hidden_size)  # fmt: skip
+    aligner = _make(spec, "aligner", "aligner" in meta_slots, in_features=connector.out_features,
+                    out_features=backbone.hidden_size)  # fmt: skip
+    packer = _make(spec, "packer", False, tokens_per_image=_tokens(spec, connector))
     _check_vocab(spec, packer, backbone)
     return VLM(spec, vision_tower=tower, connector=connector, aligner=aligner, packer=packer, backbone=backbone)
 
@@ -109,17 +171,24 @@ def build(
     missing, unexpected or mis-shaped tensors raise one :class:`WeightLoadError` listing them by
     component. ``strict=False`` leaves those parameters at fresh init and records them in
     ``model.load_report``. Slots without a source are fresh (see ``model.untrained_parameters()``).
+
+    Bad input of any kind (spec, dtype, device, weights) raises a :class:`~vlmkit.errors.VlmkitError`.
     """
     spec = _as_spec(path_or_spec)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+
+
+def _build(spec: VLMSpec, origin: str | None, *, load_weights: bool, dtype, device, strict: bool) -> VLM:
+    """:func:`build` of a validated spec; ``origin`` (the YAML or config.json) is named in errors."""
+    device = resolve_device(device)
     sources = {slot: spec.weights_for(slot) for slot in SLOTS} if load_weights else {}
     sources = {slot: src for slot, src in sources.items() if src}
     config = _weights_config(sources)
     target = resolve_dtype(dtype, device, config)
-    model = assemble(spec, meta_slots=frozenset(sources))
+    model = _assemble_within_memory(spec, frozenset(sources), origin=origin)
     report = LoadReport()
     for source, slots in _group(sources).items():
-        _load_source(model, source, slots, target, report, all_slots=len(slots) == len(SLOTS))
+        _load_source(model, source, slots, target, report, all_slots=len(slots) == len(SLOTS), origin=origin)
     if not report.ok:
         if strict:
             raise WeightLoadError(
@@ -129,7 +198,7 @@ def build(
         log.warning("weights loaded with problems (strict=False); fresh init kept for:\n%s", report.summary())
     _materialize(model, report, sources)
     model.load_report = report
-    model.to(device=device, dtype=target)
+    _move(model, device, target)
     if spec.freeze:
         model.freeze(*spec.freeze)
     return model.eval()
@@ -140,7 +209,89 @@ def _as_spec(path_or_spec) -> VLMSpec:
         return path_or_spec
     if isinstance(path_or_spec, dict):
         return validate_spec(path_or_spec)
+    if not isinstance(path_or_spec, (str, os.PathLike)):
+        raise SourceNotFoundError(
+            f"build() takes a YAML path, a VLMSpec or its dict form; got {type(path_or_spec).__name__} {short_repr(path_or_spec)}",
+            hint="for a Hugging Face checkpoint folder or repo id use build_from_hf()",
+        )
+    if Path(path_or_spec).is_dir():
+        raise SourceNotFoundError(
+            f"{os.fspath(path_or_spec)!r} is a folder; build() takes a model YAML file",
+            hint="for a Hugging Face checkpoint folder use build_from_hf(folder)",
+        )
     return load_yaml(path_or_spec)
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory of this machine, or ``None`` when unknown."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _origin(path_or_spec) -> str | None:
+    """The YAML file a spec came from, for error messages."""
+    return os.fspath(path_or_spec) if isinstance(path_or_spec, (str, os.PathLike)) else None
+
+
+def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: str | None = None) -> VLM:
+    """:func:`assemble`, after checking on the meta device that the model fits in memory.
+
+    (Fresh slots are built in float32 on the CPU, so an absurd size would otherwise allocate, or
+    get the process killed, before any error could be raised.) Errors name ``origin``.
+    """
+    try:
+        _check_depths(spec)
+        shapes = assemble(spec, meta_slots=frozenset(SLOTS))
+        n = sum(p.numel() for p in shapes.parameters()) + sum(b.numel() for b in shapes.buffers())
+        limit = _memory_bytes()
+        if limit is not None and n * 4 > limit:
+            raise SpecError(
+                f"this spec makes a model of {n:,} parameters ({n * 4 / 2**30:,.1f} GiB in float32) but this "
+                f"machine has {limit / 2**30:,.1f} GiB of memory",
+                hint="check the sizes: hidden_size, intermediate_size, num_hidden_layers, vocab_size, image_size / patch_size",
+            )
+    except SpecError as exc:
+        raise _with_origin(exc, origin) from exc.__cause__
+    return shapes if meta_slots == frozenset(SLOTS) else assemble(spec, meta_slots=meta_slots)
+
+
+#: The most layers one component may have: more is a typo or a hostile config (each layer is a
+#: Python object, so even the meta-device size check would take minutes and gigabytes).
+MAX_LAYERS = 1024
+
+
+def _check_depths(spec: VLMSpec) -> None:
+    """Refuse absurd layer counts (any int param named ``num_*layers``, also inside dict params
+    such as ``hf_causal_lm``'s ``config``) before building anything."""
+    for slot in SLOTS:
+        for path, value in _int_items(dict(getattr(spec, slot).params), slot):
+            key = path.rsplit(".", 1)[-1]
+            if key.startswith("num_") and key.endswith("layers") and value > MAX_LAYERS:
+                raise SpecError(
+                    f"{value:,} layers is not a plausible depth (vlmkit builds at most {MAX_LAYERS} per component)",
+                    key_path=path, hint="check the number; published models have at most a few hundred",
+                )
+
+
+def _int_items(mapping: dict, prefix: str, depth: int = 0):
+    for key, value in mapping.items():
+        if isinstance(value, dict) and depth < 3:
+            yield from _int_items(value, f"{prefix}.{key}", depth + 1)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield f"{prefix}.{key}", value
+
+
+def _with_origin(exc: SpecError, origin: str | None) -> SpecError:
+    """``exc`` naming the file the spec came from (HF key paths for a config.json)."""
+    if origin is None or exc.source is not None:
+        return exc
+    if origin.endswith("config.json"):
+        from .hf import _hf_key_path
+
+        return _hf_key_path(exc, origin)
+    return SpecError(exc.detail, key_path=exc.key_path, source=origin, hint=exc.hint)
 
 
 def _group(sources: dict[str, str]) -> dict[str, list[str]]:
@@ -154,21 +305,39 @@ def _weights_config(sources: dict[str, str]) -> dict | None:
     for src in sources.values():
         path = Path(src) / "config.json"
         if path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                return json.loads(path.read_text(encoding="utf-8"))
+            with contextlib.suppress(ValueError, OSError, RecursionError):
+                data = json.loads(path.read_text(encoding="utf-8"))
+                return data if isinstance(data, dict) else None
     return None
 
 
-def _load_source(model: VLM, source: str, slots: list[str], dtype, report: LoadReport, *, all_slots: bool) -> None:
+def _load_source(model: VLM, source: str, slots: list[str], dtype, report: LoadReport, *, all_slots: bool,
+                 origin: str | None = None) -> None:  # fmt: skip
     from .hub import resolve_source
 
-    ckpt = Checkpoint(resolve_source(source, weights=True))
+    try:
+        folder = resolve_source(source, weights=True)
+    except SourceNotFoundError as exc:
+        if not origin or origin.endswith("config.json"):
+            raise
+        raise SourceNotFoundError(f"{origin}: weights ({', '.join(slots)}): {exc.message}", hint=exc.hint) from exc
+    ckpt = Checkpoint(folder)
     read: set[str] = set()
     for slot in slots:
         module = getattr(model, slot)
-        read |= load_component(slot, module, module.key_map(), ckpt, dtype, report)
+        read |= load_component(slot, module, _key_map(slot, module), ckpt, dtype, report)
     if all_slots:
         report.unexpected.extend(sorted(ckpt.keys() - read))
+
+
+def _key_map(slot: str, module: nn.Module):
+    try:
+        return module.key_map()
+    except VlmkitError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"the {slot} component {type(module).__name__} has a broken key_map(): {type(exc).__name__}: {exc}",
+                          hint="this is a bug in that component; vlmkit.testing checks key maps") from exc  # fmt: skip
 
 
 def _materialize(model: VLM, report: LoadReport, sources: dict[str, str]) -> None:
@@ -181,8 +350,39 @@ def _materialize(model: VLM, report: LoadReport, sources: dict[str, str]) -> Non
             report.fresh[slot] = fresh
         for module in component.modules():
             if any(p.is_meta for p in module.parameters(recurse=False)):
-                module.to_empty(device="cpu", recurse=False)
-                _reset(module)
+                _fresh_init(module)
+
+
+def _fresh_init(module: nn.Module) -> None:
+    """Fresh-init ``module``'s meta parameters; its loaded ones (e.g. a weight whose bias was
+    missing) are set aside while ``reset_parameters`` runs, then put back untouched."""
+    kept = {}
+    for name, p in module.named_parameters(recurse=False):
+        if not p.is_meta:
+            kept[name] = p
+        module._parameters[name] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)  # noqa: SLF001
+    _reset(module)
+    for name, p in kept.items():
+        module._parameters[name] = p  # noqa: SLF001
+
+
+def _move(model: VLM, device: torch.device, dtype: torch.dtype) -> None:
+    """Move to ``device``/``dtype``; then nothing may be left on the meta device."""
+    try:
+        model.to(device=device, dtype=dtype)
+    except torch.OutOfMemoryError as exc:
+        raise VlmkitError(f"not enough memory on {device} for the model in {dtype}: {str(exc).splitlines()[0]}",
+                          hint="use a smaller dtype (bfloat16), another device, or a smaller model") from None  # fmt: skip
+    except NotImplementedError as exc:  # "Cannot copy out of meta tensor"
+        raise PluginError(f"a component left tensors without data on the meta device: {exc}",
+                          hint="run vlmkit.testing's conformance checks on the component") from None  # fmt: skip
+    on_meta = [f"{slot}.{n}" for slot, m in model.slots().items()
+               for n, t in [*m.named_parameters(), *m.named_buffers()] if t.is_meta]  # fmt: skip
+    if on_meta:
+        raise PluginError(
+            f"after loading, {len(on_meta)} tensor(s) are still on the meta device (no data): {', '.join(on_meta[:6])}",
+            hint="the component must compute such buffers in forward or make them persistent; see vlmkit.testing",
+        )
 
 
 def _reset(module: nn.Module) -> None:
@@ -208,4 +408,5 @@ def build_from_hf(
     from .hf import spec_from_hf
 
     spec = spec_from_hf(source)
-    return build(spec, load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+    origin = f"{os.fspath(source)}/config.json"
+    return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict)

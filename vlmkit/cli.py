@@ -54,8 +54,10 @@ def plugins() -> None:
         table.add_row(entry.slot, entry.name, entry.plugin, sources.get(entry.plugin, "?"))
     console = _console()
     console.print(table)
+    from rich.markup import escape
+
     for fail in failures():
-        console.print(f"[red]failed[/red] plugin {fail.name!r} from {fail.distribution}: {fail.error}")
+        console.print(f"[red]failed[/red] plugin {escape(repr(fail.name))} from {escape(fail.distribution)}: {escape(fail.error)}")
 
 
 @app.command()
@@ -70,33 +72,137 @@ def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="W
         output.write_text(text + "\n", encoding="utf-8")
 
 
+@app.command()
+def generate(
+    source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The user's message."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image file; repeat for several."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
+) -> None:
+    """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
+    from PIL import Image
+
+    from .builder import build, build_from_hf
+    from .errors import ProcessorError
+    from .generation import _check_options, stream
+    from .processor import load_processor
+
+    _check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    err = _console(stderr=True)
+    images = []
+    for path in image or []:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                images.append(img.copy())
+        except (OSError, ValueError) as exc:
+            raise ProcessorError(f"cannot read image {str(path)!r}: {exc}", hint="pass a PNG/JPEG/... file") from None
+    model = build(source) if _is_yaml(source) else build_from_hf(source)
+    processor = load_processor(model.spec.tokenizer or source)
+    kwargs = {} if split is None else {"do_image_splitting": split}
+    if hasattr(processor, "image_cost"):
+        for k, (path, img) in enumerate(zip(image or [], images), start=1):
+            cost = processor.image_cost(img, **kwargs)
+            grid = f"{cost.tiles[0]}x{cost.tiles[1]} tiles + global = {cost.n_tiles} tiles" if cost.tiles != (0, 0) else "not split, 1 tile"
+            err.print(f"image {k} {path} ({img.width}x{img.height}): {grid}, {cost.visual_tokens} visual tokens", markup=False)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    batch = processor(text=text, images=images or None, **kwargs)
+    chunks = stream(
+        model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
+        pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"),
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+    )  # fmt: skip
+    for chunk in chunks:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    info = getattr(model, "last_generation", None)
+    if info is not None:
+        err.print(
+            f"prefill {info.prefill_s:.2f} s ({info.prompt_tokens} prompt tokens), {info.new_tokens} new tokens, "
+            f"{info.tokens_per_s:.1f} tokens/s, path {info.path}" + (" (images dropped)" if info.images_dropped else ""),
+            markup=False,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, printing vlmkit errors as one line plus a hint."""
+    """Entry point. A :class:`~vlmkit.errors.VlmkitError` prints as ``error: ...`` plus ``hint: ...``
+    (exit 1); any other exception is a bug: ``internal error: ...`` (exit 2). ``--debug`` (anywhere
+    before ``--``) adds the traceback."""
     from .errors import VlmkitError
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = _wants_debug(args)
+    if _state["debug"]:  # accept `vlmkit inspect X --debug` too: the option belongs to the root
+        args = ["--debug", *[a for i, a in enumerate(args) if a != "--debug" or _after_separator(args, i)]]
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=args, standalone_mode=False)
     except VlmkitError as exc:
-        if _state["debug"]:
-            raise
-        err = _console(stderr=True)
-        err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True)
-        if exc.hint:
-            err.print(f"[yellow]hint:[/yellow] {exc.hint}")
-        err.print("(run with --debug for the traceback)")
+        _report(exc, "error", exc.message, exc.hint)
         return 1
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        return 1
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except (typer.Abort, KeyboardInterrupt):
+        _console(stderr=True).print("aborted", markup=False)
+        return 130
+    except BrokenPipeError:  # `vlmkit schema | head`
+        return 0
+    except Exception as exc:
+        if isinstance(exc, _usage_errors()):
             exc.show()
             return exc.exit_code
-        raise
+        _report(exc, "internal error", f"{type(exc).__name__}: {exc}",
+                "this is a bug in vlmkit or a plugin; please report it with the output of `vlmkit --debug ...`")  # fmt: skip
+        return 2
     return 0
+
+
+def _after_separator(args: list[str], index: int) -> bool:
+    return "--" in args[:index]
+
+
+def _wants_debug(args: list[str]) -> bool:
+    return any(a == "--debug" and not _after_separator(args, i) for i, a in enumerate(args))
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Click's exception base, as vendored by typer (>= 0.2x) and/or from click itself."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def _report(exc: BaseException, label: str, message: str, hint: str | None) -> None:
+    """Print one ``label: message`` line (continuation lines indented) and the hint to stderr."""
+    import traceback
+
+    from rich.markup import escape
+
+    err = _console(stderr=True)
+    if _state["debug"]:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    first, *rest = str(message).splitlines() or [""]
+    err.print(f"[bold red]{label}:[/bold red] {escape(first)}")
+    for line in rest:
+        err.print(f"  {escape(line.strip())}" if line.strip() else "")
+    if hint:
+        err.print(f"[yellow]hint:[/yellow] {escape(hint)}")
+    if not _state["debug"]:
+        err.print("(run with --debug for the traceback)", markup=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -20,6 +20,7 @@ __all__ = [
     "ProcessorError",
     "GenerationError",
     "closest",
+    "short_repr",
 ]
 
 
@@ -56,14 +57,19 @@ class SpecError(VlmkitError, ValueError):
 
 
 class UnknownComponentError(VlmkitError, KeyError):
-    """A registry name that no installed plugin provides."""
+    """A registry name that no installed plugin provides.
 
-    def __init__(self, kind: str, name: str, choices: Iterable[str]) -> None:
+    ``where`` (``"model.yaml: vision_tower.name"``) says where the name came from, when known.
+    """
+
+    def __init__(self, kind: str, name: str, choices: Iterable[str], *, where: str | None = None) -> None:
         self.kind = kind
         self.name = name
         self.choices = sorted(choices)
+        self.where = where
         near = closest(name, self.choices)
-        msg = f"unknown {kind} {name!r}; registered {kind}s: {', '.join(self.choices) or '(none)'}"
+        msg = f"{where}: " if where else ""
+        msg += f"unknown {kind} {name!r}; registered {kind}s: {', '.join(self.choices) or '(none)'}"
         if near:
             msg += f". Did you mean {near!r}?"
         super().__init__(msg, hint="install the plugin that provides it, or run `vlmkit plugins` to list names")
@@ -100,3 +106,14 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     """The registered name closest to ``name``, or ``None`` when nothing is close."""
     hits = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return hits[0] if hits else None
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (deeply nested or huge values stay cheap)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

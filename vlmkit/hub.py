@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import SourceNotFoundError, SpecError
 __all__ = ["resolve_source", "read_json", "CHECKPOINT_PATTERNS"]
 
 #: Files vlmkit reads from a checkpoint. Pickle files (``*.bin``, ``*.pt``) are never fetched.
+#: (Keep every pattern specific: a pattern like ``*`` or ``*.bin`` would fetch pickles.)
 CHECKPOINT_PATTERNS = [
     "*.json",
     "*.safetensors",
@@ -31,15 +33,15 @@ def resolve_source(source: str | os.PathLike, *, weights: bool = True, revision:
     ``source`` is a folder path, or a Hub repo id (``owner/name``). With ``weights=False`` only
     the small JSON/tokenizer files are fetched.
     """
-    path = Path(os.fspath(source)).expanduser()
+    text = _source_text(source)
+    path = Path(text).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise SourceNotFoundError(
-            f"{str(source)!r} is a file, not a checkpoint folder",
+            f"{text!r} is a file, not a checkpoint folder",
             hint="pass the folder that holds config.json (and the .safetensors weights)",
         )
-    text = os.fspath(source)
     if not _looks_like_repo_id(text):
         raise SourceNotFoundError(
             f"no folder {text!r}, and it is not a Hub repo id (owner/name)",
@@ -48,23 +50,54 @@ def resolve_source(source: str | os.PathLike, *, weights: bool = True, revision:
     return _snapshot(text, weights=weights, revision=revision)
 
 
+def _source_text(source: object) -> str:
+    """``source`` as a non-empty path string; a clear error for ``None``, numbers, ``""``..."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise SourceNotFoundError(
+            f"expected a checkpoint folder path or a Hub repo id (owner/name), got {type(source).__name__} {source!r}",
+            hint="pass a path such as ./my-checkpoint or a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
+        )
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise SourceNotFoundError(
+            "the checkpoint source is an empty string",
+            hint="pass a checkpoint folder path or a Hub repo id (owner/name)",
+        )
+    return text
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
 def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+    return bool(_REPO_ID.match(text)) and ".." not in text and not text.endswith((".", "-"))
 
 
 def _snapshot(repo_id: str, *, weights: bool, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     patterns = CHECKPOINT_PATTERNS if weights else [p for p in CHECKPOINT_PATTERNS if p != "*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
         raise SourceNotFoundError(
-            f"Hub repo {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be reached "
-            f"(offline or no network): {exc.__class__.__name__}",
+            f"no local folder {repo_id!r}, and Hub repo {repo_id!r} is not in the local Hugging Face cache "
+            f"while the Hub cannot be reached (offline or no network; HF_HUB_OFFLINE="
+            f"{os.environ.get('HF_HUB_OFFLINE', 'unset')}): {exc.__class__.__name__}",
             hint="download it once with network (`hf download REPO`), or pass a local folder",
+        ) from exc
+    except HFValidationError as exc:
+        raise SourceNotFoundError(
+            f"no folder {repo_id!r}, and it is not a valid Hub repo id ({exc})",
+            hint="check the path, or pass a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
         ) from exc
     except RepositoryNotFoundError as exc:
         raise SourceNotFoundError(
@@ -84,6 +117,8 @@ def read_json(folder: Path, name: str, *, required: bool = True) -> dict[str, An
     Raises :class:`SpecError` naming the file when it is not JSON or not an object.
     """
     path = Path(folder) / name
+    if path.exists() and not path.is_file():
+        raise SourceNotFoundError(f"{path} is not a file", hint=f"{name} must be a JSON file; restore it from the checkpoint")
     if not path.is_file():
         if required:
             raise SourceNotFoundError(
@@ -93,10 +128,13 @@ def read_json(folder: Path, name: str, *, required: bool = True) -> dict[str, An
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpecError(f"not valid JSON ({exc})", source=str(path), hint="restore the file from the checkpoint") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SpecError(f"not valid JSON ({exc})", source=str(path), hint="restore the file from the checkpoint") from None
+    except OSError as exc:
+        raise SourceNotFoundError(f"cannot read {path}: {exc.strerror or exc}", hint="check the file's permissions") from None
     if not isinstance(data, dict):
         raise SpecError(
-            f"expected a JSON object at the top level, got {type(data).__name__}", source=str(path)
+            f"expected a JSON object at the top level, got {type(data).__name__}",
+            source=str(path), hint=f"{name} must be a JSON object ({{...}}); restore the file from the checkpoint",
         )
     return data

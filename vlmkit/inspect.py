@@ -17,24 +17,62 @@ log = logging.getLogger(__name__)
 def load_for_inspect(source: str, load_weights: bool | None):
     """Build the model for ``source`` (YAML, folder or repo id); weights when available/asked.
 
-    Returns ``(model, note)``; ``note`` says where the files came from.
+    Returns ``(model, note)``; ``note`` says where the files came from, and why no weights were
+    loaded when the default (``load_weights=None``: "when available") found none. Without
+    weights the model is only assembled on the meta device (shapes and counts; it cannot run).
     """
     from .builder import build
     from .hf import resolve_config_folder, spec_from_hf
     from .spec import load_yaml
 
     if source.endswith((".yaml", ".yml")):
-        spec = load_yaml(source)
-        has_weights = any(spec.weights_for(s) for s in SLOTS)
-        return build(spec, load_weights=bool(has_weights if load_weights is None else load_weights)), f"YAML {source}"
+        return _load_yaml_for_inspect(load_yaml(source), source, load_weights)
     folder, bundled = resolve_config_folder(source)
     spec = spec_from_hf(folder if bundled else source)
     if bundled:
         note = f"{source}: Hub not reachable; using the config files bundled with vlmkit (no weights)"
-        return build(spec, load_weights=False), note
+        return _without_weights(spec), note
     if load_weights is None:
         load_weights = any(Path(folder).glob("*.safetensors"))
-    return build(spec, load_weights=load_weights), f"checkpoint {folder}"
+    model = build(spec, load_weights=True) if load_weights else _without_weights(spec)
+    return model, f"checkpoint {folder}"
+
+
+def _without_weights(spec):
+    """The model assembled on the meta device: shapes and parameter counts, no memory or init time."""
+    from .builder import assemble
+
+    return assemble(spec, meta_slots=frozenset(SLOTS))
+
+
+def _load_yaml_for_inspect(spec, source: str, load_weights: bool | None):
+    from .builder import build
+
+    wanted = sorted({src for src in (spec.weights_for(s) for s in SLOTS) if src})
+    if not wanted or load_weights is False:
+        return _without_weights(spec), f"YAML {source}" + ("; weights not loaded" if wanted else "")
+    if load_weights is None:
+        absent = _unavailable(wanted)
+        if absent:
+            note = (f"YAML {source}; weights {', '.join(absent)} not available here (offline or not downloaded), "
+                    "so built without weights")  # fmt: skip
+            return _without_weights(spec), note
+    return build(spec, load_weights=True), f"YAML {source}"
+
+
+def _unavailable(sources: list[str]) -> list[str]:
+    """The weight sources that cannot be found (folder absent, Hub unreachable, no safetensors)."""
+    from .errors import VlmkitError
+    from .hub import resolve_source
+    from .weights import find_weight_files
+
+    absent = []
+    for src in sources:
+        try:
+            find_weight_files(resolve_source(src, weights=True))
+        except VlmkitError:
+            absent.append(src)
+    return absent
 
 
 def image_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
@@ -83,8 +121,10 @@ def describe(source: str, *, load_weights: bool | None, console) -> None:
 
     from .plugins import plugin_sources
 
+    from rich.markup import escape
+
     model, note = load_for_inspect(source, load_weights)
-    console.print(f"[bold]{source}[/bold]  ({note})")
+    console.print(f"[bold]{escape(source)}[/bold]  ({escape(note)})")
     counts = model.parameter_counts()
     dists = plugin_sources()
     table = Table()
@@ -100,7 +140,7 @@ def describe(source: str, *, load_weights: bool | None, console) -> None:
     for slot in SLOTS:
         cs = getattr(model.spec, slot)
         params = ", ".join(f"{k}={v}" for k, v in cs.params.model_dump().items() if v is not None)
-        console.print(f"  {slot} ({cs.name}): {params or '(no params)'}")
+        console.print(f"  {slot} ({cs.name}): {params or '(no params)'}", markup=False)
     console.print(f"total parameters: {sum(counts.values()):,}")
     stages = image_shapes(model.spec)
     console.print("one image: " + " -> ".join(_fmt_shape(n, s) for n, s in stages))
@@ -115,8 +155,8 @@ def _print_weights(model, console) -> None:
         return
     loaded = sum(report.loaded.values())
     status = "nothing missing" if report.ok else "PROBLEMS:\n" + report.summary()
-    console.print(f"weights: {loaded} tensors loaded; {status}")
+    console.print(f"weights: {loaded} tensors loaded; {status}", markup=False)
     fresh = model.untrained_parameters()
     if fresh:
         for slot, names in fresh.items():
-            console.print(f"  no pretrained weights ({slot}): {len(names)} parameters, e.g. {', '.join(names[:4])}")
+            console.print(f"  no pretrained weights ({slot}): {len(names)} parameters, e.g. {', '.join(names[:4])}", markup=False)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PackingError, VlmkitError
+from .errors import PackingError, ProcessorError, SpecError, VlmkitError
 from .keymap import KeyMap
 from .protocols import SLOTS
 from .spec import VLMSpec
@@ -48,6 +48,7 @@ class VLM(nn.Module):
         self.packer = packer
         self.backbone = backbone
         self.load_report = None
+        self.last_generation = None  # a vlmkit.generation.GenerationInfo after generate()
 
     # ---- images -------------------------------------------------------------------------
     def encode_images(
@@ -55,11 +56,7 @@ class VLM(nn.Module):
     ) -> tuple[torch.Tensor, list[int]]:
         """``(B, N, 3, H, W)`` (+ ``(B, N, H, W)`` mask) -> visual tokens ``(N_real, K, D)`` and
         real images per sample. All-zero images are padding (as transformers' processor pads)."""
-        if pixel_values.dim() != 5:
-            raise PackingError(
-                f"pixel_values must be (B, N_images, 3, H, W); got shape {tuple(pixel_values.shape)}",
-                hint="pass the processor's pixel_values unchanged",
-            )
+        self._check_pixels(pixel_values, pixel_attention_mask)
         b, n = pixel_values.shape[:2]
         flat = pixel_values.reshape(b * n, *pixel_values.shape[2:])
         real = flat.flatten(1).ne(0).any(dim=1)
@@ -73,7 +70,61 @@ class VLM(nn.Module):
         if pixels.shape[0] == 0:
             return pixels.new_zeros(0, self.packer.tokens_per_image, self.backbone.hidden_size), per_sample
         features = self.vision_tower(pixels, patch_mask)
-        return self.aligner(self.connector(features)), per_sample
+        try:
+            tokens = self.aligner(self.connector(features))
+        except SpecError as exc:  # e.g. a patch grid the connector cannot shuffle: the pixels' fault
+            raise self._pixel_size_error(pixel_values, exc.detail) from None
+        if tokens.shape[1] != self.packer.tokens_per_image:
+            raise self._pixel_size_error(pixel_values, f"they give {tokens.shape[1]} visual tokens per image")
+        return tokens, per_sample
+
+    def _pixel_size_error(self, pixel_values: torch.Tensor, why: str) -> ProcessorError:
+        side = self.vision_tower.image_size
+        h, w = pixel_values.shape[-2:]
+        return ProcessorError(
+            f"pixel_values of {h}x{w} pixels do not fit this model: {why}; it expects {side}x{side} images "
+            f"({self.packer.tokens_per_image} visual tokens per image)",
+            hint="pass the processor's pixel_values unchanged (it resizes and pads to the tower's image_size)",
+        )
+
+    def _check_pixels(self, pixel_values: Any, pixel_attention_mask: Any) -> None:
+        """Raise a vlmkit error (never a torch one) for pixels the tower cannot take."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise ProcessorError(f"pixel_values must be a torch.Tensor (B, N_images, 3, H, W); got {type(pixel_values).__name__}",
+                                 hint="pass the processor's pixel_values (return_tensors='pt')")  # fmt: skip
+        if pixel_values.dim() != 5:
+            raise PackingError(
+                f"pixel_values must be (B, N_images, 3, H, W); got shape {tuple(pixel_values.shape)}",
+                hint="pass the processor's pixel_values unchanged",
+            )
+        shape, p = tuple(pixel_values.shape), self.vision_tower.patch_size
+        channels = getattr(getattr(self.vision_tower, "params", None), "num_channels", None)
+        problem = None
+        if not pixel_values.is_floating_point():
+            problem = f"dtype {pixel_values.dtype} is not floating point (raw 0-255 pixels?)"
+        elif isinstance(channels, int) and shape[2] != channels:
+            problem = f"{shape[2]} channel(s), but the vision tower takes {channels}"
+        elif shape[3] % p or shape[4] % p:
+            problem = f"height and width {shape[3]}x{shape[4]} are not multiples of the patch size {p}"
+        elif not bool(torch.isfinite(pixel_values).all()):
+            problem = "they hold NaN or infinite values"
+        if problem:
+            raise ProcessorError(f"pixel_values of shape {shape}: {problem}",
+                                 hint="pass the processor's pixel_values unchanged (normalised floats, (B, N, C, H, W))")  # fmt: skip
+        self._check_pixel_mask(pixel_attention_mask, shape)
+
+    @staticmethod
+    def _check_pixel_mask(mask: Any, pixel_shape: tuple[int, ...]) -> None:
+        if mask is None:
+            return
+        want = (*pixel_shape[:2], *pixel_shape[3:])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+            got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ProcessorError(
+                f"pixel_attention_mask has shape {got}; expected {want} (B, N_images, H, W) to match "
+                f"pixel_values of shape {pixel_shape}",
+                hint="pass the processor's pixel_attention_mask together with its pixel_values",
+            )
 
     def embed(
         self,
@@ -83,6 +134,9 @@ class VLM(nn.Module):
     ) -> torch.Tensor:
         """``(B, T)`` ids (+ images) -> merged input embeddings ``(B, T, D)``."""
         self._check_ids(input_ids)
+        if self.device.type == "meta":
+            raise VlmkitError("this model has no weights in memory (it was assembled on the meta device)",
+                              hint="build it with vlmkit.build(...) / build_from_hf(...) to run it")  # fmt: skip
         embeds = self.backbone.embed(input_ids)
         if pixel_values is None:
             if bool(self.packer.count(input_ids).any()):
@@ -95,6 +149,9 @@ class VLM(nn.Module):
         return self.packer(input_ids, embeds, tokens, per_sample)
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise VlmkitError(f"input_ids must be a (B, T) integer torch.Tensor; got {type(input_ids).__name__}",
+                              hint="tokenize with vlmkit.load_processor(...) and return_tensors='pt'")  # fmt: skip
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise VlmkitError(f"input_ids must be a (B, T) integer tensor; got {input_ids.dtype} {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.backbone.vocab_size):
@@ -103,6 +160,23 @@ class VLM(nn.Module):
                 f"min {int(input_ids.min())}, max {int(input_ids.max())}",
                 hint="tokenize with this model's tokenizer (vlmkit.load_processor)",
             )
+
+    @staticmethod
+    def _check_aux(name: str, value: Any, input_ids: torch.Tensor) -> None:
+        """``attention_mask`` / ``labels`` (``(B, T)``) and ``position_ids`` (``(B|1, T)`` or ``(T,)``)."""
+        if value is None:
+            return
+        b, t = input_ids.shape
+        ok = isinstance(value, torch.Tensor) and (name == "attention_mask" or not value.is_floating_point())
+        if ok and name == "position_ids":
+            ok = tuple(value.shape) in {(b, t), (1, t), (t,)}
+        elif ok:
+            ok = tuple(value.shape) == (b, t)
+        if not ok:
+            got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+            kind = "a tensor" if name == "attention_mask" else "an integer tensor"
+            raise ProcessorError(f"{name} must be {kind} shaped like input_ids {(b, t)}; got {got}",
+                                 hint="pass the processor's (or collator's) tensors unchanged")  # fmt: skip
 
     # ---- forward ------------------------------------------------------------------------
     def forward(
@@ -116,6 +190,9 @@ class VLM(nn.Module):
     ) -> VLMOutput:
         """Logits ``(B, T, V)`` for the processor's tensors; with ``labels`` (B, T) also the
         mean next-token cross-entropy over labels != -100 (as transformers)."""
+        self._check_ids(input_ids)
+        for name, value in (("attention_mask", attention_mask), ("labels", labels), ("position_ids", position_ids)):
+            self._check_aux(name, value, input_ids)
         embeds = self.embed(input_ids, pixel_values, pixel_attention_mask)
         hidden = self.backbone(embeds, attention_mask=attention_mask, position_ids=position_ids)
         logits = self.backbone.logits(hidden)

@@ -48,6 +48,7 @@ BUILTIN_MODULES = (
     "vlmkit.components.hidden_align",
     "vlmkit.components.image_packer",
     "vlmkit.components.llama",
+    "vlmkit.components.hf_causal_lm",
     "vlmkit.components.idefics3_family",
 )
 

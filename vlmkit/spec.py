@@ -17,13 +17,14 @@ errors), so a spec never holds an unchecked value.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import SpecError
+from .errors import SourceNotFoundError, SpecError, UnknownComponentError, short_repr
 from .protocols import SLOTS
 
 __all__ = ["ComponentSpec", "VLMSpec", "validate_spec", "load_yaml", "dump_yaml", "json_schema", "DEFAULT_ALIGNER"]
@@ -76,11 +77,11 @@ class VLMSpec(BaseModel):
     def _check_slots(self) -> VLMSpec:
         for slot in self.freeze:
             if slot not in SLOTS:
-                raise ValueError(f"freeze: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+                raise _KeyPathError("freeze", f"freeze: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
         if isinstance(self.weights, dict):
             for slot in self.weights:
                 if slot not in SLOTS:
-                    raise ValueError(f"weights: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+                    raise _KeyPathError(f"weights.{slot}", f"weights: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,18 +107,35 @@ class _SlotError(ValueError):
         super().__init__(str(exc))
 
 
+class _KeyPathError(ValueError):
+    """A validator's complaint about one key (pydantic would otherwise lose the key path)."""
+
+    def __init__(self, key_path: str, message: str) -> None:
+        self.key_path, self.message = key_path, message
+        super().__init__(message)
+
+
 def _component(slot: str, raw: Any) -> ComponentSpec:
     from .plugins import get_registry
 
     if not isinstance(raw, dict) or "name" not in raw:
-        raise ValueError(f"{slot} must be a mapping with a `name` (the registry name) and its params; got {raw!r}")
+        raise _KeyPathError(
+            slot, f"expected a mapping with a `name` (the registry name) and its params; got {short_repr(raw)}"
+        )
     raw = dict(raw)
     name = raw.pop("name")
-    entry = get_registry().get(slot, name)  # raises UnknownComponentError (not a ValueError)
+    if not isinstance(name, str):
+        raise _KeyPathError(f"{slot}.name", f"expected a registry name (a string), got {short_repr(name)}")
+    try:
+        entry = get_registry().get(slot, name)
+    except UnknownComponentError as exc:  # not a ValueError: pydantic lets it through
+        raise UnknownComponentError(exc.kind, exc.name, exc.choices, where=f"{slot}.name") from None
     try:
         params = entry.cls.Params.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise _SlotError(slot, exc) from exc
+    except (TypeError, KeyError, AttributeError, IndexError, ArithmeticError) as exc:  # a validator that choked
+        raise _KeyPathError(slot, f"{name!r} cannot take these params ({type(exc).__name__}: {short_repr(str(exc), 200)})") from exc
     return ComponentSpec(name=name, params=params)
 
 
@@ -127,6 +145,11 @@ def validate_spec(data: Any, *, source: str | None = None) -> VLMSpec:
         return VLMSpec.model_validate(data)
     except pydantic.ValidationError as exc:
         raise _to_spec_error(exc, source) from None
+    except UnknownComponentError as exc:
+        if not source or (exc.where and exc.where.startswith(source)):
+            raise
+        where = f"{source}: {exc.where}" if exc.where else source
+        raise UnknownComponentError(exc.kind, exc.name, exc.choices, where=where) from None
 
 
 def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: str = "") -> SpecError:
@@ -134,34 +157,52 @@ def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: st
     ctx_exc = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_exc, _SlotError):
         return _to_spec_error(ctx_exc.exc, source, prefix=f"{ctx_exc.slot}.")  # type: ignore[arg-type]
+    if isinstance(ctx_exc, _KeyPathError):
+        hint = f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
+        return SpecError(ctx_exc.message, key_path=prefix + ctx_exc.key_path, source=source, hint=hint)
     loc = ".".join(str(p) for p in err["loc"])
     key_path = prefix + loc if loc else prefix.rstrip(".") or None
     got = err.get("input")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key (this component does not take it)"
     elif err["type"] != "missing" and not isinstance(got, dict):
-        msg += f" (got {got!r})"
+        msg += f" (got {short_repr(got)})"
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return SpecError(msg + more, key_path=key_path, source=source, hint="fix this key; `vlmkit schema` prints every valid key")
 
 
 def load_yaml(path: str | Path) -> VLMSpec:
-    """Read and validate a YAML model file."""
+    """Read and validate a YAML model file (``yaml.safe_load``: YAML tags never run code)."""
     import yaml
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise SourceNotFoundError(
+            f"expected the path of a model YAML file, got {type(path).__name__} {short_repr(path)}",
+            hint="pass a path such as configs/smolvlm-256m.yaml, a VLMSpec or its dict form",
+        )
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        from .errors import SourceNotFoundError
-
         raise SourceNotFoundError(f"no YAML file {str(path)!r}", hint="check the path") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except IsADirectoryError:
+        raise SourceNotFoundError(
+            f"{str(path)!r} is a folder, not a model YAML file",
+            hint="for a checkpoint folder use build_from_hf(folder) (or `vlmkit inspect FOLDER`)",
+        ) from None
+    except yaml.constructor.ConstructorError as exc:
+        raise SpecError(f"not valid YAML: {exc}", source=str(path),
+                        hint="model YAML is plain data: tags such as !!python/... are refused, never run") from None  # fmt: skip
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise SpecError(f"not valid YAML: {exc}", source=str(path), hint="check the indentation and quoting") from None
+    except OSError as exc:
+        raise SourceNotFoundError(f"cannot read {str(path)!r}: {exc.strerror or exc}", hint="check the path and permissions") from None
     if not isinstance(data, dict):
+        got = "an empty file" if data is None else type(data).__name__
         raise SpecError(
-            f"a model YAML is a mapping with keys {', '.join(SLOTS)}; got {type(data).__name__}", source=str(path)
+            f"a model YAML is a mapping with keys {', '.join(SLOTS)}; got {got}", source=str(path),
+            hint="see configs/smolvlm-256m.yaml for the layout; `vlmkit schema` prints every valid key",
         )
     return validate_spec(data, source=str(path))
 

@@ -50,8 +50,14 @@ def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise WeightLoadError(f"{index} is not a valid safetensors index ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise WeightLoadError(
+            f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); expected "
+            '{"weight_map": {"tensor name": "shard file name", ...}}',
+            hint="the download is incomplete or corrupt; fetch the index again",
+        ) from None
+    for name in names:
+        _check_shard_name(index, name)
     missing = [n for n in names if not (index.parent / n).is_file()]
     if missing:
         raise WeightLoadError(
@@ -59,6 +65,24 @@ def _shards_from_index(index: Path) -> list[Path]:
             hint="the download is incomplete; fetch the missing shard(s) again",
         )
     return [index.parent / n for n in names]
+
+
+def _check_shard_name(index: Path, name: object) -> None:
+    """A shard is a plain ``.safetensors`` file name inside the checkpoint folder."""
+    if not isinstance(name, str) or not name:
+        raise WeightLoadError(f"{index}: a shard name is {name!r}, not a file name", hint="fetch the index again")
+    if Path(name).suffix in PICKLE_SUFFIXES:
+        raise WeightLoadError(
+            f"{index} names the pickle shard {name!r}; vlmkit never unpickles a checkpoint, because loading a "
+            "pickle can run arbitrary code",
+            hint="convert the checkpoint to safetensors in a trusted environment",
+        )
+    path = Path(name)
+    if path.is_absolute() or ".." in path.parts or not name.endswith(".safetensors"):
+        raise WeightLoadError(
+            f"{index} names the shard {name!r}; expected a .safetensors file name inside the checkpoint folder",
+            hint="an index may only point at shards next to it; fix or re-download it",
+        )
 
 
 class Checkpoint:
@@ -111,16 +135,18 @@ class LoadReport:
     mismatched: dict[str, list[str]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
     fresh: dict[str, list[str]] = field(default_factory=dict)  # params left at fresh init
+    wrong_dtype: dict[str, list[str]] = field(default_factory=dict)  # not floating point
 
     @property
     def ok(self) -> bool:
-        """True when nothing is missing, mis-shaped or unexpected."""
-        return not (self.missing or self.mismatched or self.unexpected)
+        """True when nothing is missing, mis-shaped, of a wrong dtype or unexpected."""
+        return not (self.missing or self.mismatched or self.wrong_dtype or self.unexpected)
 
     def summary(self) -> str:
         """A multi-line, per-component description of the problems."""
         lines = []
-        for title, table in (("missing", self.missing), ("mis-shaped", self.mismatched)):
+        tables = (("missing", self.missing), ("mis-shaped", self.mismatched), ("of a wrong dtype", self.wrong_dtype))
+        for title, table in tables:
             for slot, keys in table.items():
                 lines.append(f"  {slot}: {len(keys)} {title}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
         if self.unexpected:
@@ -159,7 +185,9 @@ def load_component(
             )
             continue
         if not (tensor.is_floating_point() or tensor.dtype == torch.bool):
-            report.mismatched.setdefault(slot, []).append(f"{rule.local}: dtype {tensor.dtype} is not floating point")
+            report.wrong_dtype.setdefault(slot, []).append(
+                f"{'/'.join(rule.sources)} {str(tensor.dtype).removeprefix('torch.')} (model expects a float)"
+            )
             continue
         state[rule.local] = tensor.to(dtype)
         n_read += len(rule.sources)
@@ -169,7 +197,7 @@ def load_component(
 
 
 def _fuse(parts, rows, local, slot, report) -> torch.Tensor | None:
-    got = tuple(p.shape[0] for p in parts)
+    got = tuple(p.shape[0] if p.dim() else None for p in parts)
     if got != tuple(rows) or len({p.shape[1:] for p in parts}) != 1:
         shapes = ", ".join(str(tuple(p.shape)) for p in parts)
         report.mismatched.setdefault(slot, []).append(f"{local}: parts {shapes} (model expects rows {tuple(rows)})")

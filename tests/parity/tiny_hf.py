@@ -47,7 +47,8 @@ def hf_config(shape: Shape):
                   num_attention_heads=shape.vision_heads, image_size=shape.image_size, patch_size=shape.patch_size)
     text = dict(model_type="llama", vocab_size=VOCAB, hidden_size=shape.text_width, intermediate_size=2 * shape.text_width + 8,
                 num_hidden_layers=2, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                rms_norm_eps=1e-5, rope_theta=10000.0, pad_token_id=0, tie_word_embeddings=shape.tie)
+                rms_norm_eps=1e-5, rope_theta=50000.0,  # not the 10000 default: catches a dropped rope key
+                pad_token_id=0, tie_word_embeddings=shape.tie)
     cls = transformers.SmolVLMConfig if shape.model_type == "smolvlm" else transformers.Idefics3Config
     return cls(vision_config=vision, text_config=text, scale_factor=shape.scale, image_token_id=IMAGE_TOKEN,
                tie_word_embeddings=shape.tie, vocab_size=VOCAB)

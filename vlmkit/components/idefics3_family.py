@@ -31,14 +31,19 @@ VISION_KEYS = (
 TEXT_KEYS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
+    "rope_theta", "rope_scaling", "rope_parameters", "attention_bias", "mlp_bias", "pad_token_id", "bos_token_id", "eos_token_id",
 )  # fmt: skip
 
 
 def _section(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = config.get(key, {})
+    if key not in config:
+        raise SpecError(
+            f"missing section: an {config.get('model_type')} config.json needs {key} (a mapping of its settings)",
+            key_path=key, source=source, hint="restore config.json from the checkpoint; every published one has it",
+        )
+    value = config[key]
     if not isinstance(value, dict):
-        raise SpecError(f"expected a mapping, got {type(value).__name__}", key_path=key, source=source)
+        raise SpecError(f"expected a mapping, got {type(value).__name__} {value!r:.60}", key_path=key, source=source)
     return value
 
 
@@ -95,11 +100,14 @@ def _cross_check_tokens(tokens: int, text: dict[str, Any], folder: Path | None, 
         return
     proc = read_json(folder, "processor_config.json", required=False)
     seq = (proc or {}).get("image_seq_len")
+    proc_path = str(Path(folder) / "processor_config.json")
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
+        raise SpecError(f"expected a positive integer, got {seq!r}", key_path="image_seq_len", source=proc_path)
     if seq is not None and seq != tokens:
         raise SpecError(
             f"processor_config.json image_seq_len is {seq} but config.json gives {tokens} tokens per image "
             "((image_size / patch_size)^2 / scale_factor^2)",
-            key_path="image_seq_len", source=str(Path(folder) / "processor_config.json"),
+            key_path="image_seq_len", source=proc_path,
             hint="the checkpoint files contradict each other; fix image_seq_len or the vision config",
         )
 

@@ -179,7 +179,7 @@ def _normalize_rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -
         raise ValueError(f"rope_scaling has rope_type={rope_type!r} and type={legacy!r}; give one")
     if rope_type is None:
         raise ValueError(f"rope_scaling needs a 'rope_type' key; supported types: {supported}")
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"rope_scaling rope_type={rope_type!r} is not supported; supported types: {supported}")
     needed = SUPPORTED_ROPE_TYPES[rope_type]
     if rope_type == "llama3":
@@ -592,6 +592,15 @@ class LlamaBackbone(nn.Module):
         """``(B, T, D) -> (B, T, V)``; the tied head reuses ``embed_tokens.weight``."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
+
+    def generate_from_embeds(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen: Any
+    ) -> torch.Tensor:
+        """New tokens ``(B, T_new)`` decoded from prompt embeddings with a preallocated KV cache;
+        ``gen`` as :func:`vlmkit.generation.generate_from_embeds` (the generic loop)."""
+        from ..generation import generate_from_embeds
+
+        return generate_from_embeds(self, inputs_embeds, attention_mask, **gen)
 
     def extra_repr(self) -> str:
         p = self.params

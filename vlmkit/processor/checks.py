@@ -85,10 +85,10 @@ def _derived_seq_len(files: _Files) -> int | None:
     size, patch = vision["image_size"], vision["patch_size"]
     scale = files.config.get("scale_factor", DEFAULT_SCALE_FACTOR)
     source = files.name("config.json")
-    if not all(isinstance(v, int) and v > 0 for v in (size, patch, scale)) or size % patch:
+    if not all(isinstance(v, int) and v > 0 for v in (size, patch, scale)) or size < patch:
         raise SpecError(
             f"image_size={size!r}, patch_size={patch!r}, scale_factor={scale!r} must be positive integers "
-            "with image_size a multiple of patch_size",
+            "with image_size at least patch_size (the grid is image_size // patch_size)",
             key_path="vision_config",
             source=source,
         )

@@ -382,8 +382,9 @@ class Processor:
 
 
 def load_processor(
-    source: str | os.PathLike,
+    source: str | os.PathLike | None = None,
     *,
+    spec: Any = None,
     image_seq_len: int | None = None,
     max_visual_tokens: int | None = None,
     revision: str | None = None,
@@ -394,7 +395,15 @@ def load_processor(
     the tokenizer files and the chat template, and checks them against each other
     (:class:`~vlmkit.errors.SpecError` on contradictions that would break the model,
     :class:`~vlmkit.processor.SpecWarning` on ones vlmkit resolves).
+
+    ``spec`` (a :class:`~vlmkit.spec.VLMSpec` or a model YAML path; a YAML path may also be
+    passed as ``source``) drives the image side for an assembled model whose tower differs from
+    the checkpoint the tokenizer comes from: tile size, visual tokens per image, the placeholder
+    id and (when the tower declares them) mean/std come from the spec's components, and the
+    longest edge keeps the checkpoint's largest tile grid; the tokenizer, chat template and the
+    other resize settings come from ``source`` (default ``spec.tokenizer``).
     """
+    spec, source = _spec_and_source(spec, source)
     if revision is None:  # a bundled repo id falls back to vlmkit's copy of its files when offline
         folder, _ = resolve_config_folder(source)
     else:
@@ -402,15 +411,59 @@ def load_processor(
     settings = ImageSettings.from_config(
         read_json(folder, "preprocessor_config.json"), source=str(folder / "preprocessor_config.json")
     )
+    config = read_json(folder, "config.json", required=False)
+    processor_config = read_json(folder, "processor_config.json", required=False)
+    if spec is not None:
+        settings, config, image_seq_len = _from_spec(spec, settings)
+        processor_config = None  # the spec, not the tokenizer checkpoint, describes the vision side
     tokenizer = TextTokenizer.from_folder(folder)
-    spec = check_checkpoint(
+    checked = check_checkpoint(
         folder,
-        config=read_json(folder, "config.json", required=False),
-        processor_config=read_json(folder, "processor_config.json", required=False),
+        config=config,
+        processor_config=processor_config,
         generation_config=read_json(folder, "generation_config.json", required=False),
         tokenizer=tokenizer,
         settings=settings,
         image_seq_len=image_seq_len,
     )
     template = load_chat_template(folder, tokenizer.config)
-    return Processor(tokenizer, settings, spec, chat_template=template, max_visual_tokens=max_visual_tokens)
+    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
+
+
+def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:
+    from ..spec import load_yaml
+
+    if spec is None and source is not None and os.fspath(source).endswith((".yaml", ".yml")):
+        spec = source
+        source = None
+    if isinstance(spec, (str, os.PathLike)):
+        spec = load_yaml(spec)
+    if source is None:
+        source = getattr(spec, "tokenizer", None)
+        if source is None:
+            raise ProcessorError(
+                "no tokenizer source: pass a checkpoint folder or repo id, or a spec with `tokenizer:`",
+                hint="add `tokenizer: <folder or repo id>` to the model YAML",
+            )
+    return spec, source
+
+
+def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[str, Any], int]:
+    """Image settings, a config-like dict and tokens per image from the spec's components
+    (built on the meta device: no memory, no compute)."""
+    import dataclasses
+
+    from ..builder import assemble
+    from ..protocols import SLOTS
+
+    model = assemble(spec, meta_slots=frozenset(SLOTS))
+    tower = model.vision_tower
+    # Keep the checkpoint's largest tile grid (SmolVLM: 2048 / 512 = 4 x 4 tiles) at the new tile size.
+    grid = max(1, settings.longest_edge // settings.tile)
+    updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
+    for field, attr in (("mean", "image_mean"), ("std", "image_std")):
+        value = getattr(tower, attr, None)
+        if value is not None:
+            updates[field] = tuple(float(v) for v in value)
+    config = {"image_token_id": model.packer.image_token_id, "vocab_size": model.backbone.vocab_size}
+    return dataclasses.replace(settings, **updates), config, model.packer.tokens_per_image

@@ -1,0 +1,128 @@
+"""Generation on real weights: the SmolVLM-256M folder with SmolLM2-135M text weights.
+
+vlmkit's greedy tokens must equal transformers' ``generate`` on the same folder (same inputs from
+vlmkit's processor, same stop ids) for a text-only chat prompt, an image prompt and a left-padded
+batch of two; and the model must know the capital of France. Kept short: few new tokens, small
+images without splitting (one 512x512 tile each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import vlmkit  # noqa: E402
+from vlmkit import generation  # noqa: E402
+from vlmkit.generation import default_pad_id, default_stop_ids, stream  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "What is the capital of France?"
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def ours(smolvlm_real_folder: Path):
+    return vlmkit.build_from_hf(smolvlm_real_folder)
+
+
+@pytest.fixture(scope="module")
+def hf(smolvlm_real_folder: Path):
+    return transformers.AutoModelForImageTextToText.from_pretrained(smolvlm_real_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(smolvlm_real_folder: Path):
+    import warnings
+
+    from vlmkit.processor import load_processor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the folder's files disagree on bos/eos (SpecWarning), by design
+        return load_processor(smolvlm_real_folder)
+
+
+def _gradient(width=96, height=64):
+    from PIL import Image
+
+    x = torch.linspace(0, 255, width)[None, :].expand(height, width)
+    y = torch.linspace(0, 255, height)[:, None].expand(height, width)
+    rgb = torch.stack([x, y, 255 - x], -1).round().to(torch.uint8).numpy()
+    return Image.fromarray(rgb, "RGB")
+
+
+def _chat(processor, text: str, images: int = 0) -> str:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _same_as_transformers(ours, hf, batch, new=NEW):
+    stops, pad = default_stop_ids(ours), default_pad_id(ours)
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    with torch.no_grad():
+        want = hf.generate(**inputs, do_sample=False, max_new_tokens=new, eos_token_id=stops, pad_token_id=pad)
+    got = ours.generate(inputs.pop("input_ids"), max_new_tokens=new, **inputs)
+    T = batch["input_ids"].shape[1]
+    assert torch.equal(got, want), f"\nvlmkit {got[:, T:].tolist()}\nhf     {want[:, T:].tolist()}"
+    return got
+
+
+def test_default_stops_include_the_backbones_im_end(ours, processor):
+    stops = default_stop_ids(ours)
+    assert set(processor.eos_token_ids) <= set(stops)  # generation_config's <end_of_utterance>
+    assert processor.tokenizer.token_to_id("<|im_end|>") in stops  # what SmolLM2 ends answers with
+
+
+def test_text_chat_matches_transformers_and_knows_paris(ours, hf, processor):
+    batch = processor(text=_chat(processor, QUESTION))
+    got = _same_as_transformers(ours, hf, batch, new=12)
+    answer = processor.decode(got[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+    assert ours.last_generation.path == generation.PATH_EMBEDS
+
+
+def test_streamed_answer_is_the_generated_text(ours, processor):
+    batch = processor(text=_chat(processor, QUESTION))
+    text = "".join(stream(ours, batch["input_ids"], processor=processor, max_new_tokens=12))
+    assert "Paris" in text and "<|im_end|>" not in text
+
+
+def test_image_prompt_matches_transformers(ours, hf, processor):
+    batch = processor(text=_chat(processor, "Describe this image.", images=1), images=[_gradient()], do_image_splitting=False)
+    assert batch["pixel_values"].shape[1] == 1
+    _same_as_transformers(ours, hf, batch)
+
+
+def test_left_padded_batch_matches_transformers(ours, hf, processor):
+    prompts = [_chat(processor, "What colors are in this picture?", images=1), _chat(processor, QUESTION)]
+    processor.tokenizer.padding_side = "left"
+    try:
+        batch = processor(text=prompts, images=[[_gradient(80, 80)], []], do_image_splitting=False)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    mask = batch["attention_mask"]
+    assert mask.shape[0] == 2 and (mask[1] == 0).any() and bool(mask[0].all()), "row 1 must be left-padded"
+    got = _same_as_transformers(ours, hf, batch)
+    answer = processor.decode(got[1, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, capsys, tmp_path):
+    from vlmkit.cli import main
+
+    assert main(["generate", str(smolvlm_real_folder), "--prompt", QUESTION, "-n", "12"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out and "tokens/s" in err and "path generate_from_embeds" in err
+    image = tmp_path / "gradient.png"
+    _gradient(64, 48).save(image)
+    code = main(["generate", str(smolvlm_real_folder), "--prompt", "Describe it.", "-n", "2", "--image", str(image), "--no-split"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "image 1" in err and "64 visual tokens" in err  # the token-cost preflight
+    assert main(["generate", str(smolvlm_real_folder), "--prompt", "x", "--top-p", "0"]) == 1
+    assert "top_p" in capsys.readouterr().err
