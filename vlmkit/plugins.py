@@ -121,6 +121,7 @@ def _run_registration(pm: pluggy.PluginManager, registry: Registry, only: Any = 
                 raise
             _fail(impl.plugin_name, dist, exc)
             pm.unregister(impl.plugin)
+            _drop_entries(impl.plugin_name, registry)  # nothing half-registered stays behind
         finally:
             registry.current_plugin = "<direct>"
 
@@ -184,8 +185,8 @@ def unregister_plugin(name: str) -> None:
         _drop_entries(name)
 
 
-def _drop_entries(plugin_name: str) -> None:
-    reg = _state.registry
+def _drop_entries(plugin_name: str, registry: Registry | None = None) -> None:
+    reg = registry if registry is not None else _state.registry
     for slot_entries in reg._entries.values():  # noqa: SLF001 - the manager owns the registry
         for key in [k for k, e in slot_entries.items() if e.plugin == plugin_name]:
             del slot_entries[key]

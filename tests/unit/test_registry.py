@@ -110,3 +110,39 @@ def test_plugin_manager_is_lazy():
     code = "import vlmkit, sys; from vlmkit import plugins; print(plugins._state.pm is None, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+class _HalfBrokenPlugin:
+    """Registers one tower, then fails: nothing of it may stay registered."""
+
+    @vlmkit.hookimpl
+    def vlmkit_register_components(self, registry):
+        registry.add_vision_tower("half_broken_tower", _TinyTower)
+        raise RuntimeError("boom after one registration")
+
+
+def test_entry_point_plugin_failing_midway_leaves_nothing(monkeypatch):
+    import importlib.metadata as md
+
+    class _Dist:
+        name = "half-broken-dist"
+
+    class _EP:
+        name, dist, group = "half_broken", _Dist(), "vlmkit"
+
+        def load(self):
+            return _HalfBrokenPlugin()
+
+    real = md.entry_points
+    monkeypatch.setattr(md, "entry_points", lambda **kw: [_EP()] if kw.get("group") == "vlmkit" else real(**kw))
+    plugins.reset()
+    try:
+        reg = plugins.get_registry()
+        fails = plugins.failures()
+        assert [(f.name, f.distribution) for f in fails] == [("half_broken", "half-broken-dist")]
+        assert "boom after one registration" in fails[0].error
+        assert "half_broken_tower" not in reg.names("vision_tower")
+        assert "navit" in reg.names("vision_tower")  # everything else keeps working
+    finally:
+        monkeypatch.undo()
+        plugins.reset()
