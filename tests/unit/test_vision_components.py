@@ -91,7 +91,7 @@ def test_defaults_match_transformers_configs():
     transformers = pytest.importorskip("transformers")
     for ours, theirs in ((navit.NavitParams(), transformers.Idefics3VisionConfig()),
                          (siglip.SiglipParams(), transformers.SiglipVisionConfig())):
-        for name, value in ours.model_dump().items():
+        for name, value in ours.model_dump(exclude={"checkpoint_prefix"}).items():  # ours: a weights layout
             assert getattr(theirs, name) == value, name
     assert idefics3_connector.Idefics3ConnectorParams().scale_factor == transformers.Idefics3Config().scale_factor
 

@@ -42,7 +42,12 @@ class SiglipParams(VisionParams):
 
     hidden_size: int = Field(768, gt=0, description="Vision width D_v.")
     num_attention_heads: int = Field(12, gt=0, description="Attention heads; must divide hidden_size.")
-    patch_size: int = Field(16, gt=0, description="Square patch side (pixels); must divide image_size.")
+    patch_size: int = Field(16, gt=0, description="Square patch side (pixels); the grid is image_size // patch_size.")
+    checkpoint_prefix: str = Field(
+        "vision_model.",
+        description="Prefix of the tower's tensors in the weights file: 'vision_model.' in published SigLIP "
+        "checkpoints (and transformers 4.x saves), '' for a SiglipVisionModel saved by transformers 5.",
+    )
 
 
 def interpolate_positions(table: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -113,8 +118,9 @@ class SiglipVisionTower(nn.Module):
         hidden = self.encoder(self.embeddings(pixel_values), attn_mask)
         return self.post_layernorm(hidden)
 
-    def key_map(self, prefix: str = "vision_model.") -> KeyMap:
-        """Every state_dict key under ``prefix`` (``vision_model.`` in published SigLIP files)."""
+    def key_map(self, prefix: str | None = None) -> KeyMap:
+        """Every state_dict key under ``prefix`` (default ``params.checkpoint_prefix``)."""
+        prefix = self.params.checkpoint_prefix if prefix is None else prefix
         return KeyMap.prefixed(self.state_dict().keys(), prefix)
 
 
