@@ -21,6 +21,7 @@ __all__ = [
     "GenerationError",
     "closest",
     "short_repr",
+    "divisors",
 ]
 
 
@@ -117,3 +118,17 @@ def short_repr(value: object, limit: int = 80) -> str:
     r.maxstring = r.maxother = r.maxlong = limit
     text = r.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, for "valid choices" in messages; cheap for any ``n`` (when ``n`` is
+    astronomically large only the divisors up to 1000 are listed)."""
+    import math
+
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return []
+    root = math.isqrt(n)
+    if root > 1_000_000:
+        return [d for d in range(1, 1001) if n % d == 0]
+    small = [d for d in range(1, root + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})

@@ -167,10 +167,15 @@ def register_plugin(plugin: Any, name: str | None = None) -> str:
         _state.sources[plugin_name] = "<runtime>"
         try:
             _run_registration(pm, _state.registry, only=plugin)  # type: ignore[arg-type]
-        except Exception:
+        except Exception as exc:
             pm.unregister(plugin)
             _drop_entries(plugin_name)
-            raise
+            if isinstance(exc, PluginError):
+                raise
+            raise PluginError(
+                f"plugin {plugin_name!r} failed while registering its components: {type(exc).__name__}: {exc}",
+                hint="fix the plugin's vlmkit_register_components hook",
+            ) from exc
         return plugin_name  # type: ignore[return-value]
 
 

@@ -18,6 +18,7 @@ errors), so a spec never holds an unchecked value.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,15 @@ def validate_spec(data: Any, *, source: str | None = None) -> VLMSpec:
         raise UnknownComponentError(exc.kind, exc.name, exc.choices, where=where) from None
 
 
+def _clip(text: str, limit: int = 400) -> str:
+    """``text`` cut in the middle when longer than ``limit`` (a message quoting a huge value)."""
+    return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 4 :]}"
+
+
+#: pydantic's names for the branches of a union (``eos_token_id.int``), not keys the user wrote.
+_UNION_TAG = re.compile(r"^(int|float|str|bool|none|list\[.*\]|dict\[.*\]|function-\w+\[.*\]|constrained-\w+)$")
+
+
 def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: str = "") -> SpecError:
     err = exc.errors()[0]
     ctx_exc = (err.get("ctx") or {}).get("error")
@@ -159,11 +169,11 @@ def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: st
         return _to_spec_error(ctx_exc.exc, source, prefix=f"{ctx_exc.slot}.")  # type: ignore[arg-type]
     if isinstance(ctx_exc, _KeyPathError):
         hint = f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
-        return SpecError(ctx_exc.message, key_path=prefix + ctx_exc.key_path, source=source, hint=hint)
-    loc = ".".join(str(p) for p in err["loc"])
+        return SpecError(_clip(ctx_exc.message), key_path=prefix + ctx_exc.key_path, source=source, hint=hint)
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     key_path = prefix + loc if loc else prefix.rstrip(".") or None
     got = err.get("input")
-    msg = err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    msg = _clip(err["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, "))
     if err["type"] == "extra_forbidden":
         msg = "unknown key (this component does not take it)"
     elif err["type"] != "missing" and not isinstance(got, dict):

@@ -146,3 +146,15 @@ def test_entry_point_plugin_failing_midway_leaves_nothing(monkeypatch):
     finally:
         monkeypatch.undo()
         plugins.reset()
+
+
+def test_runtime_plugin_raising_becomes_a_plugin_error():
+    class Raising:
+        @vlmkit.hookimpl
+        def vlmkit_register_components(self, registry):
+            registry.add_vision_tower("raising_tower", _TinyTower)
+            raise TypeError("bad plugin code")
+
+    with pytest.raises(PluginError, match="TypeError: bad plugin code"):
+        plugins.register_plugin(Raising(), name="raising")
+    assert "raising_tower" not in plugins.get_registry().names("vision_tower")

@@ -35,7 +35,9 @@ class Idefics3ConnectorParams(BaseModel):
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    from ..errors import divisors
+
+    return divisors(n)
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:

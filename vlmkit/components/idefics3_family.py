@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecError
+from ..errors import SpecError, divisors, short_repr
 from ..hookspecs import hookimpl
 from ..hub import read_json
 
@@ -49,7 +49,7 @@ def _section(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
 
 def _positive_int(value: Any, key_path: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SpecError(f"expected a positive integer, got {value!r}", key_path=key_path, source=source)
+        raise SpecError(f"expected a positive integer, got {short_repr(value)}", key_path=key_path, source=source)
     return value
 
 
@@ -67,7 +67,7 @@ def _tokens_per_image(vision: dict[str, Any], scale: int, source: str) -> int:
         )
     grid = image_size // patch_size
     if grid % scale:
-        valid = [s for s in range(1, grid + 1) if grid % s == 0]
+        valid = divisors(grid)
         raise SpecError(
             f"scale_factor {scale} does not divide the {grid}x{grid} patch grid "
             f"(image_size {image_size} / patch_size {patch_size}); valid scales: {valid}",
@@ -81,7 +81,7 @@ def _cross_check_scale(config: dict[str, Any], text: dict[str, Any], source: str
     shuffle = text.get("pixel_shuffle_factor")
     if shuffle is not None and shuffle != scale:
         raise SpecError(
-            f"scale_factor is {scale} but text_config.pixel_shuffle_factor is {shuffle}",
+            f"scale_factor is {scale} but text_config.pixel_shuffle_factor is {short_repr(shuffle)}",
             key_path="text_config.pixel_shuffle_factor", source=source,
             hint="the two must agree; the connector uses scale_factor",
         )
@@ -93,7 +93,7 @@ def _cross_check_tokens(tokens: int, text: dict[str, Any], folder: Path | None, 
     latents = perceiver.get("resampler_n_latents") if isinstance(perceiver, dict) else None
     if latents is not None and latents != tokens:
         raise SpecError(
-            f"resampler_n_latents is {latents} but the image grid and scale_factor give {tokens} tokens per image",
+            f"resampler_n_latents is {short_repr(latents)} but the image grid and scale_factor give {tokens} tokens per image",
             key_path="text_config.perceiver_config.resampler_n_latents", source=source,
         )
     if folder is None:
@@ -102,7 +102,7 @@ def _cross_check_tokens(tokens: int, text: dict[str, Any], folder: Path | None, 
     seq = (proc or {}).get("image_seq_len")
     proc_path = str(Path(folder) / "processor_config.json")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
-        raise SpecError(f"expected a positive integer, got {seq!r}", key_path="image_seq_len", source=proc_path)
+        raise SpecError(f"expected a positive integer, got {short_repr(seq)}", key_path="image_seq_len", source=proc_path)
     if seq is not None and seq != tokens:
         raise SpecError(
             f"processor_config.json image_seq_len is {seq} but config.json gives {tokens} tokens per image "
@@ -120,7 +120,7 @@ def _backbone(config: dict[str, Any], text: dict[str, Any], source: str) -> dict
     tie = bool(config.get("tie_word_embeddings", False))
     if "tie_word_embeddings" in text and bool(text["tie_word_embeddings"]) != tie:
         warnings.warn(
-            f"{source}: tie_word_embeddings is {tie} at the top level but {text['tie_word_embeddings']} in "
+            f"{source}: tie_word_embeddings is {tie} at the top level but {short_repr(text['tie_word_embeddings'])} in "
             "text_config; the top-level value wins (as in transformers' Idefics3ForConditionalGeneration)",
             stacklevel=3,
         )
@@ -128,7 +128,7 @@ def _backbone(config: dict[str, Any], text: dict[str, Any], source: str) -> dict
     top_vocab = config.get("vocab_size")
     if top_vocab is not None and "vocab_size" in text and top_vocab != text["vocab_size"]:
         raise SpecError(
-            f"vocab_size is {top_vocab} but text_config.vocab_size is {text['vocab_size']}",
+            f"vocab_size is {short_repr(top_vocab)} but text_config.vocab_size is {short_repr(text['vocab_size'])}",
             key_path="vocab_size", source=source,
         )
     return backbone

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, f
 from torch import nn
 
 from ..errors import GenerationError
+from ..errors import divisors as _divisors
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
 from ..kv_cache import KVCache
@@ -153,7 +154,7 @@ class Params(BaseModel):
             self.num_key_value_heads = heads
         kv = self.num_key_value_heads
         if kv > heads or heads % kv:
-            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+            divisors = _divisors(heads)
             raise ValueError(
                 f"num_key_value_heads={kv} must divide num_attention_heads={heads} (each key/value head "
                 f"serves a whole group of query heads); expected one of {divisors}"
@@ -589,9 +590,13 @@ class LlamaBackbone(nn.Module):
         return self.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``(B, T, D) -> (B, T, V)``; the tied head reuses ``embed_tokens.weight``."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        """``(B, T, D) -> (B, T, V)``; the tied head reuses ``embed_tokens.weight``.
+
+        An untied head is called as a module, so a swapped-in head (e.g. :mod:`vlmkit.quantize`'s
+        int8 one) runs its own kernel."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight)
+        return self.lm_head(hidden)
 
     def generate_from_embeds(
         self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen: Any

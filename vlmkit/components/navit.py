@@ -97,7 +97,7 @@ class VisionParams(BaseModel):
                 "the tower would see no patch (image_size must be at least patch_size)"
             )
         if self.hidden_size % self.num_attention_heads:
-            divisors = [d for d in range(1, self.hidden_size + 1) if self.hidden_size % d == 0 and d <= 64]
+            divisors = [d for d in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % d == 0]
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; num_attention_heads must divide hidden_size "
