@@ -62,7 +62,8 @@ class Connector(Component, Protocol):
     """Patch features -> visual tokens.
 
     Built as ``cls(params, in_features=D_v, grid=num_patches_per_side, out_features=D)``; it may
-    choose another ``out_features`` (the builder then inserts an aligner).
+    choose another ``out_features``; the aligner slot then projects to ``D`` (it is the identity
+    when the widths already match).
     """
 
     out_features: int

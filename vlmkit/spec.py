@@ -78,11 +78,11 @@ class VLMSpec(BaseModel):
     def _check_slots(self) -> VLMSpec:
         for slot in self.freeze:
             if slot not in SLOTS:
-                raise _KeyPathError("freeze", f"freeze: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+                raise _KeyPathError("freeze", f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
         if isinstance(self.weights, dict):
             for slot in self.weights:
                 if slot not in SLOTS:
-                    raise _KeyPathError(f"weights.{slot}", f"weights: unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
+                    raise _KeyPathError(f"weights.{slot}", f"unknown slot {slot!r}; slots are {', '.join(SLOTS)}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

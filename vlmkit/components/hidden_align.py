@@ -5,8 +5,9 @@ checkpoint, whose connector already projects to the text width -- otherwise a bi
 ``Linear(D_c, D)``.
 
 Checkpoint key (only when it has a weight): ``model.aligner.proj.weight``. No Hugging Face model
-has this tensor; it exists so that a vlmkit model mixing parts of different widths can be saved
-and reloaded.
+class has this tensor, so ``save_pretrained`` (which writes transformers' Idefics3 layout) only
+exports models whose aligner is the identity; a trained projection is loaded from, and kept in,
+vlmkit's own layout (``weights: {aligner: folder}``).
 """
 
 from __future__ import annotations

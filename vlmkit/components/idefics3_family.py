@@ -174,9 +174,9 @@ def vlmkit_register_components(registry) -> None:
 @hookimpl
 def vlmkit_hf_config_from_spec(spec) -> dict[str, Any] | None:
     """Idefics3 ``config.json`` for navit + idefics3 connector + identity aligner + llama."""
-    names = (spec.vision_tower.name, spec.connector.name, spec.packer.name, spec.backbone.name)
-    if names != ("navit", "idefics3", "image_packer", "llama"):
-        return None
+    names = (spec.vision_tower.name, spec.connector.name, spec.aligner.name, spec.packer.name, spec.backbone.name)
+    if names != ("navit", "idefics3", "hidden_align", "image_packer", "llama"):
+        return None  # the idefics3 connector always projects to the text width: the aligner is the identity
     text = spec.backbone.params.model_dump(mode="json")
     tie = text.pop("tie_word_embeddings")
     if text.get("hidden_size") is None:
