@@ -1,0 +1,120 @@
+"""Text generation for :class:`~vlmkit.model.VLM`: greedy and sampled decoding, streaming.
+
+``generate(model, input_ids, ...)`` returns a ``(B, T_prompt + T_new)`` LongTensor laid out as
+transformers' ``generate(input_ids=...)`` returns it: the prompt as given, then the new tokens;
+a row that stopped early is padded with ``pad_token_id``; ``T_new`` is the number of steps run
+(``max_new_tokens``, or fewer when every row stopped).
+
+**The fallback chain.** Images are encoded once and merged into the prompt embeddings by
+``model.embed`` (the prefill); then the backbone is asked, in this order:
+
+1. ``backbone.generate_from_embeds(inputs_embeds, attention_mask, **gen)`` when it has one
+   (:class:`~vlmkit.components.llama.LlamaBackbone` does: it runs :func:`generate_from_embeds`,
+   the fast loop of :mod:`~vlmkit.generation.loop`) -- path ``"generate_from_embeds"``;
+2. ``backbone.generate(inputs_embeds=..., attention_mask=..., **gen)`` when its signature names
+   ``inputs_embeds`` (or takes ``**kwargs``), transformers style: it returns only the new tokens
+   and follows transformers' streamer protocol -- path ``"generate(inputs_embeds)"``;
+3. ``backbone.generate(input_ids=..., attention_mask=..., **gen)`` when it has a ``generate``
+   that takes no embeddings -- path ``"generate(input_ids)"``, *text only*. Without images this
+   is exact. With images (``pixel_values`` given or placeholders in the prompt) the images
+   cannot reach such a backbone: with ``allow_text_only=True`` (default) the image placeholder
+   tokens are removed from the prompt (framing text tokens stay), a :class:`UserWarning` says
+   the images were dropped, and the rest runs as text; with ``allow_text_only=False`` a
+   :class:`~vlmkit.errors.GenerationError` is raised instead. Placeholders without
+   ``pixel_values`` are a :class:`~vlmkit.errors.PackingError` on every path.
+4. a backbone with none of these (only the protocol's ``embed``/``forward``/``logits``) runs the
+   generic loop of :func:`generate_from_embeds` directly -- path ``"decode_loop"`` (with a
+   preallocated cache when the backbone has ``new_cache``, else re-running the whole sequence
+   each step).
+
+Whichever path ran, the output has the same layout, and ``model.last_generation`` holds a
+:class:`GenerationInfo` (path, prefill and decode seconds, new tokens, decode tokens/s), also
+logged at INFO on the ``vlmkit.generation`` logger.
+
+**Padding and positions.** Batches are expected left-padded (``attention_mask`` 0 on the left).
+Position ids follow transformers (5.x) generation: ``attention_mask.cumsum(-1) - 1`` with
+padding positions set to 0, and each new token at the previous position + 1 -- i.e. every row
+counts positions from its first real token. A mask that is not left-padded (right padding, holes)
+is left-aligned internally (real tokens keep their order; this gives the same result as left
+padding would); the returned prompt part is still ``input_ids`` exactly as given.
+
+**Stop tokens.** ``eos_token_id`` (an int or a list) if given, else :func:`default_stop_ids`:
+the checkpoint's ``generation_config.json`` eos ids, the backbone's ``eos_token_id`` and the
+tokenizer's ``<end_of_utterance>``. Each row stops on its own; generation ends when every row has
+stopped. ``pad_token_id`` defaults to :func:`default_pad_id`.
+
+**Streaming.** ``streamer`` is a callable ``fn(token_ids: list[int])`` called once per step with
+each row's new token (rows that stopped get ``pad_token_id``), or an object with ``put(tensor)``
+and ``end()`` -- transformers' ``TextStreamer`` protocol: ``put`` first receives the prompt ids,
+then each step's ``(B,)`` tokens, then ``end()`` is called. :func:`stream` yields decoded text
+chunks as they are generated.
+
+**Layout.** This package splits the work into modules; everything public is re-exported here:
+
+- :mod:`~vlmkit.generation.defaults` -- :func:`default_stop_ids`, :func:`default_pad_id` and
+  ``END_OF_UTTERANCE``, read from the checkpoint's files and the backbone's params;
+- :mod:`~vlmkit.generation.options` -- argument validation, the token chooser (greedy, or
+  temperature/top-k/top-p sampling) and seeded randomness;
+- :mod:`~vlmkit.generation.loop` -- the preallocated decode loop, :func:`generate_from_embeds`
+  and the streamer adapter every path reports through;
+- :mod:`~vlmkit.generation.chain` -- :func:`generate`: the fallback chain, output normalisation,
+  :class:`GenerationInfo` and the ``PATH_*`` names;
+- :mod:`~vlmkit.generation.streaming` -- :func:`stream`.
+"""
+
+from __future__ import annotations
+
+from .chain import (
+    PATH_BACKBONE_EMBEDS,
+    PATH_DECODE_LOOP,
+    PATH_EMBEDS,
+    PATH_TEXT_ONLY,
+    GenerationInfo,
+    _hf_kwargs,
+    _new_tokens,
+    _path,
+    _run,
+    _strip_placeholders,
+    _text_only,
+    generate,
+    log,
+)
+from .defaults import (
+    END_OF_UTTERANCE,
+    _as_id_list,
+    _backbone_setting,
+    _folder_facts,
+    _in_vocab,
+    _resolve_folder,
+    _tokenizer_folder,
+    default_pad_id,
+    default_stop_ids,
+)
+from .loop import _decode_steps, _left_aligned, _left_order, _StreamAdapter, generate_from_embeds
+from .options import (
+    _check_ids,
+    _check_options,
+    _check_prompt,
+    _check_streamer,
+    _chooser,
+    _generator,
+    _is_int,
+    _Options,
+    _with_seed,
+)
+from .streaming import _Cancelled, _stream_text, stream
+
+# The private helpers above stay importable from ``vlmkit.generation`` as before the split
+# (``vlmkit.cli`` uses ``_check_options``). Patch them in their own module, not here.
+__all__ = [
+    "generate",
+    "generate_from_embeds",
+    "stream",
+    "default_stop_ids",
+    "default_pad_id",
+    "GenerationInfo",
+    "PATH_EMBEDS",
+    "PATH_BACKBONE_EMBEDS",
+    "PATH_TEXT_ONLY",
+    "PATH_DECODE_LOOP",
+]
