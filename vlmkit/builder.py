@@ -96,13 +96,39 @@ def _probe_device(dev: torch.device) -> None:
         raise VlmkitError(f"cannot use device {str(dev)!r}: {first}", hint="use device='cpu', or check the driver") from None
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _on_meta():
+    """Build on the meta device with ``torch.nn.init`` switched off: meta tensors hold no values,
+    and initialising them still costs (torch runs its Python reference kernels), ~0.1 s for
+    SmolVLM. Parameters the checkpoint lacks get a real fresh init later (:func:`_materialize`)."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, _no_init)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _no_init(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    return tensor
+
+
 def _make(spec: VLMSpec, slot: str, meta: bool, **widths):
     """Instantiate ``slot``'s component; impossible params become a :class:`SpecError`, other
     failures a :class:`PluginError` naming the plugin (never a raw torch error)."""
     from .plugins import get_registry
 
     entry = get_registry().get(slot, getattr(spec, slot).name)
-    where = torch.device("meta") if meta else contextlib.nullcontext()
+    where = _on_meta() if meta else contextlib.nullcontext()
     args = (getattr(spec, slot).params,)
     try:
         with where:
@@ -368,6 +394,9 @@ def _fresh_init(module: nn.Module) -> None:
 
 def _move(model: VLM, device: torch.device, dtype: torch.dtype) -> None:
     """Move to ``device``/``dtype``; then nothing may be left on the meta device."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device == device and (t.dtype == dtype or not t.is_floating_point()) for t in tensors):
+        return  # already there (the usual case: loaded in the target dtype); skips a walk of every module
     try:
         model.to(device=device, dtype=dtype)
     except torch.OutOfMemoryError as exc:

@@ -133,6 +133,22 @@ def generate(
         )
 
 
+@app.command()
+def bench(
+    source: str = typer.Argument(..., help="A checkpoint folder (or Hub repo id) both libraries can load."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed samples per side and row (medians are shown)."),
+    quick: bool = typer.Option(False, "--quick", help="Skip the 17-tile rows."),
+    int8: bool = typer.Option(False, "--int8", help="Also compare vlmkit int8 (quantize_int8) with vlmkit float32."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for both sides (default: torch's)."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps per decode sample."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Benchmark vlmkit against transformers on SOURCE (float32, CPU): load, vision, prefill, time to first token, decode, peak RSS."""
+    from .bench import run_bench
+
+    run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point. A :class:`~vlmkit.errors.VlmkitError` prints as ``error: ...`` plus ``hint: ...``
     (exit 1); any other exception is a bug: ``internal error: ...`` (exit 2). ``--debug`` (anywhere

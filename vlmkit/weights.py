@@ -1,12 +1,17 @@
 """Reading and writing safetensors checkpoints through the components' key maps.
 
 Never unpickles: a folder with only ``.bin``/``.pt`` weights is refused. Tensors are read one at
-a time from memory-mapped files into the (meta-initialised) model, so the weights are held once.
+a time from memory-mapped files into the (meta-initialised) model, so the weights are held once:
+a tensor whose file dtype is the model's dtype is used in place (a view of the mapping, no copy),
+and a fused tensor (e.g. ``qkv_proj`` from ``q/k/v_proj``) is read straight from the file into its
+one buffer, without touching the mapped pages of its parts (which would otherwise stay resident
+next to the copy).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +90,10 @@ def _check_shard_name(index: Path, name: object) -> None:
         )
 
 
+#: safetensors dtype names -> torch dtypes, for reading raw bytes into a tensor.
+_FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
 class Checkpoint:
     """All tensors of a safetensors checkpoint, by name, opened lazily with mmap."""
 
@@ -94,6 +103,8 @@ class Checkpoint:
         self.folder = Path(folder)
         self._handles = {}
         self._where: dict[str, object] = {}
+        self._path_of: dict[str, Path] = {}
+        self._layouts: dict[Path, tuple[int, dict] | None] = {}
         for path in find_weight_files(self.folder):
             try:
                 handle = safe_open(str(path), framework="pt")
@@ -106,6 +117,7 @@ class Checkpoint:
             self._handles[path] = handle
             for key in keys:
                 self._where[key] = handle
+                self._path_of[key] = path
 
     def keys(self) -> set[str]:
         """Every tensor name in the checkpoint."""
@@ -124,6 +136,86 @@ class Checkpoint:
                 f"could not read tensor {key!r} from {self.folder} ({type(exc).__name__}: {exc})",
                 hint="the file is truncated or corrupt; download it again",
             ) from None
+
+
+    def _layout(self, path: Path) -> tuple[int, dict] | None:
+        """``(offset of the data section, header)`` of one file, or None if unreadable."""
+        if path not in self._layouts:
+            layout = None
+            try:
+                with open(path, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    header = json.loads(f.read(n))
+                if isinstance(header, dict):
+                    layout = (8 + n, header)
+            except (OSError, ValueError, RecursionError):
+                pass
+            self._layouts[path] = layout
+        return self._layouts[path]
+
+    def read_fused(self, keys: list[str], dtype: torch.dtype) -> torch.Tensor | None:
+        """``torch.cat([get(k) for k in keys])`` copied from the file straight into one new
+        ``dtype`` tensor; None (caller falls back) unless every part is stored in ``dtype``
+        with matching trailing dims in a readable file."""
+        if sys.byteorder != "little" or not keys:
+            return None
+        spans, shapes = [], []
+        for key in keys:
+            path = self._path_of.get(key)
+            layout = self._layout(path) if path is not None else None
+            entry = layout[1].get(key) if layout else None
+            if not isinstance(entry, dict) or _FILE_DTYPES.get(entry.get("dtype")) != dtype:
+                return None
+            try:
+                shape = tuple(int(d) for d in entry["shape"])
+                begin, end = (int(v) for v in entry["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                return None
+            if not shape or end - begin != dtype.itemsize * _numel(shape):
+                return None
+            spans.append((path, layout[0] + begin, end - begin))
+            shapes.append(shape)
+        if len({s[1:] for s in shapes}) != 1:
+            return None
+        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtype)
+        flat = out.view(-1)
+        pos = 0
+        try:
+            for path, offset, size in spans:
+                _copy_from_file(path, offset, size, flat[pos : pos + size // dtype.itemsize])
+                pos += size // dtype.itemsize
+        except (OSError, ValueError, BufferError):
+            return None
+        return out
+
+
+def _copy_from_file(path: Path, offset: int, size: int, dest: torch.Tensor) -> None:
+    """Copy ``size`` bytes at ``offset`` of ``path`` into the contiguous tensor ``dest``.
+
+    Through a private mapping of just that range, closed right after: the copy is torch's
+    (multi-threaded) and the mapped pages leave this process's RSS when it closes (a copy from
+    the checkpoint's long-lived mapping would keep them resident next to ``dest``)."""
+    import mmap
+
+    if size == 0:
+        return
+    start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), offset + size - start, flags=mmap.MAP_PRIVATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)  # fmt: skip
+    try:
+        src = torch.frombuffer(mm, dtype=dest.dtype, count=dest.numel(), offset=offset - start)
+        dest.copy_(src)
+        del src
+    finally:
+        mm.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass
@@ -174,8 +266,10 @@ def load_component(
         if absent:
             report.missing.setdefault(slot, []).extend(absent)
             continue
-        parts = [ckpt.get(s) for s in rule.sources]
-        tensor = parts[0] if len(parts) == 1 else _fuse(parts, rule.rows, rule.local, slot, report)
+        tensor = _read_fused(ckpt, rule, dtype) if len(rule.sources) > 1 else None
+        if tensor is None:
+            parts = [ckpt.get(s) for s in rule.sources]
+            tensor = parts[0] if len(parts) == 1 else _fuse(parts, rule.rows, rule.local, slot, report)
         if tensor is None:
             continue
         want = expected.get(rule.local)
@@ -194,6 +288,17 @@ def load_component(
     module.load_state_dict(state, strict=False, assign=True)
     report.loaded[slot] = n_read
     return {s for r in keymap for s in r.sources}
+
+
+def _read_fused(ckpt: Checkpoint, rule, dtype: torch.dtype) -> torch.Tensor | None:  # noqa: ANN001
+    """The fused tensor of ``rule`` read straight from the file, or None to take the general path
+    (which also reports mis-shaped parts and unreadable files)."""
+    try:
+        if tuple(ckpt.shape(s)[0] if ckpt.shape(s) else None for s in rule.sources) != tuple(rule.rows):
+            return None
+        return ckpt.read_fused(list(rule.sources), dtype)
+    except Exception:  # noqa: BLE001 - any problem: the general path raises the proper error
+        return None
 
 
 def _fuse(parts, rows, local, slot, report) -> torch.Tensor | None:

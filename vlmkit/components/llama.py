@@ -398,7 +398,8 @@ class LlamaBackbone(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(params, i) for i in range(params.num_hidden_layers))
         self.norm = RMSNorm(params.hidden_size, params.rms_norm_eps)
         self.lm_head = None if params.tie_word_embeddings else nn.Linear(params.hidden_size, params.vocab_size, bias=False)
-        self.reset_parameters()
+        if not self.embed_tokens.weight.is_meta:  # meta tensors (weights to be loaded) hold no values
+            self.reset_parameters()
         # Lazily filled RoPE tables: plain attributes (not buffers), keyed by device / (device, dtype).
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
         self._rope_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}

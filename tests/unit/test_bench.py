@@ -1,0 +1,55 @@
+"""Smoke test of the benchmark (not a timed test): a tiny random checkpoint, --quick, 1 repeat."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from vlmkit.bench import expected_rows, run_bench  # noqa: E402
+
+from ..parity.tiny_hf import SHAPES, make_checkpoint  # noqa: E402
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_quick_int8_reports_every_row(tmp_path):
+    from rich.console import Console
+
+    folder = tmp_path / "tiny"
+    make_checkpoint(SHAPES[0], folder)
+    out = tmp_path / "bench.json"
+    console = Console(record=True, width=200)
+    run_bench(folder, repeats=1, quick=True, int8=True, new_tokens=4, threads=1, json_path=out, console=console)
+
+    result = json.loads(out.read_text())
+    main_keys, int8_keys = expected_rows(quick=True, int8=True)
+    assert [r["key"] for r in result["rows"]] == main_keys
+    for row in result["rows"]:
+        assert _positive(row["vlmkit"]) and _positive(row["transformers"]) and _positive(row["ratio"]), row
+    assert [r["key"] for r in result["int8"]["rows"]] == int8_keys
+    for row in result["int8"]["rows"]:
+        assert _positive(row["int8"]), row
+    for key in ("bandwidth_gb_s", "bytes_per_token_mb", "floor_tok_s"):
+        assert _positive(result["floor"][key])
+    assert result["checks"]["import_vlmkit_imports_transformers"] is False
+    assert _positive(result["checks"]["cli_help_s"])
+    acc = result["int8"]["accuracy"]
+    assert 0 <= acc["greedy_exact_match_rate"] <= 1 and 0 <= acc["teacher_forced_top1_agreement"] <= 1
+    assert math.isfinite(acc["max_logit_diff"])
+
+    text = console.export_text()
+    for row in result["rows"] + result["int8"]["rows"]:
+        assert row["label"] in text
+    assert "decode floor" in text and "int8 accuracy" in text
+
+
+def test_bench_cli_rejects_bad_options(tmp_path):
+    from vlmkit.cli import main
+
+    assert main(["bench", str(tmp_path), "--repeats", "0"]) == 1

@@ -1,0 +1,293 @@
+"""Opt-in int8 inference on CPUs: dynamic quantization of the linear layers.
+
+:func:`quantize_int8` swaps every :class:`torch.nn.Linear` of the chosen slots (default: the text
+``backbone``, its LM head included, and the ``vision_tower``) for an :class:`Int8Linear`:
+
+* weights are stored as int8, symmetric, one scale per output channel (4x less memory than
+  float32, so a decode step reads 4x fewer bytes);
+* activations are quantized to 8 bits on the fly, each token (row) with its own scale and zero
+  point, and the product runs in the CPU's int8 kernels (fbgemm / oneDNN for one row, i.e. a
+  decode step; ``torch._int_mm`` for prompts and image patches) with a float32 result.
+
+This is an *approximation*: logits move by a few percent of their range and greedy decoding may
+pick another token where two are nearly tied (``vlmkit bench --int8`` reports both). Embeddings,
+norms, attention, the patch-embedding convolution and the connector stay float32.
+
+A quantized model is for inference on the CPU only: it cannot be trained, saved with
+``save_pretrained`` or moved to a GPU -- keep (or rebuild) the float32 model for those.
+
+>>> model = vlmkit.build_from_hf(folder)          # doctest: +SKIP
+>>> quantize_int8(model)                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .errors import VlmkitError
+
+__all__ = ["Int8Linear", "quantize_int8", "int8_available", "DEFAULT_SLOTS"]
+
+#: The slots :func:`quantize_int8` quantizes by default.
+DEFAULT_SLOTS = ("backbone", "vision_tower")
+
+
+def int8_available() -> bool:
+    """True when this torch build has the quantized CPU linear kernels."""
+    try:
+        return bool(torch.backends.quantized.supported_engines) and hasattr(torch.ops.quantized, "linear_dynamic")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _reduce_range() -> bool:
+    """7-bit activations on CPUs whose int8 dot product can saturate (no VNNI), as torch does."""
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    try:
+        return not (callable(is_vnni) and is_vnni())
+    except RuntimeError:
+        return True
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` int8 per output channel and activations quantized per token.
+
+    Built from a float32 weight with :meth:`from_linear` / :meth:`from_weight`; the float weight
+    is not kept. ``forward`` takes float32 ``(..., in_features)`` and returns float32
+    ``(..., out_features)``. Every row (token / patch) of the input gets its own 8-bit
+    asymmetric scale: one row (a decode step) runs the pre-packed kernel
+    (``torch.ops.quantized.linear_dynamic``, which quantizes its whole input with one scale),
+    several rows (a prompt, image patches) quantize row by row and run ``torch._int_mm`` -- a
+    single scale over a whole prompt would let one outlier token (e.g. the first) flatten
+    every other token's activations.
+    """
+
+    def __init__(self, packed: object, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 *, reduce_range: bool) -> None:  # fmt: skip
+        super().__init__()
+        self._packed = packed  # the kernel's pre-packed int8 weight and bias (a torch ScriptObject)
+        self.out_features, self.in_features = qweight.shape
+        self.reduce_range = reduce_range
+        self._qweight_t = qweight.t()  # (in, out) int8 view, for torch._int_mm
+        self._scales = scales.to(torch.float32)  # (out,)
+        self._colsum = qweight.sum(dim=1, dtype=torch.int32).to(torch.float32)  # (out,) for zero points
+        self._bias = bias
+        #: bytes a one-row call reads: the packed int8 weight, its scales (and the bias)
+        self.nbytes = qweight.numel() + 8 * self.out_features + (0 if bias is None else 4 * bias.numel())
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize a ``(out, in)`` float weight (and optional ``(out,)`` bias)."""
+        weight = weight.detach().to(torch.float32)
+        out_features = weight.shape[0]
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+        qint = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        zero = torch.zeros(out_features, dtype=torch.long)
+        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(qint, scales.to(torch.float64), zero, 0)
+            packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        return cls(packed, qint, scales, bias, reduce_range=_reduce_range())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        """Quantize an :class:`torch.nn.Linear`."""
+        return cls.from_weight(linear.weight, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., in_features)`` float32 -> ``(..., out_features)`` float32."""
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] == 1:
+            y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)
+        else:
+            y = self._per_row(rows)
+        return y.view(*lead, self.out_features)
+
+    def _per_row(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row quantized to int8 with its own scale and zero point; int8 x int8 -> int32."""
+        lo = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
+        hi = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
+        step = (hi - lo).clamp_(min=1e-12) / 255.0
+        zero = torch.round(-128.0 - lo / step)  # x ~ step * (q - zero), q in [-128, 127]
+        q = torch.round(x / step).add_(zero).clamp_(-128, 127).to(torch.int8)
+        acc = torch._int_mm(q, self._qweight_t).to(torch.float32)  # (M, out)
+        y = acc.sub_(zero * self._colsum).mul_(step * self._scales)
+        return y if self._bias is None else y.add_(self._bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, int8 activations per token"
+
+
+def _swap_linears(module: nn.Module) -> int:
+    """Replace every ``nn.Linear`` below ``module`` by an :class:`Int8Linear`; returns how many."""
+    count = 0
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear or (isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward):
+            setattr(module, name, Int8Linear.from_linear(child))
+            count += 1
+        else:
+            count += _swap_linears(child)
+    return count
+
+
+def quantize_int8(
+    model: nn.Module,
+    slots: Iterable[str] = DEFAULT_SLOTS,
+    *,
+    smooth: bool = True,
+    calibration: torch.Tensor | None = None,
+) -> nn.Module:
+    """Quantize the linear layers of ``model``'s ``slots`` to int8, in place; returns ``model``.
+
+    ``model`` is a :class:`~vlmkit.model.VLM` (or any module whose slots are attributes) in
+    float32 on the CPU. A ``backbone`` with a tied LM head (``lm_head is None``, the head reusing
+    ``embed_tokens.weight``) gets an int8 copy of that matrix as its head; the float32 embedding
+    table stays for the token lookup.
+
+    ``smooth`` (Llama-style backbones): before quantizing, SmoothQuant-style per-channel scales
+    (alpha 0.5) move the activations' outlier channels into the weights -- folded exactly into
+    the RMSNorm weights (q/k/v, gate/up, LM head) and the ``up`` rows (down projection) -- so
+    8-bit activations lose less. The scales come from one float32 pass over ``calibration``
+    (``(B, T)`` token ids; default: 4 x 64 fixed-seed random ids of the vocabulary).
+
+    Raises :class:`~vlmkit.errors.VlmkitError` for another device or dtype, an unknown slot, or a
+    torch without quantized kernels.
+    """
+    if isinstance(slots, str):
+        slots = (slots,)
+    slots = tuple(slots)
+    if not int8_available():
+        raise VlmkitError("this torch build has no quantized CPU kernels (torch.ops.quantized.linear_dynamic)",
+                          hint="install a standard CPU build of torch, or run in float32")  # fmt: skip
+    for slot in slots:
+        if not isinstance(getattr(model, slot, None), nn.Module):
+            raise VlmkitError(f"the model has no slot {slot!r} to quantize",
+                              hint=f"choose among {', '.join(DEFAULT_SLOTS)}, 'connector', 'aligner'")  # fmt: skip
+    if any(isinstance(m, Int8Linear) for slot in slots for m in getattr(model, slot).modules()):
+        raise VlmkitError("the model is already quantized", hint="quantize a float32 model once")
+    floats = [p for slot in slots for p in getattr(model, slot).parameters() if p.is_floating_point()]
+    bad = {(p.device.type, p.dtype) for p in floats} - {("cpu", torch.float32)}
+    if bad:
+        where = ", ".join(sorted(f"{d} {str(t).removeprefix('torch.')}" for d, t in bad))
+        raise VlmkitError(f"int8 quantization runs on float32 CPU models; these slots hold {where} parameters",
+                          hint="build with dtype='float32' and device='cpu' (the defaults), then quantize")  # fmt: skip
+    if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2
+                                    or calibration.is_floating_point()):  # fmt: skip
+        raise VlmkitError("calibration must be a (batch, length) tensor of token ids", hint="e.g. processor(text=...)['input_ids']")
+    with torch.no_grad():
+        for slot in slots:
+            component = getattr(model, slot)
+            head_scale = _smooth_llama(component, calibration) if slot == "backbone" and smooth else None
+            embed = getattr(component, "embed_tokens", None)
+            tied = slot == "backbone" and hasattr(component, "lm_head") and component.lm_head is None and isinstance(embed, nn.Embedding)
+            _swap_linears(component)
+            if tied:  # the tied head: an int8 copy of the (smoothed) embedding matrix
+                weight = embed.weight if head_scale is None else embed.weight * head_scale
+                component.lm_head = Int8Linear.from_weight(weight)
+    model.quantized = "int8"
+    return model
+
+
+#: SmoothQuant's migration strength: 0.5 splits each outlier channel's range evenly between
+#: activation and weight.
+SMOOTH_ALPHA = 0.5
+
+
+def _llama_layers(backbone: nn.Module) -> list[nn.Module] | None:
+    """The decoder layers when ``backbone`` has vlmkit's Llama layout (fused qkv / gate_up)."""
+    layers = getattr(backbone, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers) or not callable(getattr(backbone, "embed", None)):
+        return None
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        ok = (
+            isinstance(getattr(attn, "qkv_proj", None), nn.Linear)
+            and isinstance(getattr(mlp, "gate_up_proj", None), nn.Linear)
+            and isinstance(getattr(mlp, "down_proj", None), nn.Linear)
+            and isinstance(getattr(mlp, "intermediate_size", None), int)
+            and isinstance(getattr(getattr(layer, "input_layernorm", None), "weight", None), torch.Tensor)
+            and isinstance(getattr(getattr(layer, "post_attention_layernorm", None), "weight", None), torch.Tensor)
+        )
+        if not ok:
+            return None
+    return list(layers)
+
+
+def _smooth_llama(backbone: nn.Module, calibration: torch.Tensor | None) -> torch.Tensor | None:
+    """Apply SmoothQuant scales to a Llama-layout backbone (no-op for other backbones).
+
+    Returns the scale to apply to a tied LM head's int8 copy (None when untied or not smoothed)."""
+    layers = _llama_layers(backbone)
+    if layers is None:
+        return None
+    if calibration is None:
+        vocab = int(getattr(backbone, "vocab_size", 0) or backbone.embed_tokens.num_embeddings)
+        calibration = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(0))
+    calibration = calibration.to(torch.long)
+    targets: dict[str, nn.Linear] = {}
+    for i, layer in enumerate(layers):
+        targets[f"{i}.qkv"] = layer.self_attn.qkv_proj
+        targets[f"{i}.gate_up"] = layer.mlp.gate_up_proj
+        targets[f"{i}.down"] = layer.mlp.down_proj
+    norm = getattr(backbone, "norm", None)
+    head = getattr(backbone, "lm_head", None)
+    head_weight = head.weight if isinstance(head, nn.Linear) else None
+    if head is None and isinstance(getattr(backbone, "embed_tokens", None), nn.Embedding):
+        head_weight = backbone.embed_tokens.weight
+    amax: dict[str, torch.Tensor] = {}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # noqa: ARG001
+            seen = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
+            amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(recorder(n)) for n, m in targets.items()]
+    if isinstance(getattr(norm, "weight", None), torch.Tensor) and head_weight is not None:
+        hooks.append(norm.register_forward_hook(lambda mod, args, out: recorder("head")(mod, (out,))))
+    try:
+        with torch.inference_mode():
+            backbone(backbone.embed(calibration))
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def scale(name: str, weight: torch.Tensor) -> torch.Tensor:
+        act = amax[name].clamp(min=1e-5)
+        w = weight.abs().amax(dim=0).clamp(min=1e-5)
+        return (act.pow(SMOOTH_ALPHA) / w.pow(1 - SMOOTH_ALPHA)).clamp(min=1e-5)
+
+    for i, layer in enumerate(layers):
+        qkv, gate_up, down = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+        s = scale(f"{i}.qkv", qkv.weight)
+        _replace(qkv, "weight", qkv.weight * s)
+        _replace(layer.input_layernorm, "weight", layer.input_layernorm.weight / s)
+        s = scale(f"{i}.gate_up", gate_up.weight)
+        _replace(gate_up, "weight", gate_up.weight * s)
+        _replace(layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight / s)
+        s = scale(f"{i}.down", down.weight)
+        _replace(down, "weight", down.weight * s)
+        up_rows = gate_up.weight.clone()
+        up_rows[layer.mlp.intermediate_size :] /= s[:, None]  # act(gate) * (up / s) == (act(gate) * up) / s
+        _replace(gate_up, "weight", up_rows)
+    if "head" not in amax:
+        return None
+    s = scale("head", head_weight)
+    _replace(norm, "weight", norm.weight / s)
+    if isinstance(head, nn.Linear):
+        _replace(head, "weight", head.weight * s)
+        return None
+    return s
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give ``module`` a new parameter ``name`` (never writes into the old one, which may be shared)."""
+    old = getattr(module, name)
+    setattr(module, name, nn.Parameter(value.detach().contiguous(), requires_grad=old.requires_grad))
