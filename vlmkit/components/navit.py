@@ -301,6 +301,20 @@ def attention_mask_from_patches(patch_mask: torch.Tensor | None) -> torch.Tensor
     return flat[:, None, None, :]
 
 
+def build_siglip_style(tower: nn.Module, params: VisionParams, embeddings: nn.Module) -> None:
+    """Give ``tower`` the attributes and modules every SigLIP-style tower has (embeddings,
+    encoder, post_layernorm; hidden_size, patch_size, image_size, num_patches_per_side)."""
+    tower.params = params
+    tower.hidden_size = params.hidden_size
+    tower.patch_size = params.patch_size
+    tower.image_size = params.image_size
+    tower.num_patches_per_side = params.image_size // params.patch_size
+    tower.embeddings = embeddings
+    tower.encoder = VisionEncoder(params)
+    tower.post_layernorm = nn.LayerNorm(params.hidden_size, eps=params.layer_norm_eps)
+    init_vision_weights(tower, params.hidden_size)
+
+
 class NavitVisionTower(nn.Module):
     """Variable-resolution SigLIP (Idefics3 / SmolVLM): pixels -> ``(N, P, D_v)`` patch features.
 
@@ -314,15 +328,7 @@ class NavitVisionTower(nn.Module):
 
     def __init__(self, params: NavitParams) -> None:
         super().__init__()
-        self.params = params
-        self.hidden_size = params.hidden_size
-        self.patch_size = params.patch_size
-        self.image_size = params.image_size
-        self.num_patches_per_side = params.image_size // params.patch_size
-        self.embeddings = NavitEmbeddings(params)
-        self.encoder = VisionEncoder(params)
-        self.post_layernorm = nn.LayerNorm(params.hidden_size, eps=params.layer_norm_eps)
-        init_vision_weights(self, params.hidden_size)
+        build_siglip_style(self, params, NavitEmbeddings(params))
 
     def forward(
         self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None

@@ -26,13 +26,7 @@ from torch import nn
 
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
-from .navit import (
-    VisionEncoder,
-    VisionParams,
-    attention_mask_from_patches,
-    check_patch_mask,
-    init_vision_weights,
-)
+from .navit import VisionParams, attention_mask_from_patches, build_siglip_style, check_patch_mask
 
 __all__ = ["SiglipParams", "SiglipEmbeddings", "SiglipVisionTower", "interpolate_positions"]
 
@@ -96,15 +90,7 @@ class SiglipVisionTower(nn.Module):
 
     def __init__(self, params: SiglipParams) -> None:
         super().__init__()
-        self.params = params
-        self.hidden_size = params.hidden_size
-        self.patch_size = params.patch_size
-        self.image_size = params.image_size
-        self.num_patches_per_side = params.image_size // params.patch_size
-        self.embeddings = SiglipEmbeddings(params)
-        self.encoder = VisionEncoder(params)
-        self.post_layernorm = nn.LayerNorm(params.hidden_size, eps=params.layer_norm_eps)
-        init_vision_weights(self, params.hidden_size)
+        build_siglip_style(self, params, SiglipEmbeddings(params))
 
     def forward(
         self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None
