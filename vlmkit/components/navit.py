@@ -236,17 +236,23 @@ def bucketed_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
     return torch.where(patch_mask.reshape(n, -1), pos, torch.zeros_like(pos))
 
 
+def add_patch_embeddings(module: nn.Module, params: VisionParams) -> None:
+    """Give ``module`` SigLIP's strided-conv ``patch_embedding`` and a learned
+    ``position_embedding`` table of ``(image_size // patch_size)^2`` rows (transformers' names)."""
+    module.patch_size = params.patch_size
+    module.num_patches_per_side = params.image_size // params.patch_size
+    module.patch_embedding = nn.Conv2d(
+        params.num_channels, params.hidden_size, kernel_size=params.patch_size, stride=params.patch_size
+    )
+    module.position_embedding = nn.Embedding(module.num_patches_per_side**2, params.hidden_size)
+
+
 class NavitEmbeddings(nn.Module):
     """Patch embedding (strided conv) plus bucketed position embedding."""
 
     def __init__(self, params: VisionParams) -> None:
         super().__init__()
-        self.patch_size = params.patch_size
-        self.num_patches_per_side = params.image_size // params.patch_size
-        self.patch_embedding = nn.Conv2d(
-            params.num_channels, params.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-        )
-        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, params.hidden_size)
+        add_patch_embeddings(self, params)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` and bool ``(N, H/p, W/p)`` -> ``(N, P, D)``, ``P = (H/p)(W/p)``."""

@@ -26,7 +26,13 @@ from torch import nn
 
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
-from .navit import VisionParams, attention_mask_from_patches, build_siglip_style, check_patch_mask
+from .navit import (
+    VisionParams,
+    add_patch_embeddings,
+    attention_mask_from_patches,
+    build_siglip_style,
+    check_patch_mask,
+)
 
 __all__ = ["SiglipParams", "SiglipEmbeddings", "SiglipVisionTower", "interpolate_positions"]
 
@@ -63,12 +69,7 @@ class SiglipEmbeddings(nn.Module):
 
     def __init__(self, params: SiglipParams) -> None:
         super().__init__()
-        self.patch_size = params.patch_size
-        self.num_patches_per_side = params.image_size // params.patch_size
-        self.patch_embedding = nn.Conv2d(
-            params.num_channels, params.hidden_size, kernel_size=self.patch_size, stride=self.patch_size
-        )
-        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, params.hidden_size)
+        add_patch_embeddings(self, params)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> ``(N, (H/p)(W/p), D)``."""

@@ -51,7 +51,6 @@ __all__ = [
     "RECIPE_VERSION",
     "ADDED_ROWS_SEED",
     "GGUF_FILENAME",
-    "BASE_VOCAB_SIZE",
     "STAMP_FILENAME",
     "bundled_config_dir",
     "gguf_path",
@@ -64,18 +63,19 @@ logger = logging.getLogger(__name__)
 RECIPE_NAME = "smolvlm-256m-instruct+smollm2-135m-instruct-q4_1"
 #: Bump whenever the bytes the recipe writes change; stale cached folders are then rebuilt.
 RECIPE_VERSION = 1
-#: Seed of the rows of the 128 tokens SmolVLM adds to SmolLM2's vocabulary.
+#: Seed of the rows of the 128 tokens SmolVLM adds to SmolLM2's vocabulary (any fixed number;
+#: the base vocabulary size itself is read from the GGUF embedding, not from this).
 ADDED_ROWS_SEED = 49152
 #: Noise scale of those rows, as a fraction of the std of SmolLM2's embedding entries.
 ADDED_ROWS_NOISE = 0.1
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE_VOCAB_SIZE = 49152
 STAMP_FILENAME = "vlmkit_recipe.json"
 _LOCK_FILENAME = ".vlmkit_recipe.lock"
 WEIGHTS_FILENAME = "model.safetensors"
 
-_END_OF_UTTERANCE_ID = 49279
-_IM_END_ID = 2
+#: Tokens whose ids the recipe reads from the bundled tokenizer.json (never written as numbers).
+_END_OF_UTTERANCE = "<end_of_utterance>"
+_IM_END = "<|im_end|>"
 
 # GGUF (llama.cpp) tensor name -> name inside Idefics3's ``model.text_model`` (per block: ``blk.N.``).
 _GGUF_BLOCK_NAMES = {
@@ -234,8 +234,9 @@ def _build_state_dict(config_dict: dict, source: Path, *, vision_seed: int) -> d
     added = embed.mean(dim=0, keepdim=True) + ADDED_ROWS_NOISE * embed.std() * noise
     full_embed = torch.cat([embed, added], dim=0)
     lm_head = full_embed.clone()  # SmolLM2 ties lm_head to the embeddings; SmolVLM stores both
-    if base <= _END_OF_UTTERANCE_ID < vocab_size:
-        full_embed[_END_OF_UTTERANCE_ID] = embed[_IM_END_ID]  # input side only, see module docstring
+    eou, im_end = _token_ids(_END_OF_UTTERANCE, _IM_END)
+    if eou is not None and im_end is not None and base <= eou < vocab_size and im_end < base:
+        full_embed[eou] = embed[im_end]  # input side only, see module docstring
     text[_EMBED] = full_embed
     text[_LM_HEAD] = lm_head
     tensors.update(text)
@@ -249,6 +250,14 @@ def _build_state_dict(config_dict: dict, source: Path, *, vision_seed: int) -> d
             f"mis-shaped {[(n, tuple(tensors[n].shape), expected[n]) for n in shapes[:5]]}"
         )
     return tensors
+
+
+def _token_ids(*tokens: str) -> tuple[int | None, ...]:
+    """Ids of ``tokens`` in the bundled SmolVLM tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(bundled_config_dir() / "tokenizer.json"))
+    return tuple(tokenizer.token_to_id(t) for t in tokens)
 
 
 def _dequantized_text_weights(source: Path, text_cfg: dict) -> dict[str, torch.Tensor]:
