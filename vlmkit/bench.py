@@ -63,6 +63,22 @@ AGREEMENT_PROMPTS = (
     "Name a famous painter.",
     "How do plants make food?",
     "Translate 'good morning' into Spanish.",
+    "What is the boiling point of water?",
+    "Give me a tip for sleeping better.",
+    "Who wrote Romeo and Juliet?",
+    "Describe a cat in one sentence.",
+    "What does a computer do?",
+    "Why is the sky blue?",
+    "Name three fruits.",
+    "What is the largest ocean?",
+    "How many legs does a spider have?",
+    "Suggest a name for a dog.",
+    "What is photosynthesis?",
+    "Tell me a fun fact about space.",
+    "What is the opposite of hot?",
+    "How do you make tea?",
+    "What color is grass?",
+    "Summarize the water cycle.",
 )
 
 

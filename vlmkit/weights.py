@@ -2,10 +2,12 @@
 
 Never unpickles: a folder with only ``.bin``/``.pt`` weights is refused. Tensors are read one at
 a time from memory-mapped files into the (meta-initialised) model, so the weights are held once:
-a tensor whose file dtype is the model's dtype is used in place (a view of the mapping, no copy),
-and a fused tensor (e.g. ``qkv_proj`` from ``q/k/v_proj``) is read straight from the file into its
-one buffer, without touching the mapped pages of its parts (which would otherwise stay resident
-next to the copy).
+a tensor whose file dtype is the model's dtype is used in place (a view of the mapping, no copy).
+A fused tensor (e.g. ``gate_up_proj`` from ``gate/up_proj``) is a view too when its parts lie back
+to back in one file (checkpoints written with sorted names store ``gate_proj`` right before
+``up_proj``); otherwise (``q/k/v_proj`` sit around ``o_proj``) it is read straight from the file
+into its one buffer, without touching the mapped pages of its parts (which would otherwise stay
+resident next to the copy).
 """
 
 from __future__ import annotations
@@ -154,9 +156,10 @@ class Checkpoint:
         return self._layouts[path]
 
     def read_fused(self, keys: list[str], dtype: torch.dtype) -> torch.Tensor | None:
-        """``torch.cat([get(k) for k in keys])`` copied from the file straight into one new
-        ``dtype`` tensor; None (caller falls back) unless every part is stored in ``dtype``
-        with matching trailing dims in a readable file."""
+        """``torch.cat([get(k) for k in keys])`` without reading the parts: a view of the file when
+        they lie back to back in it, else copied from the file straight into one new ``dtype``
+        tensor; None (caller falls back) unless every part is stored in ``dtype`` with matching
+        trailing dims in a readable file."""
         if sys.byteorder != "little" or not keys:
             return None
         spans, shapes = [], []
@@ -177,7 +180,13 @@ class Checkpoint:
             shapes.append(shape)
         if len({s[1:] for s in shapes}) != 1:
             return None
-        out = torch.empty((sum(s[0] for s in shapes), *shapes[0][1:]), dtype=dtype)
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
+        if _back_to_back(spans):
+            try:
+                return _map_from_file(spans[0][0], spans[0][1], sum(size for _, _, size in spans), dtype).view(shape)
+            except (OSError, ValueError, BufferError, RuntimeError):
+                pass  # e.g. a misaligned span: copy instead
+        out = torch.empty(shape, dtype=dtype)
         flat = out.view(-1)
         pos = 0
         try:
@@ -187,6 +196,28 @@ class Checkpoint:
         except (OSError, ValueError, BufferError):
             return None
         return out
+
+
+def _back_to_back(spans: list[tuple[Path, int, int]]) -> bool:
+    """True when the ``(path, offset, size)`` spans follow each other in one file, in order (as
+    ``gate_proj`` and ``up_proj`` do in a checkpoint written with sorted names)."""
+    return all(a[0] == b[0] and a[1] + a[2] == b[1] for a, b in zip(spans, spans[1:]))
+
+
+def _map_from_file(path: Path, offset: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-D ``dtype`` tensor over ``size`` bytes at ``offset`` of ``path``, without a copy.
+
+    A private (copy-on-write) mapping of just that range: pages are read on first use, writes
+    (e.g. training) never reach the file, and the mapping lives as long as the tensor."""
+    import mmap
+
+    if size % dtype.itemsize or offset % dtype.itemsize:
+        raise ValueError("span not aligned to the dtype")
+    start = offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), offset + size - start, flags=mmap.MAP_PRIVATE,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)  # fmt: skip
+    return torch.frombuffer(mm, dtype=dtype, count=size // dtype.itemsize, offset=offset - start)
 
 
 def _copy_from_file(path: Path, offset: int, size: int, dest: torch.Tensor) -> None:
@@ -285,9 +316,36 @@ def load_component(
             continue
         state[rule.local] = tensor.to(dtype)
         n_read += len(rule.sources)
-    module.load_state_dict(state, strict=False, assign=True)
+    _assign(module, state)
     report.loaded[slot] = n_read
     return {s for r in keymap for s in r.sources}
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state, strict=False, assign=True)`` for checked tensors.
+
+    Shapes were checked against ``module.state_dict()`` already, so plain modules get their
+    tensors set directly (torch's per-module walk costs ~40% of a warm load); a module with its
+    own ``_load_from_state_dict`` or load hooks goes through torch."""
+    if any(_custom_loading(m) for m in module.modules()):
+        module.load_state_dict(state, strict=False, assign=True)
+        return
+    for key, tensor in state.items():
+        owner_name, _, name = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if name in owner._parameters:  # noqa: SLF001
+            old = owner._parameters[name]  # noqa: SLF001
+            owner._parameters[name] = nn.Parameter(tensor, requires_grad=old is None or old.requires_grad)  # noqa: SLF001
+        else:
+            owner._buffers[name] = tensor  # noqa: SLF001
+
+
+def _custom_loading(m: nn.Module) -> bool:
+    return (
+        type(m)._load_from_state_dict is not nn.Module._load_from_state_dict  # noqa: SLF001
+        or bool(m._load_state_dict_pre_hooks)  # noqa: SLF001
+        or bool(m._load_state_dict_post_hooks)  # noqa: SLF001
+    )
 
 
 def _read_fused(ckpt: Checkpoint, rule, dtype: torch.dtype) -> torch.Tensor | None:  # noqa: ANN001

@@ -86,7 +86,7 @@ def test_quantize_int8_swaps_linears_and_stays_close(tied):
     ids, pixels = _prompt()
     with torch.no_grad():
         want = model(ids, pixel_values=pixels).logits
-    q = quantize_int8(copy.deepcopy(model))
+    q = quantize_int8(copy.deepcopy(model), quantize_head=True)
     assert q.quantized == "int8"
     for slot in ("backbone", "vision_tower"):
         assert not [n for n, m in getattr(q, slot).named_modules() if type(m) is nn.Linear], slot
@@ -101,6 +101,23 @@ def test_quantize_int8_swaps_linears_and_stays_close(tied):
     # the original model is untouched (quantizing a deepcopy never writes into shared weights)
     with torch.no_grad():
         assert torch.equal(model(ids, pixel_values=pixels).logits, want)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantize_int8_keeps_the_head_float_by_default(tied):
+    model = _model(tied)
+    ids = _prompt()[0][:, :5]
+    q = quantize_int8(copy.deepcopy(model))
+    head = q.backbone.lm_head
+    assert head is None if tied else type(head) is nn.Linear
+    linears = [n for n, m in q.backbone.named_modules() if type(m) is nn.Linear]
+    assert linears == ([] if tied else ["lm_head"])
+    # the head is not smoothed either: the final norm and the head weights are the float model's
+    assert torch.equal(q.backbone.norm.weight, model.backbone.norm.weight)
+    if not tied:
+        assert torch.equal(head.weight, model.backbone.lm_head.weight)
+    with torch.no_grad():
+        assert _rel(q(ids).logits, model(ids).logits) < 0.1
 
 
 def test_quantize_int8_without_smoothing_and_other_slots():
