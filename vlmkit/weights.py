@@ -325,9 +325,10 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """``module.load_state_dict(state, strict=False, assign=True)`` for checked tensors.
 
     Shapes were checked against ``module.state_dict()`` already, so plain modules get their
-    tensors set directly (torch's per-module walk costs ~40% of a warm load); a module with its
-    own ``_load_from_state_dict`` or load hooks goes through torch."""
-    if any(_custom_loading(m) for m in module.modules()):
+    tensors set directly (torch's per-module walk costs ~40% of a warm load); a component that
+    overrides ``load_state_dict`` (e.g. to re-tie weights) or holds a module with its own
+    ``_load_from_state_dict``, extra state or load hooks goes through torch."""
+    if type(module).load_state_dict is not nn.Module.load_state_dict or any(_custom_loading(m) for m in module.modules()):
         module.load_state_dict(state, strict=False, assign=True)
         return
     for key, tensor in state.items():
@@ -343,6 +344,7 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
 def _custom_loading(m: nn.Module) -> bool:
     return (
         type(m)._load_from_state_dict is not nn.Module._load_from_state_dict  # noqa: SLF001
+        or type(m).set_extra_state is not nn.Module.set_extra_state
         or bool(m._load_state_dict_pre_hooks)  # noqa: SLF001
         or bool(m._load_state_dict_post_hooks)  # noqa: SLF001
     )

@@ -38,6 +38,7 @@ REQUIRED = (
     "spec-and-config.md",
     "plugins.md",
     "processor.md",
+    "speed.md",
 )
 
 MERMAID_TYPES = ("flowchart", "graph", "sequenceDiagram", "classDiagram", "stateDiagram")

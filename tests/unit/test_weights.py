@@ -61,3 +61,30 @@ def test_parts_apart_or_out_of_order_are_copied(folder, monkeypatch):
 def test_other_dtype_is_left_to_the_general_path(folder):
     path, _ = folder
     assert Checkpoint(path).read_fused(["mlp.gate_proj.weight", "mlp.up_proj.weight"], torch.float16) is None
+
+
+class _Retie(torch.nn.Module):
+    """A component whose load_state_dict does more than assign (like hf_causal_lm's re-tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(4, 3)
+        self.head = torch.nn.Linear(3, 4, bias=False)
+        self.head.weight = self.embed.weight
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ANN001
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.head.weight = self.embed.weight
+        return out
+
+
+def test_assign_sets_parameters_and_defers_to_custom_loading():
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    plain[0].bias.requires_grad_(False)
+    w, b = torch.ones(2, 3), torch.zeros(2)
+    weights._assign(plain, {"0.weight": w, "0.bias": b})
+    assert plain[0].weight.data_ptr() == w.data_ptr() and isinstance(plain[0].weight, torch.nn.Parameter)
+    assert plain[0].weight.requires_grad and not plain[0].bias.requires_grad
+    tied = _Retie()
+    weights._assign(tied, {"embed.weight": torch.full((4, 3), 2.0)})
+    assert tied.head.weight is tied.embed.weight and float(tied.head.weight[0, 0]) == 2.0

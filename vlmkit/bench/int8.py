@@ -1,0 +1,76 @@
+"""The ``--int8`` section: vlmkit with :func:`vlmkit.quantize.quantize_int8` against vlmkit float32
+(speed rows, bytes per decode token) and :func:`int8_accuracy` (logit differences, greedy agreement
+on :data:`~vlmkit.bench.prompts.AGREEMENT_PROMPTS`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from .measure import INT8_ROWS, Metric, _alternate, _timed, decode_bytes_per_token
+from .prompts import MANY_TILES, Prompt, _agreement_prompts
+from .sides import VlmkitSide
+
+
+def _int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], keys: list[str], repeats: int,
+                  new_tokens: int, bandwidth: float) -> dict[str, Any]:  # fmt: skip
+    """Quantize a fresh copy of the model, time it against ``fp32`` in alternation and measure
+    its accuracy; the JSON-ready ``int8`` section of the result."""
+    import torch
+
+    from ..quantize import quantize_int8
+
+    q = VlmkitSide(folder)
+    q.load()
+    start = time.perf_counter()
+    quantize_int8(q.model)
+    rows = {k: Metric(k, *INT8_ROWS[k]) for k in keys}
+    rows["quantize_s"].add("int8", time.perf_counter() - start)
+    pair = {"int8": q, "fp32": fp32}
+    with torch.inference_mode():
+        p1 = prompts[1]
+        _alternate(rows["decode_tps"], {s: (lambda s=s: pair[s].decode(prompts[0], new_tokens)) for s in pair}, repeats)
+        _alternate(rows["vision_1_ms"], {s: _timed(lambda s=s: pair[s].encode(p1), 1e3 / p1.tiles) for s in pair}, repeats)
+        _alternate(rows["ttft_1_ms"], {s: _timed(lambda s=s: pair[s].first_token(p1), 1e3) for s in pair}, repeats)
+        if "vision_17_ms" in rows:
+            pm = prompts[MANY_TILES]
+            _alternate(rows["vision_17_ms"], {s: _timed(lambda s=s: pair[s].encode(pm), 1e3 / pm.tiles) for s in pair}, repeats, 0)
+            _alternate(rows["ttft_17_ms"], {s: _timed(lambda s=s: pair[s].first_token(pm), 1e3) for s in pair}, repeats, 0)
+        accuracy = int8_accuracy(fp32, q, folder, prompts)
+    per_token = decode_bytes_per_token(q.model.backbone)
+    return {
+        "rows": [rows[k].as_dict("int8", "fp32") for k in keys],
+        "accuracy": accuracy,
+        "bytes_per_token_mb": per_token / 1e6,
+        "floor_tok_s": bandwidth * 1e9 / per_token,
+    }
+
+
+def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[int, Prompt], new_tokens: int = 16) -> dict[str, Any]:
+    """Accuracy of ``q`` against ``fp32``: the largest |logit difference| over the text-only and
+    1-tile prompts; over a fixed prompt set, greedy continuations of ``new_tokens``: the share of
+    prompts whose continuation is identical, and the teacher-forced top-1 agreement (both models
+    read the float32 continuation; how often their next-token argmax agrees)."""
+    import torch
+
+    max_diff = {p.name: float((q.logits(p) - fp32.logits(p)).abs().max()) for p in (prompts[0], prompts[1])}
+    prompt_ids = _agreement_prompts(folder)
+    exact = agree = total = 0
+    for ids in prompt_ids:
+        want = fp32.greedy(ids, new_tokens)
+        got = q.greedy(ids, new_tokens)
+        exact += bool(torch.equal(want, got))
+        t = ids.shape[1]
+        a = fp32.model(want).logits[0, t - 1 : -1].argmax(-1)
+        b = q.model(want).logits[0, t - 1 : -1].argmax(-1)
+        agree += int((a == b).sum())
+        total += a.numel()
+    return {
+        "max_logit_diff": max(max_diff.values()),
+        "max_logit_diff_per_prompt": max_diff,
+        "prompts": len(prompt_ids),
+        "new_tokens": new_tokens,
+        "greedy_exact_match_rate": exact / len(prompt_ids),
+        "teacher_forced_top1_agreement": agree / total,
+    }

@@ -1,0 +1,214 @@
+"""How the benchmark measures: :class:`Metric` (one table row, per-side samples), the row tables
+(:data:`ROWS`, :data:`INT8_ROWS`), timing in alternation, the fresh-process runs (import, load,
+peak RSS) and the CLI checks, and the decode floor (memory bandwidth, bytes read per token)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SIDES = ("vlmkit", "transformers")
+
+
+# ============================================================================== rows
+@dataclass
+class Metric:
+    """One row: per-side samples; ``goal`` bounds the ratio (vlmkit / reference)."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool = False
+    goal: float | None = None
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, side: str, value: float) -> None:
+        self.values.setdefault(side, []).append(float(value))
+
+    def median(self, side: str) -> float | None:
+        vals = self.values.get(side)
+        return statistics.median(vals) if vals else None
+
+    def ratio(self, a: str, b: str) -> float | None:
+        x, y = self.median(a), self.median(b)
+        return None if x is None or not y else x / y
+
+    def met(self, a: str, b: str) -> bool | None:
+        r = self.ratio(a, b)
+        if r is None or self.goal is None:
+            return None
+        return r >= self.goal if self.higher_is_better else r <= self.goal
+
+    def as_dict(self, a: str, b: str) -> dict[str, Any]:
+        return {
+            "key": self.key, "label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better,
+            a: self.median(a), b: self.median(b), "ratio": self.ratio(a, b), "goal": self.goal,
+            "met": self.met(a, b), "samples": self.values,
+        }  # fmt: skip
+
+
+#: key -> (label, unit, higher_is_better, goal on vlmkit/transformers). Labels may get the
+#: prompt length appended at run time.
+ROWS: dict[str, tuple[str, str, bool, float | None]] = {
+    "import_s": ("import (fresh process)", "s", False, None),
+    "cold_load_s": ("import + load (fresh process)", "s", False, None),
+    "load_s": ("load (in process, warm cache)", "s", False, 0.5),
+    "vision_1_ms": ("vision encode, 1 tile", "ms/tile", False, None),
+    "vision_17_ms": ("vision encode, 17 tiles", "ms/tile", False, None),
+    "prefill_1_ms": ("prefill LLM, 1-tile prompt", "ms", False, None),
+    "prefill_17_ms": ("prefill LLM, 17-tile prompt", "ms", False, None),
+    "ttft_text_ms": ("time to first token, text only", "ms", False, None),
+    "ttft_1_ms": ("time to first token, 1 tile", "ms", False, 1.0),
+    "ttft_17_ms": ("time to first token, 17 tiles", "ms", False, 0.9),
+    "decode_tps": ("decode, text prompt", "tok/s", True, 3.0),
+    "decode_1_tps": ("decode, after a 1-tile prompt", "tok/s", True, None),
+    "rss_1_mb": ("peak RSS, 1 tile (own process)", "MB", False, 0.8),
+    "rss_17_mb": ("peak RSS, 17 tiles (own process)", "MB", False, 0.8),
+}
+#: Rows left out by ``--quick``.
+QUICK_SKIPS = frozenset({"vision_17_ms", "prefill_17_ms", "ttft_17_ms", "rss_17_mb"})
+#: int8 rows: vlmkit int8 against vlmkit float32 (ratio = int8 / fp32).
+INT8_ROWS: dict[str, tuple[str, str, bool, float | None]] = {
+    "quantize_s": ("quantize (after load)", "s", False, None),
+    "decode_tps": ("decode, text prompt", "tok/s", True, 1.6),
+    "vision_1_ms": ("vision encode, 1 tile", "ms/tile", False, 1 / 1.3),
+    "vision_17_ms": ("vision encode, 17 tiles", "ms/tile", False, 1 / 1.3),
+    "ttft_1_ms": ("time to first token, 1 tile", "ms", False, None),
+    "ttft_17_ms": ("time to first token, 17 tiles", "ms", False, None),
+}
+INT8_QUICK_SKIPS = frozenset({"vision_17_ms", "ttft_17_ms"})
+
+
+def expected_rows(quick: bool = False, int8: bool = False) -> tuple[list[str], list[str]]:
+    """The row keys a run reports: ``(main rows, int8 rows)``."""
+    main = [k for k in ROWS if not (quick and k in QUICK_SKIPS)]
+    extra = [k for k in INT8_ROWS if not (quick and k in INT8_QUICK_SKIPS)] if int8 else []
+    return main, extra
+
+
+# ============================================================================== timing
+def _timed(fn: Callable[[], Any], scale: float = 1.0) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * scale
+
+    return run
+
+
+def _alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> None:
+    """Warm up each side, then take ``repeats`` samples in alternation A B A B ..."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for side, fn in fns.items():
+            metric.add(side, fn())
+
+
+# ============================================================================== subprocesses
+_CHILD = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+import torch
+if args["side"] == "vlmkit":
+    import vlmkit.builder, vlmkit.generation
+else:
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.AutoModelForImageTextToText, transformers.AutoConfig
+    transformers.Idefics3ForConditionalGeneration
+import_s = time.perf_counter() - t0
+torch.set_num_threads(args["threads"])
+from vlmkit.bench import HFSide, VlmkitSide, make_prompts
+from pathlib import Path
+prompt = make_prompts(args["folder"], [args["tiles"]])[args["tiles"]]
+side = (VlmkitSide if args["side"] == "vlmkit" else HFSide)(Path(args["folder"]))
+t1 = time.perf_counter()
+side.load()
+load_s = time.perf_counter() - t1
+with torch.inference_mode():
+    side.decode(prompt, args["new_tokens"])
+print("BENCH_RESULT " + json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "import_s": import_s, "load_s": load_s}))
+"""
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run_child(side: str, folder: Path, tiles: int, threads: int, new_tokens: int, timeout: float) -> dict[str, float]:
+    args = json.dumps({"side": side, "folder": str(folder), "tiles": tiles, "threads": threads, "new_tokens": new_tokens})
+    proc = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True, timeout=timeout, env=_child_env())
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line.removeprefix("BENCH_RESULT "))
+    from ..errors import VlmkitError
+
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    raise VlmkitError(f"the {side} measurement subprocess failed (exit {proc.returncode}):\n" + "\n".join(tail))
+
+
+def _cli_checks(timeout: float) -> dict[str, Any]:
+    """``import vlmkit`` must not import transformers; ``vlmkit --help`` should be fast."""
+    env = _child_env()
+    code = "import sys, time; t = time.perf_counter(); import vlmkit; print(time.perf_counter() - t, 'transformers' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env).stdout.split()
+    script = Path(sys.executable).with_name("vlmkit")
+    cmd = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", "vlmkit.cli", "--help"]
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
+        best = min(best, time.perf_counter() - start)
+    return {
+        "import_vlmkit_s": float(out[0]) if out else None,
+        "import_vlmkit_imports_transformers": out[1] == "True" if len(out) > 1 else None,
+        "import_vlmkit_imports_torch": out[2] == "True" if len(out) > 2 else None,
+        "cli_help_s": best,
+    }
+
+
+# ============================================================================== bandwidth floor
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Read bandwidth in GB/s: the best of ``repeats`` sums over an ``nbytes`` float32 tensor
+    (larger than the last-level cache, so it measures memory)."""
+    import torch
+
+    x = torch.ones(nbytes // 4)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best / 1e9
+
+
+def decode_bytes_per_token(backbone) -> int:  # noqa: ANN001
+    """Bytes of weights one decode step reads: every backbone parameter except the embedding
+    table (one row is read), plus the LM head matrix (the embedding table when tied); int8
+    layers count their int8 bytes."""
+    from ..quantize import Int8Linear
+
+    embed = getattr(backbone, "embed_tokens", None)
+    skip = {id(embed.weight)} if embed is not None and hasattr(embed, "weight") else set()
+    total = sum(p.numel() * p.element_size() for p in backbone.parameters() if id(p) not in skip)
+    total += sum(m.nbytes for m in backbone.modules() if isinstance(m, Int8Linear))
+    if getattr(backbone, "lm_head", "absent") is None and embed is not None:
+        total += embed.weight.numel() * embed.weight.element_size()  # tied head reads the table
+    return int(total)

@@ -1,0 +1,116 @@
+"""Benchmark output: the machine description, the rich tables and summary lines printed at the end
+of a run, and the JSON file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _machine() -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    out = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": platform.processor() or None}
+    with contextlib.suppress(Exception):
+        out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                out["cpu"] = line.split(":", 1)[1].strip()
+                break
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value)
+
+
+def _write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write ``result`` to ``path`` as indented JSON (values JSON cannot hold become strings)."""
+    Path(path).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 132)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if value == 0:
+        return "0"
+    mag = abs(value)
+    return f"{value:,.0f}" if mag >= 100 else f"{value:.1f}" if mag >= 10 else f"{value:.2f}" if mag >= 1 else f"{value:.3f}"
+
+
+def _goal_text(row: dict[str, Any]) -> str:
+    if row["goal"] is None:
+        return ""
+    return f"{'>=' if row['higher_is_better'] else '<='} {row['goal']:.2f}"
+
+
+def _met_text(met: bool | None) -> str:
+    return "" if met is None else "[green]met[/green]" if met else "[red]not met[/red]"
+
+
+def _rows_table(title: str, a: str, b: str, ratio: str, rows: list[dict[str, Any]]):
+    """A rich Table of result rows: label, unit, the medians of sides ``a`` and ``b``, their
+    ratio (column ``ratio``), the goal and whether it is met."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col, kw in (("metric", {}), ("unit", {}), (a, {"justify": "right"}), (b, {"justify": "right"}),
+                    (ratio, {"justify": "right"}), ("goal", {}), ("", {})):  # fmt: skip
+        table.add_column(col, **kw)
+    for row in rows:
+        table.add_row(row["label"], row["unit"], _fmt(row[a]), _fmt(row[b]), _fmt(row["ratio"]),
+                      _goal_text(row), _met_text(row["met"]))  # fmt: skip
+    return table
+
+
+def _print_main(result: dict[str, Any], console: Any) -> None:
+    """The vlmkit vs transformers table, the decode floor, the CLI checks and the prompt lengths."""
+    info = result["info"]
+    title = f"vlmkit vs transformers -- {info['folder']} (float32, {info['threads']} threads, medians of {info['repeats']})"
+    console.print(_rows_table(title, "vlmkit", "transformers", "ratio v/t", result["rows"]))
+    fl, ck = result["floor"], result["checks"]
+    console.print(
+        f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured / {_fmt(fl['bytes_per_token_mb'])} MB per token = "
+        f"{_fmt(fl['floor_tok_s'])} tok/s; vlmkit reaches {fl['vlmkit_fraction']:.0%} of it, transformers {fl['transformers_fraction']:.0%}",
+        markup=False,
+    )
+    console.print(
+        f"import vlmkit: {_fmt(ck['import_vlmkit_s'])} s, imports transformers: {ck['import_vlmkit_imports_transformers']}, "
+        f"torch: {ck['import_vlmkit_imports_torch']}; vlmkit --help: {ck['cli_help_s']:.2f} s (goal < 0.5 s)",
+        markup=False,
+    )
+    console.print("prompt tokens: " + ", ".join(f"{k} {v}" for k, v in info["prompt_tokens"].items()), markup=False)
+
+
+def _print_int8(q: dict[str, Any], console: Any) -> None:
+    """The int8 vs float32 table and the int8 accuracy line."""
+    console.print(_rows_table("vlmkit int8 (quantize_int8) vs vlmkit float32", "int8", "fp32", "ratio int8/fp32", q["rows"]))
+    acc = q["accuracy"]
+    console.print(
+        f"int8 accuracy: max |logit diff| {acc['max_logit_diff']:.3f}; over {acc['prompts']} prompts x "
+        f"{acc['new_tokens']} greedy tokens: identical continuations {acc['greedy_exact_match_rate']:.0%}, "
+        f"teacher-forced top-1 agreement {acc['teacher_forced_top1_agreement']:.1%}; "
+        f"{_fmt(q['bytes_per_token_mb'])} MB per token, floor {_fmt(q['floor_tok_s'])} tok/s",
+        markup=False,
+    )
+
+
+def _print(result: dict[str, Any], console: Any) -> None:
+    """Print a run's results on ``console``: the main table and lines, then the int8 section if any."""
+    _print_main(result, console)
+    if "int8" in result:
+        _print_int8(result["int8"], console)

@@ -1,0 +1,220 @@
+"""The benchmark run: :func:`run_bench` (fresh-process rows, in-process rows in alternation, the
+decode floor, the int8 section, then the report) and the command line (:func:`build_parser`,
+:func:`main`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .int8 import _int8_section
+from .measure import (
+    ROWS,
+    SIDES,
+    Metric,
+    _alternate,
+    _cli_checks,
+    _run_child,
+    _timed,
+    decode_bytes_per_token,
+    expected_rows,
+    measure_bandwidth,
+)
+from .prompts import MANY_TILES, Prompt, make_prompts
+from .report import _console, _machine, _print, _write_json
+from .sides import HFSide, VlmkitSide
+
+
+def run_bench(
+    source: str | os.PathLike,
+    *,
+    repeats: int = 3,
+    quick: bool = False,
+    int8: bool = False,
+    threads: int | None = None,
+    new_tokens: int = 32,
+    json_path: str | os.PathLike | None = None,
+    console: Any = None,
+    subprocess_timeout: float = 1800.0,
+) -> dict[str, Any]:
+    """Run the benchmark on ``source`` (a checkpoint folder or Hub repo id), print the tables on
+    ``console`` (a rich Console; None prints to stdout) and return the results (also written
+    to ``json_path``). ``quick`` skips the 17-tile rows; ``int8`` adds the int8 comparison."""
+    import torch
+
+    from ..hub import resolve_source
+
+    _check_options(repeats, new_tokens)
+    _import_transformers()
+    folder = resolve_source(source, weights=True)
+    threads = int(threads or torch.get_num_threads())
+    torch.set_num_threads(threads)
+    console = console or _console()
+    say = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console is not None else (lambda msg: None)
+
+    tile_counts = [0, 1] if quick else [0, 1, MANY_TILES]
+    prompts = make_prompts(folder, tile_counts)
+    keys, int8_keys = expected_rows(quick, int8)
+    rows = {k: Metric(k, *ROWS[k]) for k in keys}
+    sides = {"vlmkit": VlmkitSide(folder), "transformers": HFSide(folder)}
+    info = _info(source, folder, prompts, threads=threads, repeats=repeats, quick=quick, new_tokens=new_tokens)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        say("fresh-process runs (import, load, peak RSS)...")
+        _fresh_process_rows(rows, folder, tile_counts, threads, min(new_tokens, 8), subprocess_timeout)
+        checks = _cli_checks(subprocess_timeout)
+        _in_process_rows(rows, sides, prompts, repeats, new_tokens, say)
+        say("memory bandwidth...")
+        bandwidth = measure_bandwidth()
+        result: dict[str, Any] = {
+            "info": info,
+            "rows": [rows[k].as_dict("vlmkit", "transformers") for k in keys],
+            "floor": _floor(rows["decode_tps"], bandwidth, decode_bytes_per_token(sides["vlmkit"].model.backbone)),
+            "checks": checks,
+        }
+        if int8:
+            say("int8...")
+            result["int8"] = _int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
+    sides.clear()
+    _print(result, console)
+    if json_path is not None:
+        _write_json(result, json_path)
+    return result
+
+
+def _check_options(repeats: int, new_tokens: int) -> None:
+    """Raise a :class:`~vlmkit.errors.VlmkitError` for a ``repeats`` or ``new_tokens`` out of range."""
+    from ..errors import VlmkitError
+
+    if not isinstance(repeats, int) or repeats < 1:
+        raise VlmkitError(f"repeats must be an integer >= 1; got {repeats!r}")
+    if not isinstance(new_tokens, int) or new_tokens < 2:
+        raise VlmkitError(f"new_tokens must be an integer >= 2 (decode speed needs two tokens); got {new_tokens!r}")
+
+
+def _import_transformers():
+    """transformers, quieted (errors only, no progress bars); a VlmkitError when it is not installed."""
+    from ..errors import VlmkitError
+
+    try:
+        import transformers
+    except ImportError:
+        raise VlmkitError("the benchmark compares against transformers, which is not installed",
+                          hint="pip install 'vlmkit[hf]'") from None  # fmt: skip
+    transformers.logging.set_verbosity_error()
+    if hasattr(transformers.utils.logging, "disable_progress_bar"):
+        transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _info(source: str | os.PathLike, folder: Path, prompts: dict[int, Prompt], *, threads: int, repeats: int,
+          quick: bool, new_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """The ``info`` section of the result: the run's settings, versions, prompt lengths and machine."""
+    import torch
+    import transformers
+
+    return {
+        "source": str(source), "folder": str(folder), "threads": threads, "dtype": "float32", "repeats": repeats,
+        "quick": quick, "new_tokens": new_tokens, "torch": torch.__version__, "transformers": transformers.__version__,
+        "prompt_tokens": {p.name: p.length for p in prompts.values()}, "machine": _machine(),
+    }  # fmt: skip
+
+
+def _floor(decode: Metric, bandwidth: float, per_token: int) -> dict[str, Any]:
+    """The ``floor`` section: measured bandwidth / bytes per token, and the share of it each side's
+    median decode speed (row ``decode``) reaches."""
+    return {
+        "bandwidth_gb_s": bandwidth,
+        "bytes_per_token_mb": per_token / 1e6,
+        "floor_tok_s": bandwidth * 1e9 / per_token,
+        "vlmkit_fraction": decode.median("vlmkit") / (bandwidth * 1e9 / per_token),
+        "transformers_fraction": decode.median("transformers") / (bandwidth * 1e9 / per_token),
+    }
+
+
+# ============================================================================== rows
+def _fresh_process_rows(rows: dict[str, Metric], folder: Path, tile_counts: list[int], threads: int, new_tokens: int,
+                        timeout: float) -> None:  # fmt: skip
+    """Import, import + load and peak RSS: one fresh subprocess per side and image prompt."""
+    for tiles in [t for t in tile_counts if t]:
+        key = "rss_1_mb" if tiles == 1 else "rss_17_mb"
+        for side in SIDES:
+            res = _run_child(side, folder, tiles, threads, new_tokens, timeout)
+            rows[key].add(side, res["maxrss_mb"])
+            if tiles == 1:
+                rows["import_s"].add(side, res["import_s"])
+                rows["cold_load_s"].add(side, res["import_s"] + res["load_s"])
+
+
+def _in_process_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int,
+                     new_tokens: int, say: Callable[[str], None]) -> None:  # fmt: skip
+    """Load, then (inference mode) vision encode, prefill, time to first token and decode, each
+    side in alternation."""
+    import torch
+
+    say("load...")
+    _alternate(rows["load_s"], {s: _timed(sides[s].load) for s in SIDES}, repeats)
+    with torch.inference_mode():
+        say("vision encode...")
+        _vision_rows(rows, sides, prompts, repeats)
+        say("prefill...")
+        _prefill_rows(rows, sides, prompts, repeats)
+        say("time to first token...")
+        _first_token_rows(rows, sides, prompts, repeats)
+        say("decode...")
+        for tiles, key in ((0, "decode_tps"), (1, "decode_1_tps")):
+            p = prompts[tiles]
+            _alternate(rows[key], {s: (lambda s=s, p=p: sides[s].decode(p, new_tokens)) for s in SIDES}, repeats)
+
+
+def _vision_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
+    """Vision encode per tile: 1 tile, and (unless quick) the many-tile prompt with no warm-up."""
+    p1 = prompts[1]
+    _alternate(rows["vision_1_ms"], {s: _timed(lambda s=s: sides[s].encode(p1), 1e3 / p1.tiles) for s in SIDES}, repeats)
+    if "vision_17_ms" in rows:
+        pm = prompts[MANY_TILES]
+        _alternate(rows["vision_17_ms"], {s: _timed(lambda s=s: sides[s].encode(pm), 1e3 / pm.tiles) for s in SIDES},
+                   repeats, warmup=0)  # fmt: skip
+
+
+def _prefill_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
+    """Prefill of the language model alone; the label gets the prompt length."""
+    for tiles, key in ((1, "prefill_1_ms"), (MANY_TILES, "prefill_17_ms")):
+        if key in rows:
+            p = prompts[tiles]
+            rows[key].label += f" ({p.length} tok)"
+            _alternate(rows[key], {s: _timed(lambda s=s, p=p: sides[s].prefill(p), 1e3) for s in SIDES}, repeats)
+
+
+def _first_token_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
+    """Time to first token: text only, 1 tile, and the many-tile prompt (no warm-up)."""
+    for tiles, key in ((0, "ttft_text_ms"), (1, "ttft_1_ms"), (MANY_TILES, "ttft_17_ms")):
+        if key in rows:
+            p = prompts[tiles]
+            _alternate(rows[key], {s: _timed(lambda s=s, p=p: sides[s].first_token(p), 1e3) for s in SIDES},
+                       repeats, warmup=0 if tiles == MANY_TILES else 1)  # fmt: skip
+
+
+# ============================================================================== command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_bench", description="vlmkit vs transformers on one checkpoint folder.")
+    parser.add_argument("source", help="checkpoint folder (or Hub repo id)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed samples per side and row (default 3)")
+    parser.add_argument("--quick", action="store_true", help="skip the 17-tile rows")
+    parser.add_argument("--int8", action="store_true", help="also compare vlmkit int8 with vlmkit float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per decode sample (default 32)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run_bench(args.source, repeats=args.repeats, quick=args.quick, int8=args.int8, threads=args.threads,
+              new_tokens=args.new_tokens, json_path=args.json_path)  # fmt: skip
+    return 0
