@@ -1,9 +1,10 @@
 """The hooks a vlmkit plugin can implement.
 
 A plugin is a module (or object) with functions decorated by :data:`vlmkit.hookimpl`. Built-in
-components are plugins too: each module in :mod:`vlmkit.components` implements
-:func:`vlmkit_register_components` exactly as a third-party package does. Third-party packages
-are found through the ``vlmkit`` entry-point group::
+components are plugins too: each component module in :mod:`vlmkit.components` implements
+:func:`vlmkit_register_components` exactly as a third-party package does (``llama_layers`` only
+holds building blocks of ``llama`` and is no plugin). Third-party packages are found through
+the ``vlmkit`` entry-point group::
 
     [project.entry-points.vlmkit]
     my_tower = "my_package.plugin"

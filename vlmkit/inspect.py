@@ -75,12 +75,32 @@ def _unavailable(sources: list[str]) -> list[str]:
     return absent
 
 
-def image_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
-    """The shape after each stage for one image at the tower's size, traced on the meta device
-    (no compute, no memory)."""
+def image_shapes(spec, *, trace: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """The shape after each stage for one image at the tower's size, from the sizes the assembled
+    (meta-device, weightless) components declare through their protocols: the tower's
+    ``num_patches_per_side`` and ``hidden_size``, the connector's ``tokens_per_image``,
+    ``out_features`` and first linear layer, the backbone's ``hidden_size`` after a projecting
+    aligner. ``trace=True`` runs the parts on the meta device instead (no compute, no memory, but
+    torch's first meta op costs ~1 s of lazy imports); the two agree for every built-in."""
     from .builder import assemble
 
     model = assemble(spec, meta_slots=frozenset(SLOTS))
+    if trace:
+        return _traced_shapes(model)
+    tower, connector = model.vision_tower, model.connector
+    stages: list[tuple[str, tuple[int, ...]]] = [("pixels", (tower.image_size, tower.image_size))]
+    stages.append(("vision_tower", (tower.num_patches_per_side**2, tower.hidden_size)))
+    first_linear = next((m for m in connector.modules() if isinstance(m, torch.nn.Linear)), None)
+    if first_linear is not None:
+        stages.append(("connector (before projection)", (connector.tokens_per_image, first_linear.in_features)))
+    stages.append(("connector", (connector.tokens_per_image, connector.out_features)))
+    if any(True for _ in model.aligner.parameters()):  # an identity aligner changes no shape
+        stages.append(("aligner", (connector.tokens_per_image, model.backbone.hidden_size)))
+    return stages
+
+
+def _traced_shapes(model) -> list[tuple[str, tuple[int, ...]]]:  # noqa: ANN001
+    """:func:`image_shapes` by running one meta-device image through the parts, with hooks."""
     tower = model.vision_tower
     side = tower.image_size
     stages: list[tuple[str, tuple[int, ...]]] = [("pixels", (side, side))]
@@ -97,7 +117,7 @@ def image_shapes(spec) -> list[tuple[str, tuple[int, ...]]]:
     if first_linear is not None:
         hooks.append(first_linear.register_forward_pre_hook(record_input("connector (before projection)")))
     hooks.append(model.connector.register_forward_hook(record("connector")))
-    if any(True for _ in model.aligner.parameters()):  # an identity aligner changes no shape
+    if any(True for _ in model.aligner.parameters()):
         hooks.append(model.aligner.register_forward_hook(record("aligner")))
     try:
         with torch.no_grad():

@@ -39,6 +39,7 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
         assert _positive(result["floor"][key])
     assert result["checks"]["import_vlmkit_imports_transformers"] is False
     assert _positive(result["checks"]["cli_help_s"])
+    assert _positive(result["checks"]["inspect_yaml_s"]) and _positive(result["checks"]["import_torch_s"])
     acc = result["int8"]["accuracy"]
     assert 0 <= acc["greedy_exact_match_rate"] <= 1 and 0 <= acc["teacher_forced_top1_agreement"] <= 1
     assert math.isfinite(acc["max_logit_diff"])

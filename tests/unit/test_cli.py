@@ -199,3 +199,15 @@ def test_no_arguments_prints_help(capsys):
     main([])
     captured = capsys.readouterr()
     assert "inspect" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_inspect_shapes_declared_match_the_meta_trace(path):
+    """``vlmkit inspect`` prints the shapes the parts declare; running them on meta agrees."""
+    from vlmkit.inspect import image_shapes
+    from vlmkit.spec import load_yaml
+
+    spec = load_yaml(path)
+    declared = image_shapes(spec)
+    assert [name for name, _ in declared][:2] == ["pixels", "vision_tower"]
+    assert declared == image_shapes(spec, trace=True)

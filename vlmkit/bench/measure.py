@@ -164,24 +164,53 @@ def _run_child(side: str, folder: Path, tiles: int, threads: int, new_tokens: in
     raise VlmkitError(f"the {side} measurement subprocess failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
-def _cli_checks(timeout: float) -> dict[str, Any]:
-    """``import vlmkit`` must not import transformers; ``vlmkit --help`` should be fast."""
+def _cli_checks(timeout: float, folder: Path | None = None) -> dict[str, Any]:
+    """``import vlmkit`` must not import transformers; ``vlmkit --help`` should be fast; with
+    ``folder``: ``vlmkit inspect`` on a YAML of its spec against a bare ``import torch``."""
     env = _child_env()
     code = "import sys, time; t = time.perf_counter(); import vlmkit; print(time.perf_counter() - t, 'transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env).stdout.split()
-    script = Path(sys.executable).with_name("vlmkit")
-    cmd = [str(script), "--help"] if script.is_file() else [sys.executable, "-m", "vlmkit.cli", "--help"]
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run(cmd, capture_output=True, timeout=timeout, env=env)
-        best = min(best, time.perf_counter() - start)
-    return {
+    checks = {
         "import_vlmkit_s": float(out[0]) if out else None,
         "import_vlmkit_imports_transformers": out[1] == "True" if len(out) > 1 else None,
         "import_vlmkit_imports_torch": out[2] == "True" if len(out) > 2 else None,
-        "cli_help_s": best,
+        "cli_help_s": _best_wall(_vlmkit_cmd("--help"), timeout, env),
     }
+    if folder is not None:
+        checks.update(_inspect_yaml_check(folder, timeout, env))
+    return checks
+
+
+def _vlmkit_cmd(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("vlmkit")
+    return [str(script), *args] if script.is_file() else [sys.executable, "-m", "vlmkit.cli", *args]
+
+
+def _best_wall(cmd: list[str], timeout: float, env: dict[str, str], repeats: int = 3) -> float | None:
+    """Best wall time of ``repeats`` runs of ``cmd``; None if it fails."""
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if subprocess.run(cmd, capture_output=True, timeout=timeout, env=env).returncode != 0:
+            return None
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _inspect_yaml_check(folder: Path, timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """``vlmkit inspect spec.yaml`` (the folder's spec written as YAML, no weights) against
+    ``python -c 'import torch'``; the goal is at most the torch import + 1 s."""
+    import tempfile
+
+    from ..hf import spec_from_hf
+    from ..spec import dump_yaml
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spec.yaml"
+        dump_yaml(spec_from_hf(folder), path)
+        inspect_s = _best_wall(_vlmkit_cmd("inspect", str(path)), timeout, env)
+    torch_s = _best_wall([sys.executable, "-c", "import torch"], timeout, env)
+    return {"inspect_yaml_s": inspect_s, "import_torch_s": torch_s}
 
 
 # ============================================================================== bandwidth floor

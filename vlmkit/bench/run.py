@@ -67,7 +67,7 @@ def run_bench(
         warnings.simplefilter("ignore")
         say("fresh-process runs (import, load, peak RSS)...")
         _fresh_process_rows(rows, folder, tile_counts, threads, min(new_tokens, 8), subprocess_timeout)
-        checks = _cli_checks(subprocess_timeout)
+        checks = _cli_checks(subprocess_timeout, folder)
         _in_process_rows(rows, sides, prompts, repeats, new_tokens, say)
         say("memory bandwidth...")
         bandwidth = measure_bandwidth()

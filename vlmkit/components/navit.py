@@ -225,6 +225,8 @@ def bucketed_position_ids(patch_mask: torch.Tensor, side: int) -> torch.Tensor:
     """
     n, h, w = patch_mask.shape
     device = patch_mask.device
+    if device.type == "meta":  # shapes only (vlmkit inspect): meta bucketize would load torch's decompositions (~1 s)
+        return torch.zeros(n, h * w, dtype=torch.long, device=device)
     boundaries = torch.arange(1 / side, 1.0, 1 / side, device=device, dtype=torch.float32)
     step_h = 1.0 / patch_mask[:, :, 0].sum(dim=1)  # (N,)
     step_w = 1.0 / patch_mask[:, 0, :].sum(dim=1)  # (N,)
