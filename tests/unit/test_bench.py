@@ -43,6 +43,9 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
     acc = result["int8"]["accuracy"]
     assert 0 <= acc["greedy_exact_match_rate"] <= 1 and 0 <= acc["teacher_forced_top1_agreement"] <= 1
     assert math.isfinite(acc["max_logit_diff"])
+    assert 0 < acc["visual_tokens_rel_error"] < 0.2  # int8 moves the visual tokens, a little
+    assert set(acc["next_token_logit_diff_per_prompt"]) == set(acc["max_logit_diff_per_prompt"])
+    assert all(acc["next_token_logit_diff_per_prompt"][k] <= v for k, v in acc["max_logit_diff_per_prompt"].items())
 
     text = console.export_text()
     for row in result["rows"] + result["int8"]["rows"]:

@@ -48,13 +48,18 @@ def _int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], ke
 
 
 def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[int, Prompt], new_tokens: int = 16) -> dict[str, Any]:
-    """Accuracy of ``q`` against ``fp32``: the largest |logit difference| over the text-only and
-    1-tile prompts; over a fixed prompt set, greedy continuations of ``new_tokens``: the share of
-    prompts whose continuation is identical, and the teacher-forced top-1 agreement (both models
-    read the float32 continuation; how often their next-token argmax agrees)."""
+    """Accuracy of ``q`` against ``fp32``: on the text-only and 1-tile prompts, the largest
+    |logit difference| at any position and at the last one (the next-token logits generation
+    reads), and the relative L2 error of the 1-tile prompt's visual tokens; over a fixed prompt
+    set, greedy continuations of ``new_tokens``: the share of prompts whose continuation is
+    identical, and the teacher-forced top-1 agreement (both models read the float32
+    continuation; how often their next-token argmax agrees)."""
     import torch
 
-    max_diff = {p.name: float((q.logits(p) - fp32.logits(p)).abs().max()) for p in (prompts[0], prompts[1])}
+    max_diff, last_diff = {}, {}
+    for p in (prompts[0], prompts[1]):
+        diff = (q.logits(p) - fp32.logits(p)).abs()
+        max_diff[p.name], last_diff[p.name] = float(diff.max()), float(diff[:, -1].max())
     prompt_ids = _agreement_prompts(folder)
     exact = agree = total = 0
     for ids in prompt_ids:
@@ -69,8 +74,18 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
     return {
         "max_logit_diff": max(max_diff.values()),
         "max_logit_diff_per_prompt": max_diff,
+        "next_token_logit_diff_per_prompt": last_diff,
+        "visual_tokens_rel_error": _visual_error(fp32, q, prompts[1]),
         "prompts": len(prompt_ids),
         "new_tokens": new_tokens,
         "greedy_exact_match_rate": exact / len(prompt_ids),
         "teacher_forced_top1_agreement": agree / total,
     }
+
+
+def _visual_error(fp32: VlmkitSide, q: VlmkitSide, p: Prompt) -> float:
+    """``||int8 - fp32|| / ||fp32||`` over the visual tokens of prompt ``p``."""
+    pixels, mask = p.tensors["pixel_values"], p.tensors.get("pixel_attention_mask")
+    want = fp32.model.encode_images(pixels, mask)[0]
+    got = q.model.encode_images(pixels, mask)[0]
+    return float((got - want).norm() / want.norm())

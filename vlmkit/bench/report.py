@@ -107,7 +107,10 @@ def _print_int8(q: dict[str, Any], console: Any) -> None:
     console.print(_rows_table("vlmkit int8 (quantize_int8) vs vlmkit float32", "int8", "fp32", "ratio int8/fp32", q["rows"]))
     acc = q["accuracy"]
     console.print(
-        f"int8 accuracy: max |logit diff| {acc['max_logit_diff']:.3f}; over {acc['prompts']} prompts x "
+        "int8 accuracy: max |logit diff| at the next token "
+        + ", ".join(f"{k} {v:.2f}" for k, v in acc["next_token_logit_diff_per_prompt"].items())
+        + f", at any position {acc['max_logit_diff']:.2f}; visual tokens rel. error {acc['visual_tokens_rel_error']:.1%}; "
+        f"over {acc['prompts']} prompts x "
         f"{acc['new_tokens']} greedy tokens: identical continuations {acc['greedy_exact_match_rate']:.0%}, "
         f"teacher-forced top-1 agreement {acc['teacher_forced_top1_agreement']:.1%}; "
         f"{_fmt(q['bytes_per_token_mb'])} MB per token, floor {_fmt(q['floor_tok_s'])} tok/s",
