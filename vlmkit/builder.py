@@ -29,8 +29,10 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device, config: dict | None = None) -> torch.dtype:
     """The one dtype for the whole model.
 
-    ``None`` (or ``"auto"``) means float32 on CPU (bf16 matmuls are far slower than fp32 on CPUs
-    without bf16 units) and the checkpoint's ``torch_dtype`` elsewhere. Only floating dtypes are
+    ``None`` (or ``"auto"``) means float32 on CPU (the path that matches transformers to 1e-4;
+    bf16 matmuls are far slower than fp32 on CPUs without bf16 units, such as AVX2-only ones) and
+    the checkpoint's ``torch_dtype`` elsewhere. ``dtype="bfloat16"`` on a CPU with AMX is an
+    opt-in trade (see docs/speed.md). Only floating dtypes are
     accepted: a :class:`SpecError` names anything else.
     """
     if isinstance(dtype, torch.dtype):
