@@ -163,15 +163,25 @@ def quantize_int8(
     ``smooth`` (Llama-style backbones): before quantizing, SmoothQuant-style per-channel scales
     (alpha 0.5) move the activations' outlier channels into the weights -- folded exactly into
     the RMSNorm weights (q/k/v, gate/up, and the LM head when it is quantized) and the ``up`` rows
-    (down projection) -- so 8-bit activations lose less. The scales come from one float32 pass over ``calibration``
-    (``(B, T)`` token ids; default: 4 x 64 fixed-seed random ids of the vocabulary).
+    (down projection) -- so 8-bit activations lose less. The scales come from one float32 pass
+    over ``calibration`` (``(B, T)`` token ids; default: 4 x 64 fixed-seed random ids of the
+    vocabulary).
 
     Raises :class:`~vlmkit.errors.VlmkitError` for another device or dtype, an unknown slot, or a
     torch without quantized kernels.
     """
-    if isinstance(slots, str):
-        slots = (slots,)
-    slots = tuple(slots)
+    slots = (slots,) if isinstance(slots, str) else tuple(slots)
+    _check_quantizable(model, slots, calibration)
+    with torch.no_grad():
+        for slot in slots:
+            _quantize_slot(getattr(model, slot), slot == "backbone", smooth=smooth, calibration=calibration,
+                           quantize_head=quantize_head)  # fmt: skip
+    model.quantized = "int8"
+    return model
+
+
+def _check_quantizable(model: nn.Module, slots: tuple[str, ...], calibration: torch.Tensor | None) -> None:
+    """Raise :class:`VlmkitError` unless ``slots`` of ``model`` can be quantized with ``calibration``."""
     if not int8_available():
         raise VlmkitError("this torch build has no quantized CPU kernels (torch.ops.quantized.linear_dynamic)",
                           hint="install a standard CPU build of torch, or run in float32")  # fmt: skip
@@ -190,19 +200,20 @@ def quantize_int8(
     if calibration is not None and (not isinstance(calibration, torch.Tensor) or calibration.dim() != 2
                                     or calibration.is_floating_point()):  # fmt: skip
         raise VlmkitError("calibration must be a (batch, length) tensor of token ids", hint="e.g. processor(text=...)['input_ids']")
-    with torch.no_grad():
-        for slot in slots:
-            component = getattr(model, slot)
-            head = slot == "backbone" and quantize_head
-            head_scale = _smooth_llama(component, calibration, head=head) if slot == "backbone" and smooth else None
-            embed = getattr(component, "embed_tokens", None)
-            tied = head and hasattr(component, "lm_head") and component.lm_head is None and isinstance(embed, nn.Embedding)
-            _swap_linears(component, frozenset() if head or slot != "backbone" else frozenset({"lm_head"}))
-            if tied:  # the tied head: an int8 copy of the (smoothed) embedding matrix
-                weight = embed.weight if head_scale is None else embed.weight * head_scale
-                component.lm_head = Int8Linear.from_weight(weight)
-    model.quantized = "int8"
-    return model
+
+
+def _quantize_slot(component: nn.Module, is_backbone: bool, *, smooth: bool, calibration: torch.Tensor | None,
+                   quantize_head: bool) -> None:  # fmt: skip
+    """Smooth (a Llama-layout backbone) and swap ``component``'s linear layers; the backbone's
+    ``lm_head`` only when ``quantize_head`` (a tied one becomes an int8 copy of the embedding)."""
+    head = is_backbone and quantize_head
+    head_scale = _smooth_llama(component, calibration, head=head) if is_backbone and smooth else None
+    embed = getattr(component, "embed_tokens", None)
+    tied = head and hasattr(component, "lm_head") and component.lm_head is None and isinstance(embed, nn.Embedding)
+    _swap_linears(component, frozenset({"lm_head"}) if is_backbone and not head else frozenset())
+    if tied:  # the tied head: an int8 copy of the (smoothed) embedding matrix
+        weight = embed.weight if head_scale is None else embed.weight * head_scale
+        component.lm_head = Int8Linear.from_weight(weight)
 
 
 #: SmoothQuant's migration strength: 0.5 splits each outlier channel's range evenly between
@@ -241,62 +252,74 @@ def _smooth_llama(backbone: nn.Module, calibration: torch.Tensor | None, *, head
     if calibration is None:
         vocab = int(getattr(backbone, "vocab_size", 0) or backbone.embed_tokens.num_embeddings)
         calibration = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(0))
-    calibration = calibration.to(torch.long)
-    targets: dict[str, nn.Linear] = {}
-    for i, layer in enumerate(layers):
-        targets[f"{i}.qkv"] = layer.self_attn.qkv_proj
-        targets[f"{i}.gate_up"] = layer.mlp.gate_up_proj
-        targets[f"{i}.down"] = layer.mlp.down_proj
-    norm = getattr(backbone, "norm", None)
     head_module = getattr(backbone, "lm_head", None)
     head_weight = head_module.weight if isinstance(head_module, nn.Linear) else None
     if head_module is None and isinstance(getattr(backbone, "embed_tokens", None), nn.Embedding):
         head_weight = backbone.embed_tokens.weight
+    norm = getattr(backbone, "norm", None)
+    with_head = head and isinstance(getattr(norm, "weight", None), torch.Tensor) and head_weight is not None
+    amax = _activation_amax(backbone, layers, calibration.to(torch.long), norm if with_head else None)
+    for i, layer in enumerate(layers):
+        _smooth_layer(layer, amax, i)
+    if not with_head:
+        return None
+    s = _smooth_scale(amax["head"], head_weight)
+    _replace(norm, "weight", norm.weight / s)
+    if isinstance(head_module, nn.Linear):
+        _replace(head_module, "weight", head_module.weight * s)
+        return None
+    return s
+
+
+def _activation_amax(backbone: nn.Module, layers: list[nn.Module], calibration: torch.Tensor,
+                     norm: nn.Module | None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per-input-channel ``max |x|`` of every projection's input (``"{i}.qkv"``, ``"{i}.gate_up"``,
+    ``"{i}.down"``) and, given the final ``norm``, of the LM head's (``"head"``), over one float32
+    pass of ``calibration`` ``(B, T)`` ids."""
     amax: dict[str, torch.Tensor] = {}
 
-    def recorder(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:  # noqa: ARG001
-            seen = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0)
-            amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
+    def record(name: str, x: torch.Tensor) -> None:
+        seen = x.detach().reshape(-1, x.shape[-1]).abs().amax(dim=0)
+        amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
 
-        return hook
-
-    hooks = [m.register_forward_pre_hook(recorder(n)) for n, m in targets.items()]
-    if head and isinstance(getattr(norm, "weight", None), torch.Tensor) and head_weight is not None:
-        hooks.append(norm.register_forward_hook(lambda mod, args, out: recorder("head")(mod, (out,))))
+    hooks = []
+    for i, layer in enumerate(layers):
+        for name, module in ((f"{i}.qkv", layer.self_attn.qkv_proj), (f"{i}.gate_up", layer.mlp.gate_up_proj),
+                             (f"{i}.down", layer.mlp.down_proj)):  # fmt: skip
+            hooks.append(module.register_forward_pre_hook(lambda _m, args, name=name: record(name, args[0])))
+    if norm is not None:
+        hooks.append(norm.register_forward_hook(lambda _m, _args, out: record("head", out)))
     try:
         with torch.inference_mode():
             backbone(backbone.embed(calibration))
     finally:
         for h in hooks:
             h.remove()
+    return amax
 
-    def scale(name: str, weight: torch.Tensor) -> torch.Tensor:
-        act = amax[name].clamp(min=1e-5)
-        w = weight.abs().amax(dim=0).clamp(min=1e-5)
-        return (act.pow(SMOOTH_ALPHA) / w.pow(1 - SMOOTH_ALPHA)).clamp(min=1e-5)
 
-    for i, layer in enumerate(layers):
-        qkv, gate_up, down = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
-        s = scale(f"{i}.qkv", qkv.weight)
-        _replace(qkv, "weight", qkv.weight * s)
-        _replace(layer.input_layernorm, "weight", layer.input_layernorm.weight / s)
-        s = scale(f"{i}.gate_up", gate_up.weight)
-        _replace(gate_up, "weight", gate_up.weight * s)
-        _replace(layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight / s)
-        s = scale(f"{i}.down", down.weight)
-        _replace(down, "weight", down.weight * s)
-        up_rows = gate_up.weight.clone()
-        up_rows[layer.mlp.intermediate_size :] /= s[:, None]  # act(gate) * (up / s) == (act(gate) * up) / s
-        _replace(gate_up, "weight", up_rows)
-    if "head" not in amax:
-        return None
-    s = scale("head", head_weight)
-    _replace(norm, "weight", norm.weight / s)
-    if isinstance(head_module, nn.Linear):
-        _replace(head_module, "weight", head_module.weight * s)
-        return None
-    return s
+def _smooth_scale(act_amax: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SmoothQuant's per-input-channel ``s = amax(x)^a / amax(W)^(1-a)`` for a ``(out, in)`` weight."""
+    act = act_amax.clamp(min=1e-5)
+    w = weight.abs().amax(dim=0).clamp(min=1e-5)
+    return (act.pow(SMOOTH_ALPHA) / w.pow(1 - SMOOTH_ALPHA)).clamp(min=1e-5)
+
+
+def _smooth_layer(layer: nn.Module, amax: dict[str, torch.Tensor], i: int) -> None:
+    """Fold the scales of decoder layer ``i`` exactly: ``W * s`` with the input divided by ``s``
+    (in the RMSNorm weight before q/k/v and gate/up; in the ``up`` rows before ``down``)."""
+    qkv, gate_up, down = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+    s = _smooth_scale(amax[f"{i}.qkv"], qkv.weight)
+    _replace(qkv, "weight", qkv.weight * s)
+    _replace(layer.input_layernorm, "weight", layer.input_layernorm.weight / s)
+    s = _smooth_scale(amax[f"{i}.gate_up"], gate_up.weight)
+    _replace(gate_up, "weight", gate_up.weight * s)
+    _replace(layer.post_attention_layernorm, "weight", layer.post_attention_layernorm.weight / s)
+    s = _smooth_scale(amax[f"{i}.down"], down.weight)
+    _replace(down, "weight", down.weight * s)
+    up_rows = gate_up.weight.clone()
+    up_rows[layer.mlp.intermediate_size :] /= s[:, None]  # act(gate) * (up / s) == (act(gate) * up) / s
+    _replace(gate_up, "weight", up_rows)
 
 
 def _replace(module: nn.Module, name: str, value: torch.Tensor) -> None:
