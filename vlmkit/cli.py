@@ -86,44 +86,77 @@ def generate(
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
 ) -> None:
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
-    from PIL import Image
-
-    from .builder import build, build_from_hf
-    from .errors import ProcessorError
     from .generation import _check_options, stream
-    from .processor import load_processor
 
     _check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     err = _console(stderr=True)
+    images = _read_images(image or [])
+    model, processor = _load_model_and_processor(source)
+    kwargs = {} if split is None else {"do_image_splitting": split}
+    _print_image_costs(err, processor, image or [], images, kwargs)
+    batch = _chat_batch(processor, prompt, images, kwargs)
+    chunks = stream(
+        model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
+        pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"),
+        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+    )  # fmt: skip
+    _write_stream(chunks)
+    _print_timings(err, model)
+
+
+def _read_images(paths: list[Path]) -> list:
+    """Open and fully load each image file; a :class:`~vlmkit.errors.ProcessorError` names an unreadable one."""
+    from PIL import Image
+
+    from .errors import ProcessorError
+
     images = []
-    for path in image or []:
+    for path in paths:
         try:
             with Image.open(path) as img:
                 img.load()
                 images.append(img.copy())
         except (OSError, ValueError) as exc:
             raise ProcessorError(f"cannot read image {str(path)!r}: {exc}", hint="pass a PNG/JPEG/... file") from None
+    return images
+
+
+def _load_model_and_processor(source: str):
+    """The model (from a YAML file or a checkpoint) and the processor of its tokenizer (default: ``source``)."""
+    from .builder import build, build_from_hf
+    from .processor import load_processor
+
     model = build(source) if _is_yaml(source) else build_from_hf(source)
-    processor = load_processor(model.spec.tokenizer or source)
-    kwargs = {} if split is None else {"do_image_splitting": split}
+    return model, load_processor(model.spec.tokenizer or source)
+
+
+def _print_image_costs(err, processor, paths: list[Path], images: list, kwargs: dict) -> None:
+    """One stderr line per image: its tile grid and visual tokens (when the processor can tell)."""
     if hasattr(processor, "image_cost"):
-        for k, (path, img) in enumerate(zip(image or [], images), start=1):
+        for k, (path, img) in enumerate(zip(paths, images), start=1):
             cost = processor.image_cost(img, **kwargs)
             grid = f"{cost.tiles[0]}x{cost.tiles[1]} tiles + global = {cost.n_tiles} tiles" if cost.tiles != (0, 0) else "not split, 1 tile"
             err.print(f"image {k} {path} ({img.width}x{img.height}): {grid}, {cost.visual_tokens} visual tokens", markup=False)
+
+
+def _chat_batch(processor, prompt: str, images: list, kwargs: dict):
+    """Model inputs for one user turn: an image item per image, then the prompt, in the chat template."""
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    batch = processor(text=text, images=images or None, **kwargs)
-    chunks = stream(
-        model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
-        pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"),
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-    )  # fmt: skip
+    return processor(text=text, images=images or None, **kwargs)
+
+
+def _write_stream(chunks) -> None:
+    """Write each chunk to stdout as it comes, then a newline."""
     for chunk in chunks:
         sys.stdout.write(chunk)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+def _print_timings(err, model) -> None:
+    """The last generation's prefill time, token counts, speed and path, to stderr."""
     info = getattr(model, "last_generation", None)
     if info is not None:
         err.print(

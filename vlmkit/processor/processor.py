@@ -11,56 +11,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import ProcessorError
-from ..hf import resolve_config_folder
-from ..hub import read_json, resolve_source
-from .checks import CheckedSpec, check_checkpoint
+from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
 from .inputs import as_nested_images, as_texts, check_limit, normalize_messages, padding_mode
-from .text import ChatTemplate, TextTokenizer, load_chat_template
+from .loading import load_processor
+from .outputs import ProcessorOutput, PromptCost
+from .text import ChatTemplate, TextTokenizer
 
 __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
-
-
-class ProcessorOutput(dict):
-    """A dict of model inputs that also allows attribute access (``out.input_ids``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ProcessorOutput:
-        """Move tensors to ``device``; cast floating tensors (pixel_values) to ``dtype``."""
-        out = ProcessorOutput()
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(
-                    device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None
-                )
-            out[key] = value
-        return out
-
-
-@dataclass(frozen=True)
-class PromptCost:
-    """Token count of one prompt with its images: ``total_tokens = text_tokens + visual_tokens``.
-
-    ``text_tokens`` includes the framing tokens around the images; ``images`` holds each
-    image's :class:`ImageCost` in prompt order.
-    """
-
-    total_tokens: int
-    text_tokens: int
-    visual_tokens: int
-    images: tuple[ImageCost, ...]
 
 
 class Processor:
@@ -379,91 +343,3 @@ class Processor:
     ) -> list[str]:
         """Texts of a batch of id sequences (a ``(B, L)`` tensor or a list of lists)."""
         return [self.tokenizer.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
-
-
-def load_processor(
-    source: str | os.PathLike | None = None,
-    *,
-    spec: Any = None,
-    image_seq_len: int | None = None,
-    max_visual_tokens: int | None = None,
-    revision: str | None = None,
-) -> Processor:
-    """Build a :class:`Processor` from a checkpoint folder or Hub repo id (only small files are fetched).
-
-    Reads preprocessor_config.json, processor_config.json, config.json, generation_config.json,
-    the tokenizer files and the chat template, and checks them against each other
-    (:class:`~vlmkit.errors.SpecError` on contradictions that would break the model,
-    :class:`~vlmkit.processor.SpecWarning` on ones vlmkit resolves).
-
-    ``spec`` (a :class:`~vlmkit.spec.VLMSpec` or a model YAML path; a YAML path may also be
-    passed as ``source``) drives the image side for an assembled model whose tower differs from
-    the checkpoint the tokenizer comes from: tile size, visual tokens per image, the placeholder
-    id and (when the tower declares them) mean/std come from the spec's components, and the
-    longest edge keeps the checkpoint's largest tile grid; the tokenizer, chat template and the
-    other resize settings come from ``source`` (default ``spec.tokenizer``).
-    """
-    spec, source = _spec_and_source(spec, source)
-    if revision is None:  # a bundled repo id falls back to vlmkit's copy of its files when offline
-        folder, _ = resolve_config_folder(source)
-    else:
-        folder = resolve_source(source, weights=False, revision=revision)
-    settings = ImageSettings.from_config(
-        read_json(folder, "preprocessor_config.json"), source=str(folder / "preprocessor_config.json")
-    )
-    config = read_json(folder, "config.json", required=False)
-    processor_config = read_json(folder, "processor_config.json", required=False)
-    if spec is not None:
-        settings, config, image_seq_len = _from_spec(spec, settings)
-        processor_config = None  # the spec, not the tokenizer checkpoint, describes the vision side
-    tokenizer = TextTokenizer.from_folder(folder)
-    checked = check_checkpoint(
-        folder,
-        config=config,
-        processor_config=processor_config,
-        generation_config=read_json(folder, "generation_config.json", required=False),
-        tokenizer=tokenizer,
-        settings=settings,
-        image_seq_len=image_seq_len,
-    )
-    template = load_chat_template(folder, tokenizer.config)
-    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
-
-
-def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:
-    from ..spec import load_yaml
-
-    if spec is None and source is not None and os.fspath(source).endswith((".yaml", ".yml")):
-        spec = source
-        source = None
-    if isinstance(spec, (str, os.PathLike)):
-        spec = load_yaml(spec)
-    if source is None:
-        source = getattr(spec, "tokenizer", None)
-        if source is None:
-            raise ProcessorError(
-                "no tokenizer source: pass a checkpoint folder or repo id, or a spec with `tokenizer:`",
-                hint="add `tokenizer: <folder or repo id>` to the model YAML",
-            )
-    return spec, source
-
-
-def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[str, Any], int]:
-    """Image settings, a config-like dict and tokens per image from the spec's components
-    (built on the meta device: no memory, no compute)."""
-    import dataclasses
-
-    from ..builder import assemble
-    from ..protocols import SLOTS
-
-    model = assemble(spec, meta_slots=frozenset(SLOTS))
-    tower = model.vision_tower
-    # Keep the checkpoint's largest tile grid (SmolVLM: 2048 / 512 = 4 x 4 tiles) at the new tile size.
-    grid = max(1, settings.longest_edge // settings.tile)
-    updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
-    for field, attr in (("mean", "image_mean"), ("std", "image_std")):
-        value = getattr(tower, attr, None)
-        if value is not None:
-            updates[field] = tuple(float(v) for v in value)
-    config = {"image_token_id": model.packer.image_token_id, "vocab_size": model.backbone.vocab_size}
-    return dataclasses.replace(settings, **updates), config, model.packer.tokens_per_image

@@ -1,0 +1,130 @@
+"""Loading a :class:`~vlmkit.processor.Processor`: where the files come from and what they say.
+
+:func:`load_processor` resolves the checkpoint folder (or a model YAML's ``tokenizer:``), reads
+the image settings and the config files, lets a spec's components override the vision side,
+and checks the files against each other before the processor is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ProcessorError
+from ..hf import resolve_config_folder
+from ..hub import read_json, resolve_source
+from .checks import check_checkpoint
+from .image import ImageSettings
+from .text import TextTokenizer, load_chat_template
+
+if TYPE_CHECKING:
+    from .processor import Processor
+
+__all__ = ["load_processor"]
+
+
+def load_processor(
+    source: str | os.PathLike | None = None,
+    *,
+    spec: Any = None,
+    image_seq_len: int | None = None,
+    max_visual_tokens: int | None = None,
+    revision: str | None = None,
+) -> Processor:
+    """Build a :class:`Processor` from a checkpoint folder or Hub repo id (only small files are fetched).
+
+    Reads preprocessor_config.json, processor_config.json, config.json, generation_config.json,
+    the tokenizer files and the chat template, and checks them against each other
+    (:class:`~vlmkit.errors.SpecError` on contradictions that would break the model,
+    :class:`~vlmkit.processor.SpecWarning` on ones vlmkit resolves).
+
+    ``spec`` (a :class:`~vlmkit.spec.VLMSpec` or a model YAML path; a YAML path may also be
+    passed as ``source``) drives the image side for an assembled model whose tower differs from
+    the checkpoint the tokenizer comes from: tile size, visual tokens per image, the placeholder
+    id and (when the tower declares them) mean/std come from the spec's components, and the
+    longest edge keeps the checkpoint's largest tile grid; the tokenizer, chat template and the
+    other resize settings come from ``source`` (default ``spec.tokenizer``).
+    """
+    from .processor import Processor  # processor.py re-exports load_processor: import the class at call time
+
+    spec, source = _spec_and_source(spec, source)
+    folder = _checkpoint_folder(source, revision)
+    settings, config, processor_config, image_seq_len = _vision_side(folder, spec, image_seq_len)
+    tokenizer = TextTokenizer.from_folder(folder)
+    # check_checkpoint and load_chat_template are called from here: their SpecWarnings' stacklevels name our caller
+    checked = check_checkpoint(
+        folder,
+        config=config,
+        processor_config=processor_config,
+        generation_config=read_json(folder, "generation_config.json", required=False),
+        tokenizer=tokenizer,
+        settings=settings,
+        image_seq_len=image_seq_len,
+    )
+    template = load_chat_template(folder, tokenizer.config)
+    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
+
+
+def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:
+    from ..spec import load_yaml
+
+    if spec is None and source is not None and os.fspath(source).endswith((".yaml", ".yml")):
+        spec = source
+        source = None
+    if isinstance(spec, (str, os.PathLike)):
+        spec = load_yaml(spec)
+    if source is None:
+        source = getattr(spec, "tokenizer", None)
+        if source is None:
+            raise ProcessorError(
+                "no tokenizer source: pass a checkpoint folder or repo id, or a spec with `tokenizer:`",
+                hint="add `tokenizer: <folder or repo id>` to the model YAML",
+            )
+    return spec, source
+
+
+def _checkpoint_folder(source: str | os.PathLike, revision: str | None) -> Path:
+    """The local folder with ``source``'s small files (no weights)."""
+    if revision is None:  # a bundled repo id falls back to vlmkit's copy of its files when offline
+        folder, _ = resolve_config_folder(source)
+    else:
+        folder = resolve_source(source, weights=False, revision=revision)
+    return folder
+
+
+def _vision_side(
+    folder: Path, spec: Any, image_seq_len: int | None
+) -> tuple[ImageSettings, dict[str, Any] | None, dict[str, Any] | None, int | None]:
+    """Image settings, config.json, processor_config.json and tokens per image: the checkpoint's,
+    or, with ``spec``, those of the spec's components (processor_config.json is then dropped)."""
+    settings = ImageSettings.from_config(
+        read_json(folder, "preprocessor_config.json"), source=str(folder / "preprocessor_config.json")
+    )
+    config = read_json(folder, "config.json", required=False)
+    processor_config = read_json(folder, "processor_config.json", required=False)
+    if spec is not None:
+        settings, config, image_seq_len = _from_spec(spec, settings)
+        processor_config = None  # the spec, not the tokenizer checkpoint, describes the vision side
+    return settings, config, processor_config, image_seq_len
+
+
+def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[str, Any], int]:
+    """Image settings, a config-like dict and tokens per image from the spec's components
+    (built on the meta device: no memory, no compute)."""
+    import dataclasses
+
+    from ..builder import assemble
+    from ..protocols import SLOTS
+
+    model = assemble(spec, meta_slots=frozenset(SLOTS))
+    tower = model.vision_tower
+    # Keep the checkpoint's largest tile grid (SmolVLM: 2048 / 512 = 4 x 4 tiles) at the new tile size.
+    grid = max(1, settings.longest_edge // settings.tile)
+    updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
+    for field, attr in (("mean", "image_mean"), ("std", "image_std")):
+        value = getattr(tower, attr, None)
+        if value is not None:
+            updates[field] = tuple(float(v) for v in value)
+    config = {"image_token_id": model.packer.image_token_id, "vocab_size": model.backbone.vocab_size}
+    return dataclasses.replace(settings, **updates), config, model.packer.tokens_per_image
