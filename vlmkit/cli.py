@@ -84,6 +84,7 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
 ) -> None:
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .generation import _check_options, stream
@@ -92,6 +93,8 @@ def generate(
     err = _console(stderr=True)
     images = _read_images(image or [])
     model, processor = _load_model_and_processor(source)
+    if int8:
+        _quantize(err, model)
     kwargs = {} if split is None else {"do_image_splitting": split}
     _print_image_costs(err, processor, image or [], images, kwargs)
     batch = _chat_batch(processor, prompt, images, kwargs)
@@ -128,6 +131,18 @@ def _load_model_and_processor(source: str):
 
     model = build(source) if _is_yaml(source) else build_from_hf(source)
     return model, load_processor(model.spec.tokenizer or source)
+
+
+def _quantize(err, model) -> None:
+    """:func:`vlmkit.quantize.quantize_int8` with its defaults, and one stderr line saying so."""
+    import time
+
+    from .quantize import Int8Linear, quantize_int8
+
+    start = time.perf_counter()
+    quantize_int8(model)
+    layers = sum(isinstance(m, Int8Linear) for m in model.modules())
+    err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
 
 
 def _print_image_costs(err, processor, paths: list[Path], images: list, kwargs: dict) -> None:

@@ -126,3 +126,7 @@ def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, ca
     assert "image 1" in err and "64 visual tokens" in err  # the token-cost preflight
     assert main(["generate", str(smolvlm_real_folder), "--prompt", "x", "--top-p", "0"]) == 1
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", str(smolvlm_real_folder), "--prompt", QUESTION, "-n", "12", "--int8"]) == 0
+    out, err = capsys.readouterr()
+    assert "int8: " in err and "linear layers quantized" in err and "tokens/s" in err
+    assert out.strip()  # an answer (int8 is approximate: not asserted token for token)
