@@ -367,7 +367,9 @@ class NavitVisionTower(nn.Module):
             out[part] = hidden
         return out
 
-    #: Patches per chunk when encoding many images without autograd (one 512 px tile of 16 px patches).
+    #: Activation budget when encoding many images without autograd: images are encoded a few at a
+    #: time so that a chunk holds about this many patches (at least one image). A speed/memory
+    #: setting, not a model fact: the patches per image come from the input.
     CHUNK_PATCHES = 1024
 
     def _encode(self, pixel_values: torch.Tensor, mask: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:

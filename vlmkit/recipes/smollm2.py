@@ -62,10 +62,10 @@ logger = logging.getLogger(__name__)
 
 RECIPE_NAME = "smolvlm-256m-instruct+smollm2-135m-instruct-q4_1"
 #: Bump whenever the bytes the recipe writes change; stale cached folders are then rebuilt.
-RECIPE_VERSION = 1
-#: Seed of the rows of the 128 tokens SmolVLM adds to SmolLM2's vocabulary (any fixed number;
-#: the base vocabulary size itself is read from the GGUF embedding, not from this).
-ADDED_ROWS_SEED = 49152
+RECIPE_VERSION = 2
+#: Seed of the rows of the tokens SmolVLM adds to SmolLM2's vocabulary: an arbitrary fixed number
+#: (how many rows, and the base vocabulary size, are read from config.json and the GGUF embedding).
+ADDED_ROWS_SEED = 20251130
 #: Noise scale of those rows, as a fraction of the std of SmolLM2's embedding entries.
 ADDED_ROWS_NOISE = 0.1
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
