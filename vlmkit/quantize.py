@@ -14,9 +14,9 @@ This is an *approximation*: logits move by a few percent of their range and gree
 pick another token where two are nearly tied (``vlmkit bench --int8`` reports both). Embeddings,
 norms, attention, the patch-embedding convolution, the connector and (by default) the LM head stay
 float32. The head is kept because it is where one int8 scale per row costs most: on SmolLM2-135M
-weights an int8 head halves the share of prompts whose greedy continuation matches float32
-(8/24 against 15/24 with a float32 head) for ~20% more decode speed (2.06x float32 against
-1.65-1.72x, measured by ``vlmkit bench --int8``).
+weights an int8 head lowers the share of prompts whose greedy continuation matches float32
+(8/24 against 12-15/24 with a float32 head, depending on the calibration draw) for ~20% more
+decode speed (2.06x float32 against 1.65-1.90x, measured by ``vlmkit bench --int8``).
 
 A quantized model is for inference on the CPU only: it cannot be trained, saved with
 ``save_pretrained`` or moved to a GPU -- keep (or rebuild) the float32 model for those.
