@@ -11,26 +11,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+#: The published SmolVLM / SmolVLM2 config, processor and tokenizer files, bundled with vlmkit
+#: (byte-identical to the Hub: vlmkit/data/hf-configs/SHA256SUMS, checked by test_bundled_files).
 BUNDLED = REPO / "vlmkit" / "data" / "hf-configs"
-SHARED = Path(os.environ.get("VLMKIT_SHARED", REPO.parent / "shared")) / "hf-configs"
 
 PUBLISHED = {
-    "SmolVLM-256M-Instruct": "HuggingFaceTB__SmolVLM-256M-Instruct",
-    "SmolVLM-500M-Instruct": "HuggingFaceTB__SmolVLM-500M-Instruct",
-    "SmolVLM2-256M-Video-Instruct": "HuggingFaceTB__SmolVLM2-256M-Video-Instruct",
-    "SmolVLM2-500M-Video-Instruct": "HuggingFaceTB__SmolVLM2-500M-Video-Instruct",
+    "SmolVLM-256M-Instruct": "HuggingFaceTB/SmolVLM-256M-Instruct",
+    "SmolVLM-500M-Instruct": "HuggingFaceTB/SmolVLM-500M-Instruct",
+    "SmolVLM2-256M-Video-Instruct": "HuggingFaceTB/SmolVLM2-256M-Video-Instruct",
+    "SmolVLM2-500M-Video-Instruct": "HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
 }
 
 
 def published_folder(name: str) -> Path:
-    """The folder of a published checkpoint's files (shared/ first, then vlmkit's bundled copy)."""
-    shared = SHARED / PUBLISHED[name]
-    if shared.is_dir():
-        return shared
-    bundled = BUNDLED / name
-    if bundled.is_dir():
-        return bundled
-    pytest.skip(f"{name} config files not found under {SHARED} or {BUNDLED}")
+    """The folder of a published checkpoint's files, inside the repository."""
+    folder = BUNDLED / name
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is missing from the repository (it ships with vlmkit)")
+    return folder
 
 
 @pytest.fixture(params=list(PUBLISHED))

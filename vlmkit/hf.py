@@ -19,6 +19,8 @@ _DATA = Path(__file__).parent / "data" / "hf-configs"
 BUNDLED = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": _DATA / "SmolVLM-256M-Instruct",
     "HuggingFaceTB/SmolVLM-500M-Instruct": _DATA / "SmolVLM-500M-Instruct",
+    "HuggingFaceTB/SmolVLM2-256M-Video-Instruct": _DATA / "SmolVLM2-256M-Video-Instruct",
+    "HuggingFaceTB/SmolVLM2-500M-Video-Instruct": _DATA / "SmolVLM2-500M-Video-Instruct",
 }
 
 # HF config section for each slot, so errors name the key the user can find in config.json.

@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import VlmkitError
 
-__all__ = ["Int8Linear", "quantize_int8", "int8_available", "DEFAULT_SLOTS"]
+__all__ = ["Int8Linear", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
 
 #: The slots :func:`quantize_int8` quantizes by default.
 DEFAULT_SLOTS = ("backbone", "vision_tower")
@@ -49,13 +49,22 @@ def int8_available() -> bool:
         return False
 
 
-def _reduce_range() -> bool:
-    """7-bit activations on CPUs whose int8 dot product can saturate (no VNNI), as torch does."""
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has an int8 dot-product instruction (AVX512-VNNI / AVX-VNNI) torch uses.
+
+    Without it (AVX2-only CPUs) the one-row int8 kernel multiplies pairs into 16 bits, which can
+    saturate on 8-bit activations; torch then quantizes activations to 7 bits.
+    """
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     try:
-        return not (callable(is_vnni) and is_vnni())
+        return bool(callable(is_vnni) and is_vnni())
     except RuntimeError:
-        return True
+        return False
+
+
+def _reduce_range() -> bool:
+    """7-bit activations on CPUs whose int8 dot product can saturate (no VNNI), as torch does."""
+    return not cpu_has_vnni()
 
 
 class Int8Linear(nn.Module):
@@ -115,12 +124,17 @@ class Int8Linear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def _per_row(self, x: torch.Tensor) -> torch.Tensor:
-        """Each row quantized to int8 with its own scale and zero point; int8 x int8 -> int32."""
+        """Each row quantized to int8 with its own scale and zero point; int8 x int8 -> int32.
+
+        With ``reduce_range`` (CPUs without VNNI) rows get 7-bit levels, as the one-row kernel
+        quantizes them there, so a token's result does not depend on how many rows it came with.
+        """
+        levels = 127.0 if self.reduce_range else 255.0
         lo = x.amin(dim=1, keepdim=True).clamp_(max=0.0)
         hi = x.amax(dim=1, keepdim=True).clamp_(min=0.0)
-        step = (hi - lo).clamp_(min=1e-12) / 255.0
-        zero = torch.round(-128.0 - lo / step)  # x ~ step * (q - zero), q in [-128, 127]
-        q = torch.round(x / step).add_(zero).clamp_(-128, 127).to(torch.int8)
+        step = (hi - lo).clamp_(min=1e-12) / levels
+        zero = torch.round(-128.0 - lo / step)  # x ~ step * (q - zero), q in [-128, -128 + levels]
+        q = torch.round(x / step).add_(zero).clamp_(-128, -128 + levels).to(torch.int8)
         acc = torch._int_mm(q, self._qweight_t).to(torch.float32)  # (M, out)
         y = acc.sub_(zero * self._colsum).mul_(step * self._scales)
         return y if self._bias is None else y.add_(self._bias)
