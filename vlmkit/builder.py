@@ -6,18 +6,20 @@ import contextlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import PluginError, SourceNotFoundError, SpecError, VlmkitError, WeightLoadError, short_repr
+from .family import Family
 from .model import VLM
 from .protocols import SLOTS
 from .spec import VLMSpec, load_yaml, validate_spec
 from .weights import Checkpoint, LoadReport, load_component
 
-__all__ = ["build", "build_from_hf", "resolve_dtype", "resolve_device", "assemble"]
+__all__ = ["build", "build_from_hf", "resolve_dtype", "resolve_device", "assemble", "Origin"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +108,7 @@ _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
 def _on_meta():
     """Build on the meta device with ``torch.nn.init`` switched off: meta tensors hold no values,
     and initialising them still costs (torch runs its Python reference kernels), ~0.1 s for
-    SmolVLM. Parameters the checkpoint lacks get a real fresh init later (:func:`_materialize`)."""
+    published checkpoints. Parameters the checkpoint lacks get a real fresh init later (:func:`_materialize`)."""
     import torch.nn.init as init
 
     saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
@@ -156,8 +158,10 @@ def assemble(spec: VLMSpec, meta_slots: frozenset[str] = frozenset()) -> VLM:
     """
     backbone = _make(spec, "backbone", "backbone" in meta_slots)
     tower = _make(spec, "vision_tower", "vision_tower" in meta_slots)
+    # a tower whose token count is not the square patch grid (a class token kept) declares num_tokens
+    tokens = {"num_tokens": tower.num_tokens} if getattr(tower, "num_tokens", None) is not None else {}
     connector = _make(spec, "connector", "connector" in meta_slots, in_features=tower.hidden_size,
-                      grid=tower.num_patches_per_side, out_features=backbone.hidden_size)  # fmt: skip
+                      grid=tower.num_patches_per_side, out_features=backbone.hidden_size, **tokens)  # fmt: skip
     aligner = _make(spec, "aligner", "aligner" in meta_slots, in_features=connector.out_features,
                     out_features=backbone.hidden_size)  # fmt: skip
     packer = _make(spec, "packer", False, tokens_per_image=_tokens(spec, connector))
@@ -206,7 +210,24 @@ def build(
     return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict)
 
 
-def _build(spec: VLMSpec, origin: str | None, *, load_weights: bool, dtype, device, strict: bool) -> VLM:
+@dataclass(frozen=True)
+class Origin:
+    """Where a spec came from, for error messages: the file (``path``), and for a checkpoint's
+    ``config.json`` the family that translates spec key paths into that file's keys."""
+
+    path: str | None = None
+    family: Family | None = None
+
+    def error(self, exc: SpecError) -> SpecError:
+        """``exc`` naming this origin (in the file's own key paths), unless it names a file already."""
+        if self.path is None or exc.source is not None:
+            return exc
+        if self.family is not None:
+            return self.family.config_error(exc, self.path)
+        return SpecError(exc.detail, key_path=exc.key_path, source=self.path, hint=exc.hint)
+
+
+def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, strict: bool) -> VLM:
     """:func:`build` of a validated spec; ``origin`` (the YAML or config.json) is named in errors."""
     device = resolve_device(device)
     sources = {slot: spec.weights_for(slot) for slot in SLOTS} if load_weights else {}
@@ -258,12 +279,12 @@ def _memory_bytes() -> int | None:
         return None
 
 
-def _origin(path_or_spec) -> str | None:
+def _origin(path_or_spec) -> Origin:
     """The YAML file a spec came from, for error messages."""
-    return os.fspath(path_or_spec) if isinstance(path_or_spec, (str, os.PathLike)) else None
+    return Origin(os.fspath(path_or_spec) if isinstance(path_or_spec, (str, os.PathLike)) else None)
 
 
-def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: str | None = None) -> VLM:
+def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: Origin = Origin()) -> VLM:
     """:func:`assemble`, after checking on the meta device that the model fits in memory.
 
     (Fresh slots are built in float32 on the CPU, so an absurd size would otherwise allocate, or
@@ -281,7 +302,7 @@ def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: s
                 hint="check the sizes: hidden_size, intermediate_size, num_hidden_layers, vocab_size, image_size / patch_size",
             )
     except SpecError as exc:
-        raise _with_origin(exc, origin) from exc.__cause__
+        raise origin.error(exc) from exc.__cause__
     return shapes if meta_slots == frozenset(SLOTS) else assemble(spec, meta_slots=meta_slots)
 
 
@@ -311,17 +332,6 @@ def _int_items(mapping: dict, prefix: str, depth: int = 0):
             yield f"{prefix}.{key}", value
 
 
-def _with_origin(exc: SpecError, origin: str | None) -> SpecError:
-    """``exc`` naming the file the spec came from (HF key paths for a config.json)."""
-    if origin is None or exc.source is not None:
-        return exc
-    if origin.endswith("config.json"):
-        from .hf import _hf_key_path
-
-        return _hf_key_path(exc, origin)
-    return SpecError(exc.detail, key_path=exc.key_path, source=origin, hint=exc.hint)
-
-
 def _group(sources: dict[str, str]) -> dict[str, list[str]]:
     grouped: dict[str, list[str]] = {}
     for slot, src in sources.items():
@@ -340,15 +350,15 @@ def _weights_config(sources: dict[str, str]) -> dict | None:
 
 
 def _load_source(model: VLM, source: str, slots: list[str], dtype, report: LoadReport, *, all_slots: bool,
-                 origin: str | None = None) -> None:  # fmt: skip
+                 origin: Origin = Origin()) -> None:  # fmt: skip
     from .hub import resolve_source
 
     try:
         folder = resolve_source(source, weights=True)
     except SourceNotFoundError as exc:
-        if not origin or origin.endswith("config.json"):
+        if origin.path is None or origin.family is not None:  # a checkpoint's own weights: the message says it
             raise
-        raise SourceNotFoundError(f"{origin}: weights ({', '.join(slots)}): {exc.message}", hint=exc.hint) from exc
+        raise SourceNotFoundError(f"{origin.path}: weights ({', '.join(slots)}): {exc.message}", hint=exc.hint) from exc
     ckpt = Checkpoint(folder)
     read: set[str] = set()
     for slot in slots:
@@ -436,8 +446,9 @@ def build_from_hf(
 
     ``load_weights=False`` builds the architecture with fresh init (config files only).
     """
-    from .hf import spec_from_hf
+    from .hf import family_of_folder, resolve_config_folder, spec_from_hf
 
     spec = spec_from_hf(source)
-    origin = f"{os.fspath(source)}/config.json"
+    folder, _ = resolve_config_folder(source)
+    origin = Origin(f"{os.fspath(source)}/config.json", family_of_folder(folder))
     return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict)

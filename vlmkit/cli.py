@@ -87,9 +87,9 @@ def generate(
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
 ) -> None:
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
-    from .generation import _check_options, stream
+    from .generation import check_options, stream
 
-    _check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     err = _console(stderr=True)
     images = _read_images(image or [])
     model, processor = _load_model_and_processor(source)

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import VlmkitError
 from .weights import save_safetensors
 
-__all__ = ["save_hf", "TOKENIZER_FILES"]
+__all__ = ["save_hf", "hf_config", "TOKENIZER_FILES"]
 
 #: Non-weight files copied from the spec's tokenizer folder, when it is local.
 TOKENIZER_FILES = (
@@ -25,14 +25,13 @@ def save_hf(model, folder: str | Path) -> Path:
     Raises :class:`VlmkitError` when no installed family can describe the model's slot
     combination as a transformers config.
     """
-    from .plugins import get_plugin_manager
-
-    config = get_plugin_manager().hook.vlmkit_hf_config_from_spec(spec=model.spec)
+    config = hf_config(model.spec)
     if config is None:
         names = ", ".join(f"{s}={getattr(model.spec, s).name}" for s in ("vision_tower", "connector", "backbone"))
         raise VlmkitError(
             f"no installed plugin can write a Hugging Face config for this combination ({names})",
-            hint="export is available for models transformers has a class for (e.g. navit + idefics3 + llama)",
+            hint="export is available for slot combinations a family's transformers class can represent "
+            "(`vlmkit plugins` lists the families)",
         )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -44,6 +43,17 @@ def save_hf(model, folder: str | Path) -> Path:
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     _copy_tokenizer(model.spec.tokenizer, folder)
     return folder
+
+
+def hf_config(spec) -> dict | None:
+    """The transformers ``config.json`` of ``spec`` from the first family that can represent it."""
+    from .plugins import get_registry
+
+    for family in get_registry().families():
+        config = family.config_from_spec(spec)
+        if config is not None:
+            return config
+    return None
 
 
 def _copy_tokenizer(source: str | None, folder: Path) -> None:

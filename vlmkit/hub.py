@@ -45,7 +45,7 @@ def resolve_source(source: str | os.PathLike, *, weights: bool = True, revision:
     if not _looks_like_repo_id(text):
         raise SourceNotFoundError(
             f"no folder {text!r}, and it is not a Hub repo id (owner/name)",
-            hint="check the path, or pass a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
+            hint="check the path, or pass a Hub repo id (owner/name)",
         )
     return _snapshot(text, weights=weights, revision=revision)
 
@@ -55,7 +55,7 @@ def _source_text(source: object) -> str:
     if not isinstance(source, (str, os.PathLike)):
         raise SourceNotFoundError(
             f"expected a checkpoint folder path or a Hub repo id (owner/name), got {type(source).__name__} {source!r}",
-            hint="pass a path such as ./my-checkpoint or a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
+            hint="pass a path such as ./my-checkpoint or a Hub repo id (owner/name)",
         )
     text = os.fspath(source)
     if isinstance(text, bytes):
@@ -97,7 +97,7 @@ def _snapshot(repo_id: str, *, weights: bool, revision: str | None) -> Path:
     except HFValidationError as exc:
         raise SourceNotFoundError(
             f"no folder {repo_id!r}, and it is not a valid Hub repo id ({exc})",
-            hint="check the path, or pass a repo id such as HuggingFaceTB/SmolVLM-256M-Instruct",
+            hint="check the path, or pass a Hub repo id (owner/name)",
         ) from exc
     except RepositoryNotFoundError as exc:
         raise SourceNotFoundError(

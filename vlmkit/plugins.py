@@ -40,17 +40,18 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "vlmkit"
 
-#: Built-in component modules; each is a plugin with its own ``vlmkit_register_components``.
-BUILTIN_MODULES = (
-    "vlmkit.components.navit",
-    "vlmkit.components.siglip",
-    "vlmkit.components.idefics3_connector",
-    "vlmkit.components.hidden_align",
-    "vlmkit.components.image_packer",
-    "vlmkit.components.llama",
-    "vlmkit.components.hf_causal_lm",
-    "vlmkit.components.idefics3_family",
-)
+def _builtin_modules() -> tuple[str, ...]:
+    """Every module of :mod:`vlmkit.components` (sorted). Each is a plugin; a module of building
+    blocks simply implements no hook."""
+    import pkgutil
+
+    from . import components
+
+    return tuple(sorted(f"{components.__name__}.{m.name}" for m in pkgutil.iter_modules(components.__path__)))
+
+
+#: Built-in component and family modules; each is a plugin with its own ``vlmkit_register_components``.
+BUILTIN_MODULES = _builtin_modules()
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,7 @@ def unregister_plugin(name: str) -> None:
 
 
 def _drop_entries(plugin_name: str, registry: Registry | None = None) -> None:
-    reg = registry if registry is not None else _state.registry
-    for slot_entries in reg._entries.values():  # noqa: SLF001 - the manager owns the registry
-        for key in [k for k, e in slot_entries.items() if e.plugin == plugin_name]:
-            del slot_entries[key]
+    (registry if registry is not None else _state.registry).drop_plugin(plugin_name)
 
 
 def failures() -> list[PluginFailure]:

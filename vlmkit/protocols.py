@@ -42,7 +42,10 @@ class VisionTower(Component, Protocol):
 
     Attributes: ``hidden_size`` (D_v), ``patch_size``, ``image_size`` (the square input side the
     tower was trained on), ``num_patches_per_side`` (``image_size // patch_size``).
-    Built as ``cls(params)``.
+    Optional: ``num_tokens`` (feature rows per image when they are not the square patch grid,
+    e.g. a kept class token; the builder then passes it to the connector as ``num_tokens=``),
+    ``image_mean`` / ``image_std`` (the normalisation the tower was trained with; the processor
+    uses them for an assembled model), ``params.num_channels``. Built as ``cls(params)``.
     """
 
     hidden_size: int
@@ -61,7 +64,8 @@ class VisionTower(Component, Protocol):
 class Connector(Component, Protocol):
     """Patch features -> visual tokens.
 
-    Built as ``cls(params, in_features=D_v, grid=num_patches_per_side, out_features=D)``; it may
+    Built as ``cls(params, in_features=D_v, grid=num_patches_per_side, out_features=D)`` (plus
+    ``num_tokens=`` when the tower declares it); it may
     choose another ``out_features``; the aligner slot then projects to ``D`` (it is the identity
     when the widths already match).
     """

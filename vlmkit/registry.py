@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import PluginError, UnknownComponentError
 from .protocols import SLOTS
 
-__all__ = ["Registry", "Entry"]
+__all__ = ["Registry", "Entry", "FamilyEntry"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,14 @@ class Entry:
     plugin: str
 
 
+@dataclass(frozen=True)
+class FamilyEntry:
+    """One registered model family and the plugin that added it."""
+
+    family: Any
+    plugin: str
+
+
 class Registry:
     """Typed ``add_*`` methods for plugins; ``get(slot, name)`` for the builder.
 
@@ -29,7 +38,50 @@ class Registry:
 
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {slot: {} for slot in SLOTS}
+        self._families: dict[str, FamilyEntry] = {}  # model_type -> entry
         self.current_plugin = "<direct>"
+
+    def add_family(self, family: Any) -> None:
+        """Register a :class:`~vlmkit.family.Family` instance for each of its ``model_types``."""
+        from .family import Family
+
+        if not isinstance(family, Family) or not family.model_types:
+            raise PluginError(
+                f"plugin {self.current_plugin!r} registered {family!r} as a family; expected a vlmkit.family.Family "
+                "instance with at least one model_type",
+                hint="subclass vlmkit.family.Family, set model_types, and register an instance",
+            )
+        for model_type in family.model_types:
+            existing = self._families.get(model_type)
+            if existing is not None:
+                raise PluginError(
+                    f"model_type {model_type!r} is claimed by two families: {existing.family.name!r} "
+                    f"(plugin {existing.plugin!r}) and {family.name!r} (plugin {self.current_plugin!r})",
+                    hint="block one plugin with VLMKIT_BLOCK_PLUGINS",
+                )
+        for model_type in family.model_types:
+            self._families[model_type] = FamilyEntry(family, self.current_plugin)
+
+    def family(self, model_type: str) -> Any:
+        """The family that reads ``model_type``, or ``None``."""
+        entry = self._families.get(model_type)
+        return None if entry is None else entry.family
+
+    def families(self) -> list[Any]:
+        """Every registered family, once each, in registration order."""
+        return list({id(e.family): e.family for e in self._families.values()}.values())
+
+    def model_types(self) -> list[str]:
+        """Every ``model_type`` some family reads, sorted."""
+        return sorted(self._families)
+
+    def drop_plugin(self, plugin_name: str) -> None:
+        """Forget every component and family ``plugin_name`` registered."""
+        for slot_entries in self._entries.values():
+            for key in [k for k, e in slot_entries.items() if e.plugin == plugin_name]:
+                del slot_entries[key]
+        for key in [k for k, e in self._families.items() if e.plugin == plugin_name]:
+            del self._families[key]
 
     def add_vision_tower(self, name: str, cls: type) -> None:
         """Register a :class:`~vlmkit.protocols.VisionTower` class under ``name``."""

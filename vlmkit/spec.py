@@ -3,12 +3,12 @@
 The YAML form (also what ``spec_from_hf`` produces)::
 
     vision_tower: {name: navit, hidden_size: 768, image_size: 512, patch_size: 16, ...}
-    connector:    {name: idefics3, scale_factor: 4}
+    connector:    {name: <connector>, scale_factor: 4}
     aligner:      {name: hidden_align}          # optional: inserted from the widths
     packer:       {name: image_packer, image_token_id: 49190, tokens_per_image: 64}
     backbone:     {name: llama, hidden_size: 576, ...}
-    weights: HuggingFaceTB/SmolVLM-256M-Instruct   # optional: a folder or repo id, or per slot
-    tokenizer: HuggingFaceTB/SmolVLM-256M-Instruct # optional
+    weights: owner/checkpoint        # optional: a folder or Hub repo id, or one per slot
+    tokenizer: owner/checkpoint      # optional
     freeze: [vision_tower, backbone]               # optional
 
 Each slot's params are validated by that component's pydantic ``Params`` (unknown keys are
@@ -189,7 +189,7 @@ def load_yaml(path: str | Path) -> VLMSpec:
     if not isinstance(path, (str, os.PathLike)):
         raise SourceNotFoundError(
             f"expected the path of a model YAML file, got {type(path).__name__} {short_repr(path)}",
-            hint="pass a path such as configs/smolvlm-256m.yaml, a VLMSpec or its dict form",
+            hint="pass the path of a model YAML file (see configs/), a VLMSpec or its dict form",
         )
     path = Path(path)
     try:
@@ -212,7 +212,7 @@ def load_yaml(path: str | Path) -> VLMSpec:
         got = "an empty file" if data is None else type(data).__name__
         raise SpecError(
             f"a model YAML is a mapping with keys {', '.join(SLOTS)}; got {got}", source=str(path),
-            hint="see configs/smolvlm-256m.yaml for the layout; `vlmkit schema` prints every valid key",
+            hint="see the YAML files in configs/ for the layout; `vlmkit schema` prints every valid key",
         )
     return validate_spec(data, source=str(path))
 

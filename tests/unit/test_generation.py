@@ -222,13 +222,22 @@ def test_generation_ends_when_every_row_stopped(model):
 
 
 def test_default_stop_and_pad_ids_come_from_the_checkpoint_files(tmp_path):
+    import shutil
+
+    from ..conftest import published_folder
+
+    src = published_folder("SmolVLM-256M-Instruct")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json", "preprocessor_config.json"):
+        shutil.copyfile(src / name, tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 7], "pad_token_id": 3}))
-    (tmp_path / "tokenizer.json").write_text(
-        json.dumps({"added_tokens": [{"id": 11, "content": "<image>"}, {"id": 9, "content": "<end_of_utterance>"}]})
-    )
     m = _tiny_model(tokenizer=str(tmp_path))
-    assert default_stop_ids(m) == [5, 7, 2, 9]  # generation_config, backbone eos, <end_of_utterance>
-    assert default_pad_id(m) == 3
+    # the processor's answer: generation_config's eos, config.json's text eos (2), the family's
+    # turn-end token <end_of_utterance> (49279 is outside this tiny model's vocabulary: left out)
+    assert default_stop_ids(m) == [5, 7, 2]
+    processor = vlmkit.load_processor(tmp_path)
+    assert processor.eos_token_ids == [5, 7, 2, 49279]
+    # the tokenizer's pad token (<|im_end|>, 2) wins over generation_config.json's 3, as in the processor
+    assert default_pad_id(m) == processor.pad_token_id == 2
     bare = _tiny_model()
     assert default_stop_ids(bare) == [2] and default_pad_id(bare) == 0
 

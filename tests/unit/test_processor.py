@@ -54,7 +54,7 @@ def test_reads_token_facts(proc):
     assert proc.image_seq_len == 64  # (512/16)^2 / 4^2
     assert proc.image_token == "<image>"
     assert proc.image_token_id == 49190 == proc.tokenizer.token_to_id("<image>")
-    assert proc.eos_token_ids == [49279]  # generation_config.json, = <end_of_utterance>
+    assert proc.eos_token_ids == [49279, 2]  # generation_config.json (= <end_of_utterance>), config.json's text eos
     assert proc.pad_token_id == 2 and proc.bos_token_id == 1
     assert proc.tokenizer.padding_side == "right"
     assert proc.settings.tile == 512 and proc.settings.longest_edge == 2048
@@ -68,7 +68,7 @@ def test_published_bos_eos_disagreement_warns_once_per_kind(folder):
     eos = [m for m in messages if "on the eos token" in m]
     assert len(bos) == 1 and len(eos) == 1 and len(messages) == 2, messages
     assert "generation_config.json bos_token_id = 0" in bos[0] and "uses 1" in bos[0]
-    assert "config.json text_config.eos_token_id = 2" in eos[0] and "uses [49279]" in eos[0]
+    assert "config.json text_config.eos_token_id = 2" in eos[0] and "uses [49279, 2]" in eos[0]
 
 
 def test_smolvlm2_folder_without_tokenizer_config(tmp_path):
@@ -108,7 +108,7 @@ def test_image_token_id_must_match_tokenizer(folder, tmp_path):
 
 def test_image_token_id_must_be_in_vocabulary(folder, tmp_path):
     copy = _copy(folder, tmp_path, {"config.json": {"image_token_id": 60000}})
-    with pytest.raises(SpecError, match="not a token id inside the 49280-token vocabulary"):
+    with pytest.raises(SpecError, match="image_token_id 60000 is outside the vocabulary"):
         _load_quietly(copy)
 
 

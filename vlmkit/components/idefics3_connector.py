@@ -23,7 +23,7 @@ from ..errors import SpecError
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
 
-__all__ = ["Idefics3ConnectorParams", "Idefics3Connector", "pixel_shuffle"]
+__all__ = ["Idefics3ConnectorParams", "Idefics3Connector", "pixel_shuffle", "tokens_per_image"]
 
 
 class Idefics3ConnectorParams(BaseModel):
@@ -38,6 +38,13 @@ def _divisors(n: int) -> list[int]:
     from ..errors import divisors
 
     return divisors(n)
+
+
+def tokens_per_image(grid: int, scale: int) -> int:
+    """Visual tokens per image for a ``grid x grid`` patch grid merged in ``scale x scale`` blocks:
+    ``(grid // scale) ** 2``. The one place this formula lives (the family's config cross-checks
+    and the processor's image cost use it through the spec)."""
+    return (grid // scale) ** 2
 
 
 def pixel_shuffle(x: torch.Tensor, scale: int) -> torch.Tensor:
@@ -85,7 +92,7 @@ class Idefics3Connector(nn.Module):
         self.in_features = in_features
         self.grid = grid
         self.out_features = out_features
-        self.tokens_per_image = (grid // s) ** 2
+        self.tokens_per_image = tokens_per_image(grid, s)
         self.proj = nn.Linear(in_features * s * s, out_features, bias=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

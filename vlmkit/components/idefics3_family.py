@@ -1,4 +1,10 @@
-"""Model family ``idefics3`` / ``smolvlm``: Hugging Face ``config.json`` -> vlmkit spec.
+"""Model family ``idefics3`` / ``smolvlm`` (Idefics3, SmolVLM, SmolVLM2): everything the family decides.
+
+- ``config.json`` <-> spec (:func:`spec_dict_from_config`; :meth:`Idefics3Family.config_from_spec`
+  for export), with the config sections of each slot for error key paths;
+- the prompt layout of images (:mod:`vlmkit.components.idefics3_layout`) and the turn separator
+  ``<end_of_utterance>`` as a stop token;
+- the published SmolVLM / SmolVLM2 config files bundled with vlmkit, for offline use.
 
 Every number comes from the checkpoint's files; transformers' defaults for these model types
 fill keys a config leaves out (the SmolVLM2 configs omit several). Cross-checks:
@@ -16,10 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError, divisors, short_repr
+from ..family import Family
 from ..hookspecs import hookimpl
 from ..hub import read_json
+from .idefics3_connector import tokens_per_image
+from .idefics3_layout import image_layout, layout_token_names
 
-__all__ = ["MODEL_TYPES", "spec_dict_from_config"]
+__all__ = ["MODEL_TYPES", "BUNDLED", "Idefics3Family", "spec_dict_from_config"]
+
+_DATA = Path(__file__).resolve().parents[1] / "data" / "hf-configs"
+#: Hub repo ids whose config/tokenizer files ship inside vlmkit (no weights).
+BUNDLED = {
+    f"HuggingFaceTB/{name}": _DATA / name
+    for name in ("SmolVLM-256M-Instruct", "SmolVLM-500M-Instruct", "SmolVLM2-256M-Video-Instruct", "SmolVLM2-500M-Video-Instruct")
+}
 
 #: ``model_type`` values this family answers, with transformers' top-level defaults.
 MODEL_TYPES = {"idefics3": {"image_token_id": 128257, "scale_factor": 2}, "smolvlm": {"image_token_id": 128257, "scale_factor": 2}}
@@ -73,7 +89,7 @@ def _tokens_per_image(vision: dict[str, Any], scale: int, source: str) -> int:
             f"(image_size {image_size} / patch_size {patch_size}); valid scales: {valid}",
             key_path="scale_factor", source=source,
         )
-    return (grid // scale) ** 2
+    return tokens_per_image(grid, scale)
 
 
 def _cross_check_scale(config: dict[str, Any], text: dict[str, Any], source: str) -> int:
@@ -158,37 +174,47 @@ def spec_dict_from_config(config: dict[str, Any], folder: Path | None = None, so
     }
 
 
-@hookimpl
-def vlmkit_spec_from_hf(config: dict[str, Any], folder: Path) -> dict[str, Any] | None:
-    """Answer for ``model_type`` idefics3 and smolvlm."""
-    if config.get("model_type") not in MODEL_TYPES:
-        return None
-    return spec_dict_from_config(config, folder, source=str(Path(folder) / "config.json"))
+class Idefics3Family(Family):
+    """The ``idefics3`` / ``smolvlm`` family (transformers' ``Idefics3ForConditionalGeneration``)."""
+
+    name = "idefics3"
+    model_types = tuple(MODEL_TYPES)
+    sections = {"vision_tower": "vision_config", "backbone": "text_config"}
+    bundled = BUNDLED
+
+    def spec_from_config(self, config: dict[str, Any], folder: Path | None, source: str) -> dict[str, Any]:
+        return spec_dict_from_config(config, folder, source=source)
+
+    def prompt_layout(self, tokenizer, settings, vocab_rows: int):  # noqa: ANN001 - see Family
+        return image_layout(tokenizer, settings, vocab_rows)
+
+    def stop_tokens(self, tokenizer_config) -> tuple[str, ...]:  # noqa: ANN001 - see Family
+        """``<end_of_utterance>`` (or its override in tokenizer_config.json) closes every chat turn."""
+        return (layout_token_names(tokenizer_config)["end_of_utterance_token"],)
+
+    def config_from_spec(self, spec) -> dict[str, Any] | None:  # noqa: ANN001 - see Family
+        """Idefics3 ``config.json`` for navit + idefics3 connector + identity aligner + llama."""
+        names = (spec.vision_tower.name, spec.connector.name, spec.aligner.name, spec.packer.name, spec.backbone.name)
+        if names != ("navit", "idefics3", "hidden_align", "image_packer", "llama"):
+            return None  # the idefics3 connector always projects to the text width: the aligner is the identity
+        text = spec.backbone.params.model_dump(mode="json")
+        tie = text.pop("tie_word_embeddings")
+        if text.get("hidden_size") is None:
+            return None
+        vision = spec.vision_tower.params.model_dump(mode="json")
+        return {
+            "architectures": ["Idefics3ForConditionalGeneration"],
+            "model_type": "idefics3",
+            "image_token_id": spec.packer.params.image_token_id,
+            "scale_factor": spec.connector.params.scale_factor,
+            "tie_word_embeddings": tie,
+            "vocab_size": text["vocab_size"],
+            "vision_config": {"model_type": "idefics3_vision", **vision},
+            "text_config": {"model_type": "llama", "tie_word_embeddings": tie, **{k: v for k, v in text.items() if v is not None}},
+        }
 
 
 @hookimpl
-def vlmkit_register_components(registry) -> None:
-    """This module registers no component; it teaches vlmkit the idefics3/smolvlm configs."""
-
-
-@hookimpl
-def vlmkit_hf_config_from_spec(spec) -> dict[str, Any] | None:
-    """Idefics3 ``config.json`` for navit + idefics3 connector + identity aligner + llama."""
-    names = (spec.vision_tower.name, spec.connector.name, spec.aligner.name, spec.packer.name, spec.backbone.name)
-    if names != ("navit", "idefics3", "hidden_align", "image_packer", "llama"):
-        return None  # the idefics3 connector always projects to the text width: the aligner is the identity
-    text = spec.backbone.params.model_dump(mode="json")
-    tie = text.pop("tie_word_embeddings")
-    if text.get("hidden_size") is None:
-        return None
-    vision = spec.vision_tower.params.model_dump(mode="json")
-    return {
-        "architectures": ["Idefics3ForConditionalGeneration"],
-        "model_type": "idefics3",
-        "image_token_id": spec.packer.params.image_token_id,
-        "scale_factor": spec.connector.params.scale_factor,
-        "tie_word_embeddings": tie,
-        "vocab_size": text["vocab_size"],
-        "vision_config": {"model_type": "idefics3_vision", **vision},
-        "text_config": {"model_type": "llama", "tie_word_embeddings": tie, **{k: v for k, v in text.items() if v is not None}},
-    }
+def vlmkit_register_components(registry) -> None:  # noqa: ANN001 - pluggy passes the Registry
+    """Register the :class:`Idefics3Family`."""
+    registry.add_family(Idefics3Family())

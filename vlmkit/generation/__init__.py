@@ -39,8 +39,8 @@ is left-aligned internally (real tokens keep their order; this gives the same re
 padding would); the returned prompt part is still ``input_ids`` exactly as given.
 
 **Stop tokens.** ``eos_token_id`` (an int or a list) if given, else :func:`default_stop_ids`:
-the checkpoint's ``generation_config.json`` eos ids, the backbone's ``eos_token_id`` and the
-tokenizer's ``<end_of_utterance>``. Each row stops on its own; generation ends when every row has
+the checkpoint's eos ids as its processor resolves them (``generation_config.json``,
+``config.json`` and the family's turn-end token), else the backbone's ``eos_token_id``. Each row stops on its own; generation ends when every row has
 stopped. ``pad_token_id`` defaults to :func:`default_pad_id`.
 
 **Streaming.** ``streamer`` is a callable ``fn(token_ids: list[int])`` called once per step with
@@ -51,8 +51,8 @@ chunks as they are generated.
 
 **Layout.** This package splits the work into modules; everything public is re-exported here:
 
-- :mod:`~vlmkit.generation.defaults` -- :func:`default_stop_ids`, :func:`default_pad_id` and
-  ``END_OF_UTTERANCE``, read from the checkpoint's files and the backbone's params;
+- :mod:`~vlmkit.generation.defaults` -- :func:`default_stop_ids` and :func:`default_pad_id`,
+  read from the checkpoint's files and the backbone's params;
 - :mod:`~vlmkit.generation.options` -- argument validation, the token chooser (greedy, or
   temperature/top-k/top-p sampling) and seeded randomness;
 - :mod:`~vlmkit.generation.loop` -- the preallocated decode loop, :func:`generate_from_embeds`
@@ -70,46 +70,18 @@ from .chain import (
     PATH_EMBEDS,
     PATH_TEXT_ONLY,
     GenerationInfo,
-    _hf_kwargs,
-    _new_tokens,
-    _path,
-    _run,
-    _strip_placeholders,
-    _text_only,
     generate,
-    log,
 )
-from .defaults import (
-    END_OF_UTTERANCE,
-    _as_id_list,
-    _backbone_setting,
-    _folder_facts,
-    _in_vocab,
-    _resolve_folder,
-    _tokenizer_folder,
-    default_pad_id,
-    default_stop_ids,
-)
-from .loop import _decode_steps, _left_aligned, _left_order, _StreamAdapter, generate_from_embeds
-from .options import (
-    _check_ids,
-    _check_options,
-    _check_prompt,
-    _check_streamer,
-    _chooser,
-    _generator,
-    _is_int,
-    _Options,
-    _with_seed,
-)
-from .streaming import _Cancelled, _stream_text, stream
+from .defaults import default_pad_id, default_stop_ids
+from .loop import generate_from_embeds
+from .options import check_options
+from .streaming import stream
 
-# The private helpers above stay importable from ``vlmkit.generation`` as before the split
-# (``vlmkit.cli`` uses ``_check_options``). Patch them in their own module, not here.
 __all__ = [
     "generate",
     "generate_from_embeds",
     "stream",
+    "check_options",
     "default_stop_ids",
     "default_pad_id",
     "GenerationInfo",

@@ -24,7 +24,7 @@ import torch
 from ..errors import GenerationError, PackingError
 from .defaults import default_pad_id, default_stop_ids
 from .loop import _left_aligned, _StreamAdapter, generate_from_embeds
-from .options import _check_ids, _check_options, _check_prompt, _check_streamer, _generator, _Options, _with_seed
+from .options import _check_ids, check_options, _check_prompt, _check_streamer, _generator, _Options, _with_seed
 
 # The package's logger (its documented name), not this module's.
 log = logging.getLogger("vlmkit.generation")
@@ -173,7 +173,7 @@ def generate(
     Returns:
         ``(B, T + T_new)`` LongTensor: ``input_ids`` then the new tokens.
     """
-    opts = _check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+    opts = check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     stops, pad = _check_call(model, input_ids, attention_mask, eos_token_id, pad_token_id, streamer, allow_text_only)
     with torch.inference_mode():
         return _run(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, opts, stops, pad, streamer, allow_text_only)

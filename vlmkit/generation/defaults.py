@@ -1,31 +1,25 @@
-"""Default stop and pad ids, read from the checkpoint's files and the backbone's params.
+"""Default stop and pad ids: the checkpoint's own answer, else the backbone's params.
 
-Nothing is hard-coded: :func:`default_stop_ids` collects ``generation_config.json``'s eos ids,
-the backbone's ``eos_token_id`` and the tokenizer's ``<end_of_utterance>``;
-:func:`default_pad_id` picks ``generation_config.json``'s ``pad_token_id``, the backbone's, or
-the first stop id. The folder's files are read once per folder (cached).
+Nothing is hard-coded. With a tokenizer folder (``model.spec.tokenizer``, else its weights
+folder) the ids are the ones the processor uses, resolved once per folder by
+:func:`vlmkit.processor.checks.special_ids` (generation_config.json, config.json, the
+tokenizer and the family's turn-end tokens). Without one, the backbone's ``eos_token_id`` /
+``pad_token_id`` params decide.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from ..errors import VlmkitError
 
-__all__ = ["END_OF_UTTERANCE", "default_pad_id", "default_stop_ids"]
-
-#: The chat-turn terminator of Idefics3/SmolVLM tokenizers.
-END_OF_UTTERANCE = "<end_of_utterance>"
+__all__ = ["default_pad_id", "default_stop_ids"]
 
 
 def _as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, bool):
+    if isinstance(value, bool) or value is None:
         return []
     if isinstance(value, int):
         return [value]
@@ -34,53 +28,25 @@ def _as_id_list(value: Any) -> list[int]:
     return []
 
 
-def _generation_config_ids(path: Path) -> tuple[list[int], int | None]:
-    """``(eos ids, pad id)`` of the folder's ``generation_config.json`` (empty when unreadable)."""
-    try:
-        gen = json.loads((path / "generation_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return [], None
-    if not isinstance(gen, dict):
-        return [], None
-    pad = gen.get("pad_token_id") if isinstance(gen.get("pad_token_id"), int) else None
-    return _as_id_list(gen.get("eos_token_id")), pad
-
-
-def _end_of_utterance_id(path: Path) -> int | None:
-    """The id of ``<end_of_utterance>`` among the folder's ``tokenizer.json`` added tokens."""
-    try:
-        tok = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-        for entry in tok.get("added_tokens", []) if isinstance(tok, dict) else []:
-            if isinstance(entry, dict) and entry.get("content") == END_OF_UTTERANCE and isinstance(entry.get("id"), int):
-                return entry["id"]
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-@functools.lru_cache(maxsize=32)
-def _folder_facts(folder: str) -> tuple[tuple[int, ...], int | None, int | None]:
-    """``(generation_config eos ids, generation_config pad id, <end_of_utterance> id)`` of a folder."""
-    path = Path(folder)
-    eos, pad = _generation_config_ids(path)
-    return tuple(eos), pad, _end_of_utterance_id(path)
-
-
-def _tokenizer_folder(model: Any) -> str | None:
+def _checkpoint_ids(model: Any):
+    """The :class:`~vlmkit.processor.checks.SpecialIds` of the model's tokenizer folder, or None."""
     spec = getattr(model, "spec", None)
     source = getattr(spec, "tokenizer", None) or (spec.weights if isinstance(getattr(spec, "weights", None), str) else None)
-    return _resolve_folder(str(source)) if source else None
+    return _ids_of_source(str(source)) if source else None
 
 
 @functools.lru_cache(maxsize=32)
-def _resolve_folder(source: str) -> str | None:
-    try:
-        from ..hf import resolve_config_folder
+def _ids_of_source(source: str):
+    from ..hf import resolve_config_folder
+    from ..processor.checks import special_ids
 
+    try:
         folder, _ = resolve_config_folder(source)
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        return special_ids(str(folder))
     except (VlmkitError, OSError, ImportError):
         return None
-    return str(folder)
 
 
 def _backbone_setting(backbone: Any, key: str) -> Any:
@@ -91,7 +57,7 @@ def _backbone_setting(backbone: Any, key: str) -> Any:
     return value
 
 
-def _in_vocab(ids: list[int], vocab: int | None) -> list[int]:
+def _in_vocab(ids: Sequence[int], vocab: int | None) -> list[int]:
     out: list[int] = []
     for i in ids:
         if i >= 0 and (vocab is None or i < vocab) and i not in out:
@@ -100,25 +66,21 @@ def _in_vocab(ids: list[int], vocab: int | None) -> list[int]:
 
 
 def default_stop_ids(model: Any) -> list[int]:
-    """The ids that end a row by default, in this order, without repeats: the ``eos_token_id`` of
-    the checkpoint's ``generation_config.json`` (folder of ``model.spec.tokenizer``), the
-    backbone's ``eos_token_id`` param and the tokenizer's ``<end_of_utterance>``. Ids outside the
-    vocabulary are left out; nothing is hard-coded."""
-    folder = _tokenizer_folder(model)
-    gen_eos, _, eou = _folder_facts(folder) if folder else ((), None, None)
-    ids = [*gen_eos, *_as_id_list(_backbone_setting(model.backbone, "eos_token_id"))]
-    if eou is not None:
-        ids.append(eou)
+    """The ids that end a row by default: the checkpoint's eos ids (the processor's
+    ``eos_token_ids``) when the model has a tokenizer folder, else the backbone's
+    ``eos_token_id`` param. Ids outside the vocabulary are left out."""
+    found = _checkpoint_ids(model)
+    ids = list(found.eos_token_ids) if found is not None else _as_id_list(_backbone_setting(model.backbone, "eos_token_id"))
     return _in_vocab(ids, getattr(model.backbone, "vocab_size", None))
 
 
 def default_pad_id(model: Any, stop_ids: Sequence[int] | None = None) -> int:
-    """The id that fills rows after they stop: ``generation_config.json``'s ``pad_token_id``, else
-    the backbone's ``pad_token_id``, else the first stop id (as transformers), else 0."""
-    folder = _tokenizer_folder(model)
+    """The id that fills rows after they stop: the checkpoint's pad id, else the backbone's
+    ``pad_token_id``, else the first stop id (as transformers), else 0."""
+    found = _checkpoint_ids(model)
     vocab = getattr(model.backbone, "vocab_size", None)
     candidates = [
-        _folder_facts(folder)[1] if folder else None,
+        found.pad_token_id if found is not None else None,
         _backbone_setting(model.backbone, "pad_token_id"),
         *(list(stop_ids) if stop_ids is not None else default_stop_ids(model))[:1],
     ]

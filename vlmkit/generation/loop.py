@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
-from .options import _check_ids, _check_options, _check_prompt, _check_streamer, _chooser, _generator, _Options
+from .options import _check_ids, check_options, _check_prompt, _check_streamer, _chooser, _generator, _Options
 
 
 # ============================================================================== streaming
@@ -181,7 +181,7 @@ def _check_loop_args(
     streamer: Any,
 ) -> tuple[_Options, list[int], int]:  # fmt: skip
     """Validate :func:`generate_from_embeds`' arguments; ``(options, stop ids, pad id)``."""
-    opts = _check_options(*opts_args)
+    opts = check_options(*opts_args)
     if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[1] < 1:
         raise GenerationError(
             f"inputs_embeds must be a (batch, length >= 1, hidden) tensor; got "

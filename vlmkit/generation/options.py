@@ -32,7 +32,7 @@ def _is_int(value: Any) -> bool:
 
 
 # ============================================================================== validation
-def _check_options(
+def check_options(
     max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any
 ) -> _Options:
     if not _is_int(max_new_tokens) or max_new_tokens < 1:

@@ -18,7 +18,7 @@ import torch
 from ..errors import GenerationError
 from .chain import generate
 from .defaults import default_stop_ids
-from .options import _check_ids, _check_options, _check_prompt
+from .options import _check_ids, check_options, _check_prompt
 
 
 class _Cancelled(Exception):
@@ -49,7 +49,7 @@ def stream(
         raise GenerationError(
             f"stream() takes one prompt row; got a batch of {input_ids.shape[0]}", hint="use generate() for batches"
         )
-    _check_options(
+    check_options(
         kwargs.get("max_new_tokens", 20), kwargs.get("do_sample", False), kwargs.get("temperature", 1.0),
         kwargs.get("top_k"), kwargs.get("top_p"), kwargs.get("seed"),
     )

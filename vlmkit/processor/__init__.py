@@ -1,6 +1,6 @@
-"""Input side of vlmkit: prompts and images to Idefics3/SmolVLM model inputs.
+"""Input side of vlmkit: prompts and images to model inputs (the image layout is the model family's).
 
->>> proc = load_processor("HuggingFaceTB/SmolVLM-256M-Instruct")          # doctest: +SKIP
+>>> proc = load_processor("owner/checkpoint")             # doctest: +SKIP
 >>> prompt = proc.apply_chat_template(
 ...     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 ... )                                                                    # doctest: +SKIP
@@ -12,14 +12,13 @@
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings
 from .processor import Processor, ProcessorOutput, PromptCost, load_processor
-from .text import ChatTemplate, ImageTokenLayout, SpecWarning, TextTokenizer
+from .text import ChatTemplate, SpecWarning, TextTokenizer
 
 __all__ = [
     "ChatTemplate",
     "CheckedSpec",
     "ImageCost",
     "ImageSettings",
-    "ImageTokenLayout",
     "Processor",
     "ProcessorOutput",
     "PromptCost",

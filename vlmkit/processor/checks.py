@@ -5,12 +5,13 @@ in the tokenizer, the number of image tokens per tile in ``processor_config.json
 image size, patch size and pixel-shuffle factor) in ``config.json``, the special ids in
 ``config.json``, ``generation_config.json`` and ``tokenizer_config.json``. A contradiction that
 would feed the model wrong inputs is a :class:`SpecError` naming both files. One that the
-published checkpoints themselves contain (SmolVLM's files disagree on bos and eos) is resolved
+published checkpoints themselves contain (some published files disagree on bos and eos) is resolved
 with a :class:`SpecWarning` that says which value wins and why, at most once per kind per load.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,20 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from ..family import Family, PromptLayout
 from .image import ImageSettings
-from .text import (
-    TILE_TOKEN_FORMAT,
-    ImageTokenLayout,
-    SpecWarning,
-    TextTokenizer,
-    count_tile_tokens,
-    layout_token_names,
-)
+from .text import SpecWarning, TextTokenizer
 
-__all__ = ["CheckedSpec", "check_checkpoint"]
-
-#: Pixel-shuffle factor the Idefics3 / SmolVLM configs default to when ``scale_factor`` is absent.
-DEFAULT_SCALE_FACTOR = 2
+__all__ = ["CheckedSpec", "SpecialIds", "check_checkpoint", "special_ids"]
 
 
 @dataclass(frozen=True)
@@ -40,11 +32,10 @@ class CheckedSpec:
 
     image_seq_len: int
     image_token_id: int
-    layout: ImageTokenLayout
+    layout: PromptLayout
     pad_token_id: int | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    end_of_utterance_id: int | None
 
 
 @dataclass
@@ -77,42 +68,27 @@ def _embedding_rows(files: _Files, tokenizer: TextTokenizer) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- image tokens
 
 
-def _derived_seq_len(files: _Files) -> int | None:
-    """``(image_size / patch_size)^2 / scale_factor^2`` from config.json, or None when not given."""
-    vision = files.config.get("vision_config")
-    if not isinstance(vision, Mapping) or "image_size" not in vision or "patch_size" not in vision:
-        return None
-    size, patch = vision["image_size"], vision["patch_size"]
-    scale = files.config.get("scale_factor", DEFAULT_SCALE_FACTOR)
-    source = files.name("config.json")
-    if not all(isinstance(v, int) and v > 0 for v in (size, patch, scale)) or size < patch:
-        raise SpecError(
-            f"image_size={size!r}, patch_size={patch!r}, scale_factor={scale!r} must be positive integers "
-            "with image_size at least patch_size (the grid is image_size // patch_size)",
-            key_path="vision_config",
-            source=source,
-        )
-    side = size // patch
-    if side % scale:
-        raise SpecError(
-            f"the {side}x{side} patch grid (image_size {size} / patch_size {patch}) cannot be pixel-shuffled "
-            f"by scale_factor {scale}",
-            key_path="scale_factor",
-            source=source,
-        )
-    return (side // scale) ** 2
+def _derived_seq_len(files: _Files, family: Family | None) -> int | None:
+    """Image tokens per tile as the checkpoint's family reads config.json (no processor_config.json
+    cross-check here: :func:`_image_seq_len` makes it), or ``None`` without a config.json."""
+    if family is None or files.config.get("model_type") not in family.model_types:
+        return None  # no checkpoint config.json of this family (e.g. a spec's vision side instead)
+    data = family.spec_from_config(dict(files.config), None, files.name("config.json"))
+    packer = data.get("packer") if isinstance(data, Mapping) else None
+    value = packer.get("tokens_per_image") if isinstance(packer, Mapping) else None
+    return value if isinstance(value, int) else None
 
 
-def _image_seq_len(files: _Files, override: int | None) -> int:
-    derived = _derived_seq_len(files)
+def _image_seq_len(files: _Files, family: Family | None, override: int | None) -> int:
+    derived = _derived_seq_len(files, family)
     declared = files.processor.get("image_seq_len")
     proc, conf = files.name("processor_config.json"), files.name("config.json")
     if declared is not None and (not isinstance(declared, int) or declared <= 0):
         raise SpecError(f"expected a positive integer, got {declared!r}", key_path="image_seq_len", source=proc)
     if declared is not None and derived is not None and declared != derived:
         raise SpecError(
-            f"image_seq_len={declared} in {proc} but {conf} gives (image_size/patch_size)^2/scale_factor^2 = "
-            f"{derived} image tokens per tile; the model would get the wrong number of image tokens",
+            f"image_seq_len={declared} in {proc} but {conf} gives {derived} image tokens per tile; "
+            "the model would get the wrong number of image tokens",
             key_path="image_seq_len",
             source=f"{proc} vs {conf}",
             hint="fix or delete image_seq_len in processor_config.json (config.json describes the trained model)",
@@ -180,42 +156,6 @@ def _image_token_id(files: _Files, tokenizer: TextTokenizer, token: str, rows: i
             hint="use the config.json and tokenizer.json of the same checkpoint",
         )
     return tok_id
-
-
-def _layout(tokenizer: TextTokenizer, settings: ImageSettings, names: Mapping[str, str], rows: int) -> ImageTokenLayout:
-    max_rows, max_cols = count_tile_tokens(tokenizer, TILE_TOKEN_FORMAT)
-    needed = [names["fake_image_token"], names["global_image_token"]]
-    if settings.do_image_splitting or max_rows:
-        needed.append(TILE_TOKEN_FORMAT.format(row=1, col=1))
-    missing = [t for t in needed if not tokenizer.is_added(t)]
-    if missing:
-        raise SpecError(
-            f"the tokenizer lacks the image framing token(s) {', '.join(missing)} the Idefics3 layout needs"
-            + (" (do_image_splitting is on in preprocessor_config.json)" if settings.do_image_splitting else ""),
-            source=tokenizer.source,
-            hint="use the tokenizer files that came with the checkpoint",
-        )
-    beyond = [t for t in needed if tokenizer.token_to_id(t) >= rows]
-    if beyond:
-        raise SpecError(
-            f"framing token(s) {', '.join(beyond)} have ids beyond the {rows}-row embedding", source=tokenizer.source
-        )
-    not_special = [t for t in needed + [names["image_token"]] if not tokenizer.is_special(t)]
-    if not_special:
-        warnings.warn(
-            f"{tokenizer.source}: image token(s) {', '.join(not_special)} are not marked special; they are still "
-            "matched whole, but decode(skip_special_tokens=True) will keep them",
-            SpecWarning,
-            stacklevel=4,
-        )
-    return ImageTokenLayout(
-        image=names["image_token"],
-        fake=names["fake_image_token"],
-        global_image=names["global_image_token"],
-        tile_format=TILE_TOKEN_FORMAT,
-        max_rows=max_rows,
-        max_cols=max_cols,
-    )
 
 
 # ----------------------------------------------------------------------------- bos / eos / pad
@@ -288,7 +228,7 @@ def _bos(files: _Files, tokenizer: TextTokenizer) -> int | None:
     return chosen
 
 
-def _eos(files: _Files, tokenizer: TextTokenizer, eou: int | None, rows: int) -> tuple[int, ...]:
+def _eos(files: _Files, tokenizer: TextTokenizer, turn_ends: tuple[int, ...], rows: int) -> tuple[int, ...]:
     found = _sources(files, tokenizer, "eos")
     gen = _ids(files.generation.get("eos_token_id"))
     if gen is not None:
@@ -297,9 +237,12 @@ def _eos(files: _Files, tokenizer: TextTokenizer, eou: int | None, rows: int) ->
     else:
         base = next((ids for where, ids in reversed(found)), ())
         why = f"{found[-1][0]} is the most specific source" if found else "no file states one"
-    chosen = tuple(dict.fromkeys(base + ((eou,) if eou is not None else ())))
-    if eou is not None:
-        why += f", plus the end-of-utterance token {tokenizer.id_to_token(eou)!r} that closes every chat turn"
+    stated = tuple(i for where, ids in found if where.startswith("config.json") for i in ids if 0 <= i < rows)
+    chosen = tuple(dict.fromkeys(base + stated + turn_ends))
+    if stated and not set(stated) <= set(base):
+        why += f", plus config.json's eos id(s) {list(stated)} (the text model's own end of text)"
+    if turn_ends:
+        why += f", plus the turn-end token(s) {[tokenizer.id_to_token(i) for i in turn_ends]} that close every chat turn"
     _warn_disagreement("eos", tokenizer, found, chosen, why)
     return chosen
 
@@ -321,9 +264,43 @@ def _pad(files: _Files, tokenizer: TextTokenizer, rows: int) -> int | None:
     return chosen
 
 
+@dataclass(frozen=True)
+class SpecialIds:
+    """The bos, eos and pad ids of a checkpoint, resolved once from all its files (see :func:`special_ids`)."""
+
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+
+def _special_ids(files: _Files, tokenizer: TextTokenizer, family: Family | None, rows: int) -> SpecialIds:
+    """The one answer for bos/eos/pad: eos ids are generation_config.json's (else the most specific
+    file's), then every other eos id config.json states, then the family's turn-end tokens."""
+    turn_ends = tuple(
+        i for i in (tokenizer.token_to_id(t) for t in (family.stop_tokens(tokenizer.config) if family else ())) if i is not None
+    )
+    return SpecialIds(_bos(files, tokenizer), _eos(files, tokenizer, turn_ends, rows), _pad(files, tokenizer, rows))
+
+
+@functools.lru_cache(maxsize=16)
+def special_ids(folder: str) -> SpecialIds:
+    """:class:`SpecialIds` of the checkpoint files in ``folder`` (read once per folder); the
+    processor and generation both use this answer."""
+    from ..hf import family_of_folder
+    from ..hub import read_json
+
+    path = Path(folder)
+    tokenizer = TextTokenizer.from_folder(path)
+    files = _Files(path, read_json(path, "config.json", required=False) or {}, {},
+                   read_json(path, "generation_config.json", required=False) or {})  # fmt: skip
+    rows, _ = _embedding_rows(files, tokenizer)
+    return _special_ids(files, tokenizer, family_of_folder(path), rows)
+
+
 def check_checkpoint(
     folder: Path,
     *,
+    family: Family,
     config: Mapping[str, Any] | None,
     processor_config: Mapping[str, Any] | None,
     generation_config: Mapping[str, Any] | None,
@@ -331,21 +308,20 @@ def check_checkpoint(
     settings: ImageSettings,
     image_seq_len: int | None = None,
 ) -> CheckedSpec:
-    """Check the checkpoint files against each other; see the module docstring."""
+    """Check the checkpoint files against each other; see the module docstring. ``family`` (of
+    the checkpoint in ``folder``) gives the prompt layout and the turn-end tokens."""
     files = _Files(Path(folder), config or {}, processor_config or {}, generation_config or {})
     rows, _ = _embedding_rows(files, tokenizer)
-    seq_len = _image_seq_len(files, image_seq_len)
+    seq_len = _image_seq_len(files, family, image_seq_len)
     _check_tile(files, settings)
-    names = layout_token_names(tokenizer.config)
-    image_id = _image_token_id(files, tokenizer, names["image_token"], rows)
-    layout = _layout(tokenizer, settings, names, rows)
-    eou = tokenizer.token_to_id(names["end_of_utterance_token"])
+    layout = family.prompt_layout(tokenizer, settings, rows)
+    image_id = _image_token_id(files, tokenizer, layout.image, rows)
+    ids = _special_ids(files, tokenizer, family, rows)
     return CheckedSpec(
         image_seq_len=seq_len,
         image_token_id=image_id,
         layout=layout,
-        pad_token_id=_pad(files, tokenizer, rows),
-        bos_token_id=_bos(files, tokenizer),
-        eos_token_ids=_eos(files, tokenizer, eou, rows),
-        end_of_utterance_id=eou,
+        pad_token_id=ids.pad_token_id,
+        bos_token_id=ids.bos_token_id,
+        eos_token_ids=ids.eos_token_ids,
     )

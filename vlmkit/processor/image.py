@@ -1,6 +1,6 @@
 """Image side of the processor: RGB conversion, resize, tiling, rescale/normalize, batch padding.
 
-The layout follows the Idefics3 / SmolVLM image processor: the image is resized so its longest
+The tiled layout (the reference image processor of the built-in tiled family): the image is resized so its longest
 edge is ``longest_edge`` (upscaling small images too), then, with splitting on, resized again
 so both sides are multiples of the tile size, cut into ``rows x cols`` tiles, and followed by
 one "global" tile (the whole image squeezed to ``tile x tile``). With splitting off, the image
@@ -120,7 +120,7 @@ def _edge(cfg: Mapping[str, Any], key: str, source: str) -> int:
             f"expected {{'longest_edge': <positive int>}}, got {value!r}",
             key_path=f"{key}.longest_edge",
             source=source,
-            hint="Idefics3/SmolVLM image processors give sizes as a longest edge in pixels",
+            hint="tiled image processors give sizes as a longest edge in pixels",
         )
     return edge
 

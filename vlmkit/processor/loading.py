@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProcessorError
-from ..hf import resolve_config_folder
+from ..family import Family
+from ..hf import family_of_folder, resolve_config_folder
 from ..hub import read_json, resolve_source
 from .checks import check_checkpoint
 from .image import ImageSettings
@@ -55,6 +56,7 @@ def load_processor(
     # check_checkpoint and load_chat_template are called from here: their SpecWarnings' stacklevels name our caller
     checked = check_checkpoint(
         folder,
+        family=_family(folder),
         config=config,
         processor_config=processor_config,
         generation_config=read_json(folder, "generation_config.json", required=False),
@@ -64,6 +66,22 @@ def load_processor(
     )
     template = load_chat_template(folder, tokenizer.config)
     return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
+
+
+def _family(folder: Path) -> Family:
+    """The family of the checkpoint whose tokenizer the processor uses (it decides the prompt layout)."""
+    family = family_of_folder(folder)
+    if family is None:
+        from ..plugins import get_registry
+
+        config = read_json(folder, "config.json", required=False) or {}
+        raise ProcessorError(
+            f"no installed model family knows the checkpoint in {str(folder)!r} (model_type "
+            f"{config.get('model_type')!r}), so its prompt layout of images is unknown",
+            hint=f"installed families read: {', '.join(get_registry().model_types())}; the tokenizer folder needs "
+            "the config.json of its checkpoint",
+        )
+    return family
 
 
 def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:
@@ -119,7 +137,7 @@ def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[
 
     model = assemble(spec, meta_slots=frozenset(SLOTS))
     tower = model.vision_tower
-    # Keep the checkpoint's largest tile grid (SmolVLM: 2048 / 512 = 4 x 4 tiles) at the new tile size.
+    # Keep the checkpoint's largest tile grid (e.g. 2048 / 512 = 4 x 4 tiles) at the new tile size.
     grid = max(1, settings.longest_edge // settings.tile)
     updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
     for field, attr in (("mean", "image_mean"), ("std", "image_std")):

@@ -2,7 +2,7 @@
 
 ``processor(text=..., images=...)`` returns ``input_ids`` ``(B, L)``, ``attention_mask``
 ``(B, L)``, ``pixel_values`` ``(B, N, 3, H, W)`` and ``pixel_attention_mask`` ``(B, N, H, W)``
-laid out as transformers' ``Idefics3Processor`` does. The token cost of every image is worked
+laid out as the checkpoint's transformers processor does (the prompt layout is the family's). The token cost of every image is worked
 out from its size before any pixel is touched, so :meth:`Processor.image_cost`,
 :meth:`Processor.prompt_cost` and the ``max_visual_tokens`` guard are cheap.
 """
@@ -28,7 +28,7 @@ __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
 
 
 class Processor:
-    """Turns prompts and images into Idefics3/SmolVLM model inputs. Build with :func:`load_processor`."""
+    """Turns prompts and images into model inputs. Build with :func:`load_processor`."""
 
     def __init__(
         self,
@@ -49,7 +49,7 @@ class Processor:
 
     @property
     def image_token(self) -> str:
-        """The placeholder string users write in prompts (``<image>`` for SmolVLM)."""
+        """The placeholder string users write in prompts (the family's, e.g. ``<image>``)."""
         return self.spec.layout.image
 
     @property
@@ -63,7 +63,7 @@ class Processor:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Ids that end generation: generation_config.json's eos plus ``<end_of_utterance>``."""
+        """Ids that end generation: generation_config.json's eos, config.json's and the family's turn-end tokens."""
         return list(self.spec.eos_token_ids)
 
     @property

@@ -1,4 +1,4 @@
-"""Text side of the processor: the tokenizer, the chat template and the image-token layout.
+"""Text side of the processor: the tokenizer and the chat template (a family supplies the image layout).
 
 Tokenization uses the ``tokenizers`` library directly on the checkpoint's ``tokenizer.json``;
 special-token roles (bos/eos/pad/unk, padding side) come from ``tokenizer_config.json`` and
@@ -11,46 +11,24 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ProcessorError, SpecError
 from ..hub import read_json
-from .image import ImageCost
 
-__all__ = [
-    "LAYOUT_TOKEN_NAMES",
-    "TILE_TOKEN_FORMAT",
-    "ChatTemplate",
-    "ImageTokenLayout",
-    "SpecWarning",
-    "TextTokenizer",
-    "load_chat_template",
-]
+__all__ = ["ChatTemplate", "SpecWarning", "TextTokenizer", "load_chat_template", "token_text"]
 
 
 class SpecWarning(UserWarning):
     """Checkpoint files disagree in a way vlmkit can resolve; the message says which value wins."""
 
 
-#: Names of the Idefics3/SmolVLM framing tokens, as the reference processor spells them. Each is
-#: looked up in the tokenizer (its id always comes from there) and can be overridden by the same
-#: key in ``tokenizer_config.json`` (top level or ``extra_special_tokens``).
-LAYOUT_TOKEN_NAMES = {
-    "image_token": "<image>",
-    "fake_image_token": "<fake_token_around_image>",
-    "global_image_token": "<global-img>",
-    "end_of_utterance_token": "<end_of_utterance>",
-}
-#: Tile position tokens: ``<row_{row}_col_{col}>`` with 1-based row and column.
-TILE_TOKEN_FORMAT = "<row_{row}_col_{col}>"
-
 _ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """A token given as a string or as an AddedToken-like dict ``{"content": ...}``."""
     if isinstance(value, Mapping):
         value = value.get("content")
@@ -94,10 +72,10 @@ class TextTokenizer:
         backend = _load_backend(path)
         config = read_json(folder, "tokenizer_config.json", required=False) or {}
         special_map = read_json(folder, "special_tokens_map.json", required=False) or {}
-        roles = {role: _token_text(config.get(role)) or _token_text(special_map.get(role)) for role in _ROLES}
-        marked = [_token_text(t) for t in config.get("additional_special_tokens") or []]
-        marked += [_token_text(t) for t in special_map.get("additional_special_tokens") or []]
-        marked += [_token_text(v) for v in (config.get("added_tokens_decoder") or {}).values() if v.get("special")]
+        roles = {role: token_text(config.get(role)) or token_text(special_map.get(role)) for role in _ROLES}
+        marked = [token_text(t) for t in config.get("additional_special_tokens") or []]
+        marked += [token_text(t) for t in special_map.get("additional_special_tokens") or []]
+        marked += [token_text(v) for v in (config.get("added_tokens_decoder") or {}).values() if v.get("special")]
         _mark_special(backend, [*marked, *roles.values()])
         side = config.get("padding_side", "right")
         if side not in ("left", "right"):
@@ -182,73 +160,6 @@ def _mark_special(backend: Any, tokens: Sequence[str | None]) -> None:
     todo = [t for t in dict.fromkeys(tokens) if t and t not in special and backend.token_to_id(t) is not None]
     if todo:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in todo])
-
-
-# ----------------------------------------------------------------------------- image tokens
-
-
-@dataclass(frozen=True)
-class ImageTokenLayout:
-    """The token strings that frame an image in the prompt, and how big a tile grid they allow.
-
-    An image split into ``rows x cols`` tiles becomes, per row,
-    ``(<fake><row_r_col_c><image>*seq_len) * cols + "\\n"``, then
-    ``"\\n<fake><global-img><image>*seq_len<fake>"``; an unsplit image is just the last part
-    without the leading newline.
-    """
-
-    image: str
-    fake: str
-    global_image: str
-    tile_format: str
-    max_rows: int
-    max_cols: int
-
-    def expand(self, cost: ImageCost, image_seq_len: int) -> str:
-        """The text that replaces one image placeholder."""
-        run = self.image * image_seq_len
-        glob = f"{self.fake}{self.global_image}{run}{self.fake}"
-        rows, cols = cost.tiles
-        if rows == 0 and cols == 0:
-            return glob
-        lines = [
-            "".join(f"{self.fake}{self.tile_format.format(row=r + 1, col=c + 1)}{run}" for c in range(cols)) + "\n"
-            for r in range(rows)
-        ]
-        return "".join(lines) + "\n" + glob
-
-    def fits(self, cost: ImageCost) -> bool:
-        """Whether the tokenizer has a tile token for every tile of ``cost.tiles``."""
-        rows, cols = cost.tiles
-        return rows <= self.max_rows and cols <= self.max_cols
-
-
-def layout_token_names(config: Mapping[str, Any]) -> dict[str, str]:
-    """The framing token names: defaults, overridden by ``tokenizer_config.json`` entries."""
-    extra = config.get("extra_special_tokens")
-    extra = extra if isinstance(extra, Mapping) else {}
-    names = dict(LAYOUT_TOKEN_NAMES)
-    for key in names:
-        value = _token_text(config.get(key)) or _token_text(extra.get(key))
-        if value:
-            names[key] = value
-    return names
-
-
-def count_tile_tokens(tokenizer: TextTokenizer, tile_format: str) -> tuple[int, int]:
-    """Largest ``(rows, cols)`` such that every ``tile_format`` token of that grid exists."""
-    rows = 0
-    while tokenizer.token_to_id(tile_format.format(row=rows + 1, col=1)) is not None:
-        rows += 1
-    cols = 0
-    while tokenizer.token_to_id(tile_format.format(row=1, col=cols + 1)) is not None:
-        cols += 1
-    complete = all(
-        tokenizer.token_to_id(tile_format.format(row=r, col=c)) is not None
-        for r in range(1, rows + 1)
-        for c in range(1, cols + 1)
-    )
-    return (rows, cols) if complete else (0, 0)
 
 
 # ----------------------------------------------------------------------------- chat template

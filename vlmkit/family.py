@@ -1,0 +1,134 @@
+"""Model families: what one family of checkpoints decides, answered by one plugin object.
+
+The core never names a family. Where it needs a family's answer it looks the family up by the
+checkpoint's ``config.json`` ``model_type`` (:func:`family_for_config`) and asks it:
+
+- :meth:`Family.spec_from_config` / :meth:`Family.config_from_spec`: ``config.json`` <-> spec, both
+  directions (loading, and ``save_pretrained`` / export);
+- :attr:`Family.sections` and :meth:`Family.config_key_path`: where each slot's settings live in
+  ``config.json``, so an error names the key a user can find there (``text_config.hidden_size``,
+  not ``backbone.hidden_size``);
+- :meth:`Family.prompt_layout`: how an image is written into the prompt (placeholder, tile
+  tokens, global image), checked against the checkpoint's tokenizer;
+- :meth:`Family.stop_tokens`: tokens that end a turn, besides the files' ``eos_token_id``;
+- :attr:`Family.bundled`: config folders shipped with the plugin for offline use.
+
+A plugin registers an instance from its ``vlmkit_register_components`` hook::
+
+    @vlmkit.hookimpl
+    def vlmkit_register_components(registry):
+        registry.add_family(MyFamily())
+
+See docs/writing-plugins.md ("A model family").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from .errors import SpecError
+
+if TYPE_CHECKING:
+    from .processor.image import ImageCost, ImageSettings
+    from .processor.text import TextTokenizer
+    from .spec import VLMSpec
+
+__all__ = ["Family", "PromptLayout", "family_for_config", "bundled_folder"]
+
+
+class PromptLayout(Protocol):
+    """How a family writes one image into the prompt text.
+
+    ``image`` is the placeholder users write (``<image>``); :meth:`expand` gives the text that
+    replaces one placeholder for an image whose tiling is ``cost``; :meth:`fits` says whether the
+    tokenizer has the tokens that tiling needs.
+    """
+
+    image: str
+
+    def expand(self, cost: ImageCost, image_seq_len: int) -> str:
+        """The text that replaces one image placeholder (``image_seq_len`` image tokens per tile)."""
+        ...
+
+    def fits(self, cost: ImageCost) -> bool:
+        """Whether the tokenizer has a token for every tile position of ``cost``."""
+        ...
+
+
+class Family:
+    """What a model family decides. Subclass it, set the class attributes, override the methods.
+
+    Attributes:
+        name: the family's name (shown by ``vlmkit plugins``).
+        model_types: the ``config.json`` ``model_type`` values it reads.
+        sections: slot -> the ``config.json`` section holding that slot's settings (``""`` or
+            absent: top level).
+        bundled: Hub repo id -> a folder of that checkpoint's config/tokenizer files shipped with
+            the plugin (used when the Hub cannot be reached and no weights are needed).
+    """
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    sections: ClassVar[Mapping[str, str]] = {}
+    bundled: ClassVar[Mapping[str, Path]] = {}
+
+    def spec_from_config(self, config: dict[str, Any], folder: Path | None, source: str) -> dict[str, Any]:
+        """The YAML-form spec (five slot mappings ``{"name": ..., **params}``) of ``config``.
+
+        ``folder`` holds the checkpoint's other files for cross-checks (``None``: config only);
+        ``source`` names ``config.json`` in errors. Raise :class:`~vlmkit.errors.SpecError`.
+        """
+        raise NotImplementedError(f"family {self.name!r} cannot read config.json files")
+
+    def config_from_spec(self, spec: VLMSpec) -> dict[str, Any] | None:
+        """The transformers ``config.json`` for ``spec``, or ``None`` when this family's
+        transformers class cannot represent the spec's slot combination."""
+        return None
+
+    def config_key_path(self, key_path: str | None) -> str | None:
+        """A spec key path (``backbone.hidden_size``) as a ``config.json`` one (``text_config.hidden_size``)."""
+        slot, _, rest = (key_path or "").partition(".")
+        if not slot or slot not in {"vision_tower", "connector", "aligner", "packer", "backbone"}:
+            return key_path
+        section = self.sections.get(slot, "")
+        if not rest:
+            return section or key_path
+        return f"{section}.{rest}" if section else rest
+
+    def config_error(self, exc: SpecError, source: str) -> SpecError:
+        """``exc`` with its key path in ``config.json`` terms, naming ``source``."""
+        return SpecError(exc.detail, key_path=self.config_key_path(exc.key_path), source=source, hint=exc.hint)
+
+    def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings, vocab_rows: int) -> PromptLayout:
+        """The prompt layout of images for this checkpoint's ``tokenizer``; raise
+        :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs."""
+        raise NotImplementedError(f"family {self.name!r} has no prompt layout for images")
+
+    def stop_tokens(self, tokenizer_config: Mapping[str, Any]) -> tuple[str, ...]:
+        """Token strings that end a turn besides the files' ``eos_token_id`` (e.g. a chat
+        template's turn separator); each is looked up in the tokenizer."""
+        return ()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {', '.join(self.model_types)}>"
+
+
+def family_for_config(config: Mapping[str, Any] | None) -> Family | None:
+    """The registered family that reads ``config["model_type"]``, or ``None``."""
+    from .plugins import get_registry
+
+    model_type = (config or {}).get("model_type")
+    return get_registry().family(model_type) if isinstance(model_type, str) else None
+
+
+def bundled_folder(repo_id: str) -> Path | None:
+    """The folder of config files a registered family ships for ``repo_id``, or ``None``."""
+    from .plugins import get_registry
+
+    for family in get_registry().families():
+        folder = family.bundled.get(repo_id)
+        if folder is not None:
+            return Path(folder)
+    return None
