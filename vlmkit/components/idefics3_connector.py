@@ -77,9 +77,17 @@ class Idefics3Connector(nn.Module):
 
     Params = Idefics3ConnectorParams
 
-    def __init__(self, params: Idefics3ConnectorParams, *, in_features: int, grid: int, out_features: int) -> None:
+    def __init__(self, params: Idefics3ConnectorParams, *, in_features: int, grid: int, out_features: int,
+                 num_tokens: int | None = None) -> None:  # fmt: skip
         super().__init__()
         s = params.scale_factor
+        if num_tokens is not None and num_tokens != grid * grid:
+            raise SpecError(
+                f"the idefics3 connector pixel-shuffles a square {grid}x{grid} patch grid, but the vision tower "
+                f"gives {num_tokens} feature rows per image (a class token kept?)",
+                key_path="connector",
+                hint="use a tower setting that returns only the patch grid (e.g. vision_feature_select_strategy: default)",
+            )
         if grid <= 0 or grid % s:
             raise SpecError(
                 f"scale_factor={s} does not divide the vision tower's patch grid ({grid}x{grid} patches); "

@@ -20,7 +20,8 @@ def check_vision_tower(
     cls: type, params: Any, *, name: str | None = None, batch: int = 2, build: bool = True,
     neighbours: Mapping[str, dict] | None = None,
 ) -> nn.Module:  # fmt: skip
-    """``cls(params)``: ``(N, 3, S, S) -> (N, (S/p)**2, hidden_size)`` at ``S = image_size``. Returns the tower."""
+    """``cls(params)``: ``(N, 3, S, S) -> (N, K, hidden_size)`` at ``S = image_size``, ``K = (S/p)**2``
+    or the tower's ``num_tokens`` when it has one (e.g. a kept class token). Returns the tower."""
     who = _where("vision_tower", cls)
     params = _params(cls, params, who)
     with _seeded():
@@ -33,6 +34,9 @@ def check_vision_tower(
     )
     assert isinstance(tower, VisionTower), f"{who}: does not satisfy vlmkit.protocols.VisionTower"
     side, grid = tower.image_size, tower.num_patches_per_side
+    if hasattr(tower, "num_tokens"):
+        _attrs(tower, ("num_tokens",), who)
+    tokens = getattr(tower, "num_tokens", grid * grid)
     pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 
     def run(module, dtype=torch.float32):
@@ -41,7 +45,7 @@ def check_vision_tower(
     tower.eval()
     with torch.no_grad():
         out = run(tower)
-        _shape(out, (batch, grid * grid, tower.hidden_size), who, "forward(pixels)")
+        _shape(out, (batch, tokens, tower.hidden_size), who, "forward(pixels)")
         _finite(out, who, "forward(pixels)")
         full = torch.ones(batch, grid, grid, dtype=torch.bool)
         torch.testing.assert_close(
