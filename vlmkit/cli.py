@@ -13,9 +13,26 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Assemble, in
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"vlmkit {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show informational log lines (e.g. how files that disagree were resolved)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     _state["debug"] = debug
+    if verbose:
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("vlmkit").setLevel(logging.INFO)
 
 
 def _console(stderr: bool = False):
@@ -125,12 +142,17 @@ def _read_images(paths: list[Path]) -> list:
 
 
 def _load_model_and_processor(source: str):
-    """The model (from a YAML file or a checkpoint) and the processor of its tokenizer (default: ``source``)."""
+    """The model (from a YAML file or a checkpoint) and its processor. For a YAML model the
+    processor follows the model's own spec (its tower's tile size, its tokens per image), with
+    the tokenizer of ``spec.tokenizer``; for a checkpoint it is the checkpoint's."""
     from .builder import build, build_from_hf
     from .processor import load_processor
 
-    model = build(source) if _is_yaml(source) else build_from_hf(source)
-    return model, load_processor(model.spec.tokenizer or source)
+    if _is_yaml(source):
+        model = build(source)
+        return model, load_processor(spec=model.spec)
+    model = build_from_hf(source)
+    return model, load_processor(source)
 
 
 def _quantize(err, model) -> None:

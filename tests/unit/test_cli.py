@@ -211,3 +211,50 @@ def test_inspect_shapes_declared_match_the_meta_trace(path):
     declared = image_shapes(spec)
     assert [name for name, _ in declared][:2] == ["pixels", "vision_tower"]
     assert declared == image_shapes(spec, trace=True)
+
+
+# ---------------------------------------------------------------------------- version, generate on a YAML model
+
+
+def test_version(capsys):
+    import vlmkit
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vlmkit {vlmkit.__version__}"
+
+
+def test_generate_on_a_yaml_model_uses_the_towers_tile_size(tmp_path, capsys):
+    """A siglip tower of 32 px tiles in front of a backbone saved in the SmolVLM layout, with
+    SmolVLM's tokenizer: the processor must make 32 px tiles (the model's spec), not 512 px ones."""
+    import torch
+    from PIL import Image
+
+    import vlmkit
+
+    from ..conftest import published_folder
+
+    tokenizer = published_folder("SmolVLM-256M-Instruct")
+    text = {"name": "llama", "vocab_size": 49280, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "eos_token_id": 2}  # fmt: skip
+    torch.manual_seed(0)
+    lm = vlmkit.build({
+        "vision_tower": {"name": "navit", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        "connector": {"name": "idefics3", "scale_factor": 2},
+        "packer": {"name": "image_packer", "image_token_id": 49190}, "backbone": text,
+    }, load_weights=False)  # fmt: skip
+    lm.save_pretrained(tmp_path / "lm")
+    model_yaml = tmp_path / "swapped.yaml"
+    model_yaml.write_text(yaml.safe_dump({
+        "vision_tower": {"name": "siglip", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "checkpoint_prefix": ""},
+        "connector": {"name": "idefics3", "scale_factor": 2},
+        "packer": {"name": "image_packer", "image_token_id": 49190}, "backbone": text,
+        "weights": {"backbone": str(tmp_path / "lm")}, "tokenizer": str(tokenizer),
+    }))  # fmt: skip
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    code = main(["generate", str(model_yaml), "-p", "What colour?", "-i", str(tmp_path / "red.png"), "-n", "3"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    # 32 px tiles, the checkpoint's 4x4 grid at most: 80x40 -> 128x64 = 2x4 tiles + global, 4 tokens each
+    assert "2x4 tiles + global = 9 tiles, 36 visual tokens" in captured.err

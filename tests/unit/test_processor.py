@@ -60,22 +60,30 @@ def test_reads_token_facts(proc):
     assert proc.settings.tile == 512 and proc.settings.longest_edge == 2048
 
 
-def test_published_bos_eos_disagreement_warns_once_per_kind(folder):
-    with pytest.warns(SpecWarning) as record:
-        load_processor(folder)
-    messages = [str(w.message) for w in record if issubclass(w.category, SpecWarning)]
+def test_published_bos_eos_disagreement_is_logged_once_per_kind(folder, tmp_path, caplog):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(folder, copy)
+    caplog.set_level("INFO", logger="vlmkit.processor.checks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpecWarning)  # a resolution the user cannot act on is no warning
+        load_processor(copy)
+        load_processor(copy)
+    messages = [r.getMessage() for r in caplog.records if r.name == "vlmkit.processor.checks"]
     bos = [m for m in messages if "on the bos token" in m]
     eos = [m for m in messages if "on the eos token" in m]
     assert len(bos) == 1 and len(eos) == 1 and len(messages) == 2, messages
-    assert "generation_config.json bos_token_id = 0" in bos[0] and "uses 1" in bos[0]
+    assert "generation_config.json bos_token_id = 0" in bos[0] and "uses 1" in bos[0] and str(copy) in bos[0]
     assert "config.json text_config.eos_token_id = 2" in eos[0] and "uses [49279, 2]" in eos[0]
 
 
-def test_smolvlm2_folder_without_tokenizer_config(tmp_path):
+def test_smolvlm2_folder_without_tokenizer_config(tmp_path, caplog):
     folder = published_folder("SmolVLM2-256M-Video-Instruct")
-    with pytest.warns(SpecWarning, match="pad token") as record:
-        v2 = load_processor(folder)
-    assert any("128002" in str(w.message) and "outside" in str(w.message) for w in record)
+    copy = tmp_path / "v2"
+    shutil.copytree(folder, copy)
+    caplog.set_level("INFO", logger="vlmkit.processor.checks")
+    v2 = load_processor(copy)
+    assert any("pad token" in r.getMessage() and "128002" in r.getMessage() and "outside" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
     assert v2.pad_token_id == 2 and v2.eos_token_ids == [49279] and v2.image_seq_len == 64
     assert v2.chat_template is None
     with pytest.raises(ProcessorError, match="no chat template"):

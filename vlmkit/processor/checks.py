@@ -6,13 +6,14 @@ image size, patch size and pixel-shuffle factor) in ``config.json``, the special
 ``config.json``, ``generation_config.json`` and ``tokenizer_config.json``. A contradiction that
 would feed the model wrong inputs is a :class:`SpecError` naming both files. One that the
 published checkpoints themselves contain (some published files disagree on bos and eos) is resolved
-with a :class:`SpecWarning` that says which value wins and why, at most once per kind per load.
+and logged once per process at INFO (logger ``vlmkit.processor.checks``; ``vlmkit --verbose``
+shows it), saying which value wins and why: the user can do nothing about it.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from .image import ImageSettings
 from .text import SpecWarning, TextTokenizer
 
 __all__ = ["CheckedSpec", "SpecialIds", "check_checkpoint", "special_ids"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -196,14 +199,21 @@ def _describe(tokenizer: TextTokenizer, found: list[tuple[str, tuple[int, ...]]]
     return "; ".join(parts)
 
 
+#: Resolutions already logged (each is logged once per process).
+_LOGGED: set[str] = set()
+
+
 def _warn_disagreement(kind: str, tokenizer: TextTokenizer, found, chosen, why: str) -> None:
+    """Log (once, at INFO: the user cannot act on it) which id wins when the files disagree."""
     if len({frozenset(ids) for _, ids in found}) > 1:
-        warnings.warn(
-            f"checkpoint files disagree on the {kind} token: {_describe(tokenizer, found)}. "
-            f"vlmkit uses {list(chosen) if isinstance(chosen, tuple) else chosen} because {why}",
-            SpecWarning,
-            stacklevel=5,
+        message = (
+            f"{Path(tokenizer.source).parent}: checkpoint files disagree on the {kind} token: "
+            f"{_describe(tokenizer, found)}. vlmkit uses {list(chosen) if isinstance(chosen, tuple) else chosen} "
+            f"because {why}"
         )
+        if message not in _LOGGED:
+            _LOGGED.add(message)
+            log.info("%s", message)
 
 
 def _check_in_vocab(kind: str, files: _Files, ids, rows: int, where: str) -> None:
