@@ -100,30 +100,13 @@ def _probe_device(dev: torch.device) -> None:
         raise VlmkitError(f"cannot use device {str(dev)!r}: {first}", hint="use device='cpu', or check the driver") from None
 
 
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_", "sparse_")  # fmt: skip
-
-
-@contextlib.contextmanager
 def _on_meta():
-    """Build on the meta device with ``torch.nn.init`` switched off: meta tensors hold no values,
-    and initialising them still costs (torch runs its Python reference kernels), ~0.1 s for
-    published checkpoints. Parameters the checkpoint lacks get a real fresh init later (:func:`_materialize`)."""
-    import torch.nn.init as init
-
-    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
-    try:
-        for name in saved:
-            setattr(init, name, _no_init)
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(init, name, fn)
-
-
-def _no_init(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-    return tensor
+    """Build on the meta device (no memory, no values). Nothing process-wide is patched: torch's
+    initialisers run on the value-less tensors (measured ~30 ms for SmolVLM-256M's shapes on
+    the meta device, against ~10 ms with ``torch.nn.init`` switched off for the whole process,
+    which other threads would have seen). Parameters the checkpoint lacks get a real fresh init
+    later (:func:`_materialize`)."""
+    return torch.device("meta")
 
 
 def _make(spec: VLMSpec, slot: str, meta: bool, **widths):

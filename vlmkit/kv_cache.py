@@ -87,11 +87,6 @@ class KVCache:
     def device(self) -> torch.device:
         return self.keys.device
 
-    @property
-    def remaining(self) -> int:
-        """Free positions left."""
-        return self.max_length - self.length
-
     # ----------------------------------------------------------------------------- operations
     def check(self, batch_size: int, new_tokens: int) -> None:
         """Raise :class:`~vlmkit.errors.GenerationError` unless ``new_tokens`` rows of ``batch_size`` fit."""
@@ -130,14 +125,6 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise GenerationError(f"cannot reset a KV cache of length {self.length} to {length}")
         self.length = length
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Reorder (or pick) batch rows in place, e.g. for beam search: row ``b`` becomes old row ``index[b]``."""
-        if index.numel() != self.batch_size:
-            raise GenerationError(f"reorder needs {self.batch_size} indices; got {index.numel()}")
-        index = index.to(self.keys.device)
-        self.keys.copy_(self.keys.index_select(1, index))
-        self.values.copy_(self.values.index_select(1, index))
 
     def __repr__(self) -> str:
         return (

@@ -104,7 +104,6 @@ def _maxdiff(a, b, where=None):
     return d.max().item()
 
 
-DIFFS: dict[str, float] = {}
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -123,7 +122,6 @@ def test_full_forward_with_padding(name, side):
     got = _ours_logits(ours, ids, mask, pos)
     assert torch.isfinite(got).all()  # padded rows stay finite too
     d = _maxdiff(got, want, mask)
-    DIFFS[f"full/{name}/{side}"] = d
     assert d < TOL
 
 
@@ -135,7 +133,6 @@ def test_full_forward_unpadded_default_positions(name):
     want = hf(input_ids=ids).logits
     got = _ours_logits(ours, ids)
     d = _maxdiff(got, want)
-    DIFFS[f"full/{name}/unpadded"] = d
     assert d < TOL
 
 
@@ -175,7 +172,6 @@ def test_incremental_decoding_matches_full_forward(name, padding):
     got = torch.cat(got, 1)
     d_self = _maxdiff(got, full, valid)
     d_hf = _maxdiff(got, want, valid)
-    DIFFS[f"cache/{name}/{padding}"] = d_hf
     assert d_self < TOL
     assert d_hf < TOL
 
@@ -202,11 +198,3 @@ def test_greedy_decode_matches_generate(name):
     got = torch.cat(tokens, 1)
     assert torch.equal(got, want), (got, want)
 
-
-def test_zz_report_diffs():
-    """Prints the measured max abs differences (run with -s to see them)."""
-    if DIFFS:
-        worst = max(DIFFS, key=DIFFS.get)
-        print(f"\nllama parity: {len(DIFFS)} comparisons, worst {worst} = {DIFFS[worst]:.3e}")
-        for k in sorted(DIFFS):
-            print(f"  {k}: {DIFFS[k]:.3e}")

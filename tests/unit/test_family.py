@@ -85,3 +85,15 @@ def test_stop_ids_are_one_answer_for_processor_and_generation():
     model = vlmkit.build(spec.model_copy(update={"weights": None}), load_weights=False)
     assert default_stop_ids(model) == vlmkit.load_processor(folder).eos_token_ids == [49279, 2]
     assert plugins.BUILTIN_MODULES == tuple(sorted(plugins.BUILTIN_MODULES))
+
+
+def test_no_module_imports_a_private_name_from_another():
+    import ast
+
+    offenders = []
+    for path in (REPO / "vlmkit").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vlmkit")):
+                offenders += [f"{path.relative_to(REPO)}: {a.name}" for a in node.names
+                              if a.name.startswith("_") and a.name != "__version__"]  # fmt: skip
+    assert offenders == []

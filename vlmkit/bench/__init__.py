@@ -48,20 +48,20 @@ them.
 
 from __future__ import annotations
 
-from .int8 import _int8_section, int8_accuracy
+from .int8 import int8_section, int8_accuracy
 from .measure import (
-    _CHILD,
+    CHILD_SCRIPT,
     INT8_QUICK_SKIPS,
     INT8_ROWS,
     QUICK_SKIPS,
     ROWS,
     SIDES,
     Metric,
-    _alternate,
-    _child_env,
-    _cli_checks,
-    _run_child,
-    _timed,
+    alternate,
+    child_env,
+    cli_checks,
+    run_child,
+    timed,
     decode_bytes_per_token,
     expected_rows,
     measure_bandwidth,
@@ -72,19 +72,18 @@ from .prompts import (
     MANY_TILES,
     TEXT_PROMPT,
     Prompt,
-    _agreement_prompts,
-    _facts,
-    _load_processor,
-    _noise_image,
-    _processor_prompt,
-    _synthetic_prompt,
+    agreement_prompts,
+    checkpoint_facts,
+    bench_processor,
+    noise_image,
+    processor_prompt,
+    synthetic_prompt,
     make_prompts,
 )
-from .report import _console, _fmt, _goal_text, _jsonable, _machine, _met_text, _print
+from .report import make_console, fmt_value, goal_text, jsonable, machine_facts, met_text, print_report
 from .run import build_parser, main, run_bench
-from .sides import HFSide, VlmkitSide, _Clock
+from .sides import HFSide, VlmkitSide, Clock
 
-# The private helpers above stay importable from ``vlmkit.bench`` as before the split (the
-# measurement subprocess imports ``HFSide``, ``VlmkitSide`` and ``make_prompts`` from here).
-# Patch them in their own module, not here.
+# The measurement subprocess imports ``HFSide``, ``VlmkitSide`` and ``make_prompts`` from here;
+# the other names are the package's shared helpers, public in their own modules.
 __all__ = ["run_bench", "main", "ROWS", "INT8_ROWS", "expected_rows", "Metric"]

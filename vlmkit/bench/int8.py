@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .measure import INT8_ROWS, Metric, _alternate, _timed, decode_bytes_per_token
-from .prompts import MANY_TILES, Prompt, _agreement_prompts
+from .measure import INT8_ROWS, Metric, alternate, timed, decode_bytes_per_token
+from .prompts import MANY_TILES, Prompt, agreement_prompts
 from .sides import VlmkitSide
 
 
-def _int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], keys: list[str], repeats: int,
+def int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], keys: list[str], repeats: int,
                   new_tokens: int, bandwidth: float) -> dict[str, Any]:  # fmt: skip
     """Quantize a fresh copy of the model, time it against ``fp32`` in alternation and measure
     its accuracy; the JSON-ready ``int8`` section of the result."""
@@ -30,13 +30,13 @@ def _int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], ke
     pair = {"int8": q, "fp32": fp32}
     with torch.inference_mode():
         p1 = prompts[1]
-        _alternate(rows["decode_tps"], {s: (lambda s=s: pair[s].decode(prompts[0], new_tokens)) for s in pair}, repeats)
-        _alternate(rows["vision_1_ms"], {s: _timed(lambda s=s: pair[s].encode(p1), 1e3 / p1.tiles) for s in pair}, repeats)
-        _alternate(rows["ttft_1_ms"], {s: _timed(lambda s=s: pair[s].first_token(p1), 1e3) for s in pair}, repeats)
+        alternate(rows["decode_tps"], {s: (lambda s=s: pair[s].decode(prompts[0], new_tokens)) for s in pair}, repeats)
+        alternate(rows["vision_1_ms"], {s: timed(lambda s=s: pair[s].encode(p1), 1e3 / p1.tiles) for s in pair}, repeats)
+        alternate(rows["ttft_1_ms"], {s: timed(lambda s=s: pair[s].first_token(p1), 1e3) for s in pair}, repeats)
         if "vision_17_ms" in rows:
             pm = prompts[MANY_TILES]
-            _alternate(rows["vision_17_ms"], {s: _timed(lambda s=s: pair[s].encode(pm), 1e3 / pm.tiles) for s in pair}, repeats, 0)
-            _alternate(rows["ttft_17_ms"], {s: _timed(lambda s=s: pair[s].first_token(pm), 1e3) for s in pair}, repeats, 0)
+            alternate(rows["vision_17_ms"], {s: timed(lambda s=s: pair[s].encode(pm), 1e3 / pm.tiles) for s in pair}, repeats, 0)
+            alternate(rows["ttft_17_ms"], {s: timed(lambda s=s: pair[s].first_token(pm), 1e3) for s in pair}, repeats, 0)
         accuracy = int8_accuracy(fp32, q, folder, prompts)
     per_token = decode_bytes_per_token(q.model.backbone)
     return {
@@ -60,7 +60,7 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
     for p in (prompts[0], prompts[1]):
         diff = (q.logits(p) - fp32.logits(p)).abs()
         max_diff[p.name], last_diff[p.name] = float(diff.max()), float(diff[:, -1].max())
-    prompt_ids = _agreement_prompts(folder)
+    prompt_ids = agreement_prompts(folder)
     exact = agree = total = 0
     for ids in prompt_ids:
         want = fp32.greedy(ids, new_tokens)

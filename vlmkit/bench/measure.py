@@ -96,7 +96,7 @@ def expected_rows(quick: bool = False, int8: bool = False) -> tuple[list[str], l
 
 
 # ============================================================================== timing
-def _timed(fn: Callable[[], Any], scale: float = 1.0) -> Callable[[], float]:
+def timed(fn: Callable[[], Any], scale: float = 1.0) -> Callable[[], float]:
     def run() -> float:
         start = time.perf_counter()
         fn()
@@ -105,7 +105,7 @@ def _timed(fn: Callable[[], Any], scale: float = 1.0) -> Callable[[], float]:
     return run
 
 
-def _alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> None:
+def alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> None:
     """Warm up each side, then take ``repeats`` samples in alternation A B A B ..."""
     for fn in fns.values():
         for _ in range(warmup):
@@ -116,7 +116,7 @@ def _alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int
 
 
 # ============================================================================== subprocesses
-_CHILD = r"""
+CHILD_SCRIPT = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
 t0 = time.perf_counter()
@@ -144,7 +144,7 @@ print("BENCH_RESULT " + json.dumps({"maxrss_mb": resource.getrusage(resource.RUS
 """
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -152,9 +152,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_child(side: str, folder: Path, tiles: int, threads: int, new_tokens: int, timeout: float) -> dict[str, float]:
+def run_child(side: str, folder: Path, tiles: int, threads: int, new_tokens: int, timeout: float) -> dict[str, float]:
     args = json.dumps({"side": side, "folder": str(folder), "tiles": tiles, "threads": threads, "new_tokens": new_tokens})
-    proc = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True, timeout=timeout, env=_child_env())
+    proc = subprocess.run([sys.executable, "-c", CHILD_SCRIPT, args], capture_output=True, text=True, timeout=timeout, env=child_env())
     for line in proc.stdout.splitlines():
         if line.startswith("BENCH_RESULT "):
             return json.loads(line.removeprefix("BENCH_RESULT "))
@@ -164,10 +164,10 @@ def _run_child(side: str, folder: Path, tiles: int, threads: int, new_tokens: in
     raise VlmkitError(f"the {side} measurement subprocess failed (exit {proc.returncode}):\n" + "\n".join(tail))
 
 
-def _cli_checks(timeout: float, folder: Path | None = None) -> dict[str, Any]:
+def cli_checks(timeout: float, folder: Path | None = None) -> dict[str, Any]:
     """``import vlmkit`` must not import transformers; ``vlmkit --help`` should be fast; with
     ``folder``: ``vlmkit inspect`` on a YAML of its spec against a bare ``import torch``."""
-    env = _child_env()
+    env = child_env()
     code = "import sys, time; t = time.perf_counter(); import vlmkit; print(time.perf_counter() - t, 'transformers' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env).stdout.split()
     checks = {

@@ -58,7 +58,7 @@ class Prompt:
         return int(self.tensors["input_ids"].shape[1])
 
 
-def _noise_image(size: int, seed: int):
+def noise_image(size: int, seed: int):
     import numpy as np
     from PIL import Image
 
@@ -67,7 +67,7 @@ def _noise_image(size: int, seed: int):
     return Image.fromarray(small).resize((size, size), Image.BILINEAR)
 
 
-def _load_processor(folder: Path):
+def bench_processor(folder: Path):
     """vlmkit's processor for ``folder``, or None when it has no usable tokenizer/template."""
     from ..errors import VlmkitError
     from ..processor import load_processor
@@ -82,7 +82,7 @@ def _load_processor(folder: Path):
             return None
 
 
-def _facts(folder: Path) -> dict[str, Any]:
+def checkpoint_facts(folder: Path) -> dict[str, Any]:
     """What the synthetic inputs need, read from the folder's config (no model needed)."""
     from ..hf import spec_from_hf
 
@@ -103,14 +103,14 @@ def _facts(folder: Path) -> dict[str, Any]:
 def make_prompts(folder: str | os.PathLike, tiles: Sequence[int] = (0, 1, MANY_TILES)) -> dict[int, Prompt]:
     """Prompt tensors per tile count (0 = text only), the same for both sides."""
     folder = Path(folder)
-    proc = _load_processor(folder)
+    proc = bench_processor(folder)
     if proc is not None:
-        return {n: _processor_prompt(proc, n) for n in tiles}
-    facts = _facts(folder)
-    return {n: _synthetic_prompt(facts, n) for n in tiles}
+        return {n: processor_prompt(proc, n) for n in tiles}
+    facts = checkpoint_facts(folder)
+    return {n: synthetic_prompt(facts, n) for n in tiles}
 
 
-def _processor_prompt(proc, tiles: int) -> Prompt:
+def processor_prompt(proc, tiles: int) -> Prompt:
     content = [{"type": "image"}] if tiles else []
     content.append({"type": "text", "text": IMAGE_PROMPT if tiles else TEXT_PROMPT})
     text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -119,15 +119,15 @@ def _processor_prompt(proc, tiles: int) -> Prompt:
     tile = getattr(getattr(proc, "settings", None), "tile", None)
     tile = tile if isinstance(tile, int) and tile > 0 else 512
     if tiles == 1:
-        batch = proc(text=text, images=[_noise_image(tile, 1)], do_image_splitting=False)
+        batch = proc(text=text, images=[noise_image(tile, 1)], do_image_splitting=False)
     else:
         side = tile * math.isqrt(tiles - 1)  # a square image: (sqrt(tiles-1))^2 tiles + the global one
-        batch = proc(text=text, images=[_noise_image(side, 2)], do_image_splitting=True, longest_edge=side)
+        batch = proc(text=text, images=[noise_image(side, 2)], do_image_splitting=True, longest_edge=side)
     got = int(batch["pixel_values"].shape[1])
     return Prompt(f"{got} tile{'s' if got > 1 else ''}", dict(batch), got)
 
 
-def _synthetic_prompt(facts: dict[str, Any], tiles: int) -> Prompt:
+def synthetic_prompt(facts: dict[str, Any], tiles: int) -> Prompt:
     import torch
 
     g = torch.Generator().manual_seed(1234 + tiles)
@@ -152,16 +152,16 @@ def _synthetic_prompt(facts: dict[str, Any], tiles: int) -> Prompt:
     return Prompt("text only" if not tiles else f"{tiles} tile{'s' if tiles > 1 else ''}", tensors, tiles)
 
 
-def _agreement_prompts(folder: Path) -> list:
+def agreement_prompts(folder: Path) -> list:
     """Input ids of :data:`AGREEMENT_PROMPTS` (chat-templated by the folder's processor), else 12
     random ids per prompt."""
     import torch
 
-    proc = _load_processor(folder)
+    proc = bench_processor(folder)
     if proc is not None:
         texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": t}]}]) for t in AGREEMENT_PROMPTS]
         return [proc(text=t)["input_ids"] for t in texts]
-    facts = _facts(folder)
+    facts = checkpoint_facts(folder)
     g = torch.Generator().manual_seed(99)
     hi = min(facts["vocab_size"], facts["image_token_id"], 5000)
     return [torch.randint(3, max(hi, 4), (1, 12), generator=g) for _ in AGREEMENT_PROMPTS]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _machine() -> dict[str, Any]:
+def machine_facts() -> dict[str, Any]:
     import platform
 
     import torch
@@ -28,22 +28,22 @@ def _machine() -> dict[str, Any]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
+def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Write ``result`` to ``path`` as indented JSON (values JSON cannot hold become strings)."""
-    Path(path).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    Path(path).write_text(json.dumps(result, indent=2, default=jsonable) + "\n", encoding="utf-8")
 
 
-def _console():
+def make_console():
     from rich.console import Console
 
     return Console(highlight=False, width=None if sys.stdout.isatty() else 132)
 
 
-def _fmt(value: float | None) -> str:
+def fmt_value(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if value == 0:
@@ -52,13 +52,13 @@ def _fmt(value: float | None) -> str:
     return f"{value:,.0f}" if mag >= 100 else f"{value:.1f}" if mag >= 10 else f"{value:.2f}" if mag >= 1 else f"{value:.3f}"
 
 
-def _goal_text(row: dict[str, Any]) -> str:
+def goal_text(row: dict[str, Any]) -> str:
     if row["goal"] is None:
         return ""
     return f"{'>=' if row['higher_is_better'] else '<='} {row['goal']:.2f}"
 
 
-def _met_text(met: bool | None) -> str:
+def met_text(met: bool | None) -> str:
     return "" if met is None else "[green]met[/green]" if met else "[red]not met[/red]"
 
 
@@ -72,8 +72,8 @@ def _rows_table(title: str, a: str, b: str, ratio: str, rows: list[dict[str, Any
                     (ratio, {"justify": "right"}), ("goal", {}), ("", {})):  # fmt: skip
         table.add_column(col, **kw)
     for row in rows:
-        table.add_row(row["label"], row["unit"], _fmt(row[a]), _fmt(row[b]), _fmt(row["ratio"]),
-                      _goal_text(row), _met_text(row["met"]))  # fmt: skip
+        table.add_row(row["label"], row["unit"], fmt_value(row[a]), fmt_value(row[b]), fmt_value(row["ratio"]),
+                      goal_text(row), met_text(row["met"]))  # fmt: skip
     return table
 
 
@@ -84,18 +84,18 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
     console.print(_rows_table(title, "vlmkit", "transformers", "ratio v/t", result["rows"]))
     fl, ck = result["floor"], result["checks"]
     console.print(
-        f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured / {_fmt(fl['bytes_per_token_mb'])} MB per token = "
-        f"{_fmt(fl['floor_tok_s'])} tok/s; vlmkit reaches {fl['vlmkit_fraction']:.0%} of it, transformers {fl['transformers_fraction']:.0%}",
+        f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured / {fmt_value(fl['bytes_per_token_mb'])} MB per token = "
+        f"{fmt_value(fl['floor_tok_s'])} tok/s; vlmkit reaches {fl['vlmkit_fraction']:.0%} of it, transformers {fl['transformers_fraction']:.0%}",
         markup=False,
     )
     console.print(
-        f"import vlmkit: {_fmt(ck['import_vlmkit_s'])} s, imports transformers: {ck['import_vlmkit_imports_transformers']}, "
-        f"torch: {ck['import_vlmkit_imports_torch']}; vlmkit --help: {_fmt(ck['cli_help_s'])} s (goal < 0.5 s)",
+        f"import vlmkit: {fmt_value(ck['import_vlmkit_s'])} s, imports transformers: {ck['import_vlmkit_imports_transformers']}, "
+        f"torch: {ck['import_vlmkit_imports_torch']}; vlmkit --help: {fmt_value(ck['cli_help_s'])} s (goal < 0.5 s)",
         markup=False,
     )
     if "inspect_yaml_s" in ck:
         console.print(
-            f"vlmkit inspect on a YAML: {_fmt(ck['inspect_yaml_s'])} s; import torch alone: {_fmt(ck['import_torch_s'])} s "
+            f"vlmkit inspect on a YAML: {fmt_value(ck['inspect_yaml_s'])} s; import torch alone: {fmt_value(ck['import_torch_s'])} s "
             "(goal: at most the torch import + 1 s)",
             markup=False,
         )
@@ -113,12 +113,12 @@ def _print_int8(q: dict[str, Any], console: Any) -> None:
         f"over {acc['prompts']} prompts x "
         f"{acc['new_tokens']} greedy tokens: identical continuations {acc['greedy_exact_match_rate']:.0%}, "
         f"teacher-forced top-1 agreement {acc['teacher_forced_top1_agreement']:.1%}; "
-        f"{_fmt(q['bytes_per_token_mb'])} MB per token, floor {_fmt(q['floor_tok_s'])} tok/s",
+        f"{fmt_value(q['bytes_per_token_mb'])} MB per token, floor {fmt_value(q['floor_tok_s'])} tok/s",
         markup=False,
     )
 
 
-def _print(result: dict[str, Any], console: Any) -> None:
+def print_report(result: dict[str, Any], console: Any) -> None:
     """Print a run's results on ``console``: the main table and lines, then the int8 section if any."""
     _print_main(result, console)
     if "int8" in result:

@@ -11,21 +11,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .int8 import _int8_section
+from .int8 import int8_section
 from .measure import (
     ROWS,
     SIDES,
     Metric,
-    _alternate,
-    _cli_checks,
-    _run_child,
-    _timed,
+    alternate,
+    cli_checks,
+    run_child,
+    timed,
     decode_bytes_per_token,
     expected_rows,
     measure_bandwidth,
 )
 from .prompts import MANY_TILES, Prompt, make_prompts
-from .report import _console, _machine, _print, _write_json
+from .report import make_console, machine_facts, print_report, write_json
 from .sides import HFSide, VlmkitSide
 
 
@@ -53,7 +53,7 @@ def run_bench(
     folder = resolve_source(source, weights=True)
     threads = int(threads or torch.get_num_threads())
     torch.set_num_threads(threads)
-    console = console or _console()
+    console = console or make_console()
     say = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console is not None else (lambda msg: None)
 
     tile_counts = [0, 1] if quick else [0, 1, MANY_TILES]
@@ -67,7 +67,7 @@ def run_bench(
         warnings.simplefilter("ignore")
         say("fresh-process runs (import, load, peak RSS)...")
         _fresh_process_rows(rows, folder, tile_counts, threads, min(new_tokens, 8), subprocess_timeout)
-        checks = _cli_checks(subprocess_timeout, folder)
+        checks = cli_checks(subprocess_timeout, folder)
         _in_process_rows(rows, sides, prompts, repeats, new_tokens, say)
         say("memory bandwidth...")
         bandwidth = measure_bandwidth()
@@ -79,11 +79,11 @@ def run_bench(
         }
         if int8:
             say("int8...")
-            result["int8"] = _int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
+            result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
     sides.clear()
-    _print(result, console)
+    print_report(result, console)
     if json_path is not None:
-        _write_json(result, json_path)
+        write_json(result, json_path)
     return result
 
 
@@ -121,7 +121,7 @@ def _info(source: str | os.PathLike, folder: Path, prompts: dict[int, Prompt], *
     return {
         "source": str(source), "folder": str(folder), "threads": threads, "dtype": "float32", "repeats": repeats,
         "quick": quick, "new_tokens": new_tokens, "torch": torch.__version__, "transformers": transformers.__version__,
-        "prompt_tokens": {p.name: p.length for p in prompts.values()}, "machine": _machine(),
+        "prompt_tokens": {p.name: p.length for p in prompts.values()}, "machine": machine_facts(),
     }  # fmt: skip
 
 
@@ -144,7 +144,7 @@ def _fresh_process_rows(rows: dict[str, Metric], folder: Path, tile_counts: list
     for tiles in [t for t in tile_counts if t]:
         key = "rss_1_mb" if tiles == 1 else "rss_17_mb"
         for side in SIDES:
-            res = _run_child(side, folder, tiles, threads, new_tokens, timeout)
+            res = run_child(side, folder, tiles, threads, new_tokens, timeout)
             rows[key].add(side, res["maxrss_mb"])
             if tiles == 1:
                 rows["import_s"].add(side, res["import_s"])
@@ -158,7 +158,7 @@ def _in_process_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: di
     import torch
 
     say("load...")
-    _alternate(rows["load_s"], {s: _timed(sides[s].load) for s in SIDES}, repeats)
+    alternate(rows["load_s"], {s: timed(sides[s].load) for s in SIDES}, repeats)
     with torch.inference_mode():
         say("vision encode...")
         _vision_rows(rows, sides, prompts, repeats)
@@ -169,16 +169,16 @@ def _in_process_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: di
         say("decode...")
         for tiles, key in ((0, "decode_tps"), (1, "decode_1_tps")):
             p = prompts[tiles]
-            _alternate(rows[key], {s: (lambda s=s, p=p: sides[s].decode(p, new_tokens)) for s in SIDES}, repeats)
+            alternate(rows[key], {s: (lambda s=s, p=p: sides[s].decode(p, new_tokens)) for s in SIDES}, repeats)
 
 
 def _vision_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
     """Vision encode per tile: 1 tile, and (unless quick) the many-tile prompt with no warm-up."""
     p1 = prompts[1]
-    _alternate(rows["vision_1_ms"], {s: _timed(lambda s=s: sides[s].encode(p1), 1e3 / p1.tiles) for s in SIDES}, repeats)
+    alternate(rows["vision_1_ms"], {s: timed(lambda s=s: sides[s].encode(p1), 1e3 / p1.tiles) for s in SIDES}, repeats)
     if "vision_17_ms" in rows:
         pm = prompts[MANY_TILES]
-        _alternate(rows["vision_17_ms"], {s: _timed(lambda s=s: sides[s].encode(pm), 1e3 / pm.tiles) for s in SIDES},
+        alternate(rows["vision_17_ms"], {s: timed(lambda s=s: sides[s].encode(pm), 1e3 / pm.tiles) for s in SIDES},
                    repeats, warmup=0)  # fmt: skip
 
 
@@ -188,7 +188,7 @@ def _prefill_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[
         if key in rows:
             p = prompts[tiles]
             rows[key].label += f" ({p.length} tok)"
-            _alternate(rows[key], {s: _timed(lambda s=s, p=p: sides[s].prefill(p), 1e3) for s in SIDES}, repeats)
+            alternate(rows[key], {s: timed(lambda s=s, p=p: sides[s].prefill(p), 1e3) for s in SIDES}, repeats)
 
 
 def _first_token_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
@@ -196,7 +196,7 @@ def _first_token_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: d
     for tiles, key in ((0, "ttft_text_ms"), (1, "ttft_1_ms"), (MANY_TILES, "ttft_17_ms")):
         if key in rows:
             p = prompts[tiles]
-            _alternate(rows[key], {s: _timed(lambda s=s, p=p: sides[s].first_token(p), 1e3) for s in SIDES},
+            alternate(rows[key], {s: timed(lambda s=s, p=p: sides[s].first_token(p), 1e3) for s in SIDES},
                        repeats, warmup=0 if tiles == MANY_TILES else 1)  # fmt: skip
 
 

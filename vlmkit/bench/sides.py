@@ -1,5 +1,5 @@
 """The two sides of the benchmark: :class:`VlmkitSide` and :class:`HFSide` (transformers), with the
-same calls (load, vision encode, prefill, first token, decode), and the :class:`_Clock` streamer
+same calls (load, vision encode, prefill, first token, decode), and the :class:`Clock` streamer
 that times decoding."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from .prompts import Prompt
 
 
-class _Clock:
+class Clock:
     """A transformers-style streamer (``put``/``end``) that stamps each new token."""
 
     def __init__(self) -> None:
@@ -61,7 +61,7 @@ class VlmkitSide:
         self.model.generate(**p.tensors, max_new_tokens=1)
 
     def decode(self, p: Prompt, new_tokens: int) -> float:
-        clock = _Clock()
+        clock = Clock()
         self.model.generate(**p.tensors, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         return clock.tokens_per_s()
 
@@ -116,6 +116,6 @@ class HFSide:
         self.model.generate(**self._kw(p, 1))
 
     def decode(self, p: Prompt, new_tokens: int) -> float:
-        clock = _Clock()
+        clock = Clock()
         self.model.generate(**self._kw(p, new_tokens), streamer=clock)
         return clock.tokens_per_s()

@@ -42,15 +42,15 @@ from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
 from ..kv_cache import KVCache
 from .llama_layers import (  # noqa: F401 - re-exported: these lived here before the split
-    _HAS_SDPA_GQA,
+    HAS_SDPA_GQA,
     ACTIVATIONS,
     SUPPORTED_ROPE_TYPES,
     LlamaAttention,
     LlamaDecoderLayer,
     LlamaMLP,
     RMSNorm,
-    _cos_sin,
-    _normalize_rope_scaling,
+    rope_cos_sin,
+    normalize_rope_scaling,
     rope_inv_freq,
     sdpa_mask,
 )
@@ -158,7 +158,7 @@ class Params(BaseModel):
                 f"serves a whole group of query heads); expected one of {divisors}"
             )
         if self.rope_scaling is not None:
-            self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+            self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"pad_token_id={self.pad_token_id} is outside the vocabulary; expected 0 <= id < "
@@ -320,7 +320,7 @@ class LlamaBackbone(nn.Module):
         """
         if position_ids is not None:
             freqs = position_ids[..., None].float() * self._inv_freq_on(device)
-            cos, sin = _cos_sin(freqs, dtype)
+            cos, sin = rope_cos_sin(freqs, dtype)
             if cos.dim() == 2:
                 cos, sin = cos[None], sin[None]
             return cos[:, :, None, :], sin[:, :, None, :]
@@ -330,7 +330,7 @@ class LlamaBackbone(nn.Module):
         if table is None or table[0].shape[0] < end:
             size = max(end, 256, 2 * table[0].shape[0] if table is not None else 0)
             pos = torch.arange(size, device=device, dtype=torch.int64).float()
-            table = self._rope_tables[key] = _cos_sin(torch.outer(pos, self._inv_freq_on(device)), dtype)
+            table = self._rope_tables[key] = rope_cos_sin(torch.outer(pos, self._inv_freq_on(device)), dtype)
         return table[0][None, start:end, None, :], table[1][None, start:end, None, :]
 
     # ------------------------------------------------------------------------- mask

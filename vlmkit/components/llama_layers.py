@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import GenerationError
 from ..kv_cache import KVCache
+from .activations import ACTIVATIONS
 
 if TYPE_CHECKING:
     from .llama import Params
@@ -36,15 +37,6 @@ __all__ = [
     "LlamaDecoderLayer",
 ]
 
-#: ``hidden_act`` values this backbone implements (transformers' ``ACT2FN`` names).
-ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
-
 #: ``rope_scaling["rope_type"]`` values this backbone implements, with their required keys.
 SUPPORTED_ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "default": (),
@@ -52,7 +44,7 @@ SUPPORTED_ROPE_TYPES: dict[str, tuple[str, ...]] = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 
-_HAS_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+HAS_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
 
 # ============================================================================== rope_scaling
@@ -72,7 +64,7 @@ def _pop_rope_type(scaling: dict[str, Any]) -> str:
     return rope_type
 
 
-def _normalize_rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -> dict[str, Any] | None:
+def normalize_rope_scaling(raw: dict[str, Any], max_position_embeddings: int) -> dict[str, Any] | None:
     """A checked copy of ``raw`` as :class:`~vlmkit.components.llama.Params` stores it (``None`` for ``default``)."""
     scaling = dict(raw)
     rope_type = _pop_rope_type(scaling)
@@ -152,7 +144,7 @@ def rope_inv_freq(params: Params, device: torch.device | None = None) -> torch.T
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(..., d/2)`` angles -> ``cos``, signed ``sin`` ``(..., d)`` in ``dtype``.
 
     The signed sine is ``[-sin, sin]`` so that ``rotate_half(x) * sin == roll(x, d/2) * signed_sin``.
@@ -237,7 +229,7 @@ class LlamaAttention(nn.Module):
             out = F.scaled_dot_product_attention(q.reshape(B, H_kv, self.n_rep, d), k, v, attn_mask=mask)
             out = out.reshape(B, 1, self.q_out)
         else:
-            if self.n_rep > 1 and not _HAS_SDPA_GQA:
+            if self.n_rep > 1 and not HAS_SDPA_GQA:
                 k = k.repeat_interleave(self.n_rep, dim=1)
                 v = v.repeat_interleave(self.n_rep, dim=1)
                 gqa = {}

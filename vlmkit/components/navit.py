@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ProcessorError
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
+from .activations import ACTIVATIONS
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,23 +47,6 @@ __all__ = [
     "bucketed_position_ids",
 ]
 
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-#: ``hidden_act`` name -> elementwise function (same maths as transformers' ``ACT2FN``).
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu": F.gelu,
-    "quick_gelu": _quick_gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 
 HiddenAct = Literal["gelu_pytorch_tanh", "gelu", "quick_gelu", "relu", "silu"]
 

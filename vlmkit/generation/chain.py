@@ -23,8 +23,8 @@ import torch
 
 from ..errors import GenerationError, PackingError
 from .defaults import default_pad_id, default_stop_ids
-from .loop import _left_aligned, _StreamAdapter, generate_from_embeds
-from .options import _check_ids, check_options, _check_prompt, _check_streamer, _generator, _Options, _with_seed
+from .loop import left_aligned, StreamAdapter, generate_from_embeds
+from .options import check_ids, check_options, check_prompt, check_streamer, make_generator, Options, with_seed
 
 # The package's logger (its documented name), not this module's.
 log = logging.getLogger("vlmkit.generation")
@@ -97,7 +97,7 @@ def _strip_placeholders(
     return ids, new_mask
 
 
-def _hf_kwargs(opts: _Options, stops: list[int], pad: int, streamer: Any) -> dict[str, Any]:
+def _hf_kwargs(opts: Options, stops: list[int], pad: int, streamer: Any) -> dict[str, Any]:
     """Keyword arguments for a transformers-style ``generate``: every knob explicit, so the
     backbone's own generation defaults (e.g. top_k=50) never leak in."""
     kw: dict[str, Any] = {
@@ -184,13 +184,13 @@ def _check_call(
     allow_text_only: Any,
 ) -> tuple[list[int], int]:  # fmt: skip
     """Validate :func:`generate`'s other arguments; ``(stop ids, pad id)`` with defaults resolved."""
-    _check_prompt(input_ids, attention_mask)
+    check_prompt(input_ids, attention_mask)
     vocab = getattr(model.backbone, "vocab_size", None)
-    stops = _check_ids("eos_token_id", eos_token_id, vocab, many=True)
+    stops = check_ids("eos_token_id", eos_token_id, vocab, many=True)
     stops = default_stop_ids(model) if stops is None else stops
-    pad = _check_ids("pad_token_id", pad_token_id, vocab, many=False)
+    pad = check_ids("pad_token_id", pad_token_id, vocab, many=False)
     pad = default_pad_id(model, stops) if pad is None else pad
-    _check_streamer(streamer)
+    check_streamer(streamer)
     if not isinstance(allow_text_only, bool):
         raise GenerationError(f"allow_text_only must be True or False; got {allow_text_only!r}")
     return stops, pad
@@ -206,7 +206,7 @@ def _run(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, o
     if pixel_attention_mask is not None:
         pixel_attention_mask = pixel_attention_mask.to(device)
     path = _path(model.backbone)
-    adapter = _StreamAdapter(streamer, input_ids)
+    adapter = StreamAdapter(streamer, input_ids)
     dropped = False
     if path == PATH_TEXT_ONLY:
         out, dropped = _text_only(model, input_ids, mask, pixel_values, opts, stops, pad, adapter, allow_text_only)
@@ -223,22 +223,22 @@ def _from_embeds(model, path, input_ids, mask, pixel_values, pixel_attention_mas
     ``generate_from_embeds``, its ``generate(inputs_embeds=...)`` or the generic loop."""
     backbone = model.backbone
     embeds = model.embed(input_ids, pixel_values, pixel_attention_mask)
-    embeds, emask = _left_aligned(embeds, mask)
+    embeds, emask = left_aligned(embeds, mask)
     if path == PATH_BACKBONE_EMBEDS:
-        out = _with_seed(opts.seed, model.device, lambda: backbone.generate(
+        out = with_seed(opts.seed, model.device, lambda: backbone.generate(
             inputs_embeds=embeds, attention_mask=emask, **_hf_kwargs(opts, stops, pad, adapter)
         ))
         return _new_tokens(out, input_ids, opts.max_new_tokens, path)
     gen = dict(
         max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, temperature=opts.temperature,
         top_k=opts.top_k, top_p=opts.top_p, eos_token_id=list(stops) or None, pad_token_id=pad,
-        streamer=adapter, generator=_generator(opts.seed, model.device) if opts.do_sample else None,
+        streamer=adapter, generator=make_generator(opts.seed, model.device) if opts.do_sample else None,
     )
     fn = backbone.generate_from_embeds if path == PATH_EMBEDS else functools.partial(generate_from_embeds, backbone)
     return _new_tokens(fn(embeds, emask, **gen), input_ids, opts.max_new_tokens, path)
 
 
-def _finish_stream(adapter: _StreamAdapter, new: torch.Tensor) -> None:
+def _finish_stream(adapter: StreamAdapter, new: torch.Tensor) -> None:
     """Deliver the tokens of a backbone that did not stream, then end the stream."""
     if adapter.steps == 0 and new.shape[1]:
         adapter.prompt_seen = True
@@ -318,9 +318,9 @@ def _text_only(model, input_ids, mask, pixel_values, opts, stops, pad, adapter, 
         _refuse_or_warn(backbone, input_ids, image_id, allow_text_only)
         if has_placeholders:
             ids, text_mask = _strip_placeholders(input_ids, text_mask, image_id, pad)
-    ids, text_mask = _left_aligned(ids, text_mask)
+    ids, text_mask = left_aligned(ids, text_mask)
     # The text-only backbone returns the prompt + new tokens (transformers' input_ids layout).
-    out = _with_seed(opts.seed, model.device, lambda: backbone.generate(
+    out = with_seed(opts.seed, model.device, lambda: backbone.generate(
         input_ids=ids, attention_mask=text_mask, **_hf_kwargs(opts, stops, pad, adapter)
     ))
     if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] >= ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):

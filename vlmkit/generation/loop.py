@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
-from .options import _check_ids, check_options, _check_prompt, _check_streamer, _chooser, _generator, _Options
+from .options import check_ids, check_options, check_prompt, check_streamer, make_chooser, make_generator, Options
 
 
 # ============================================================================== streaming
-class _StreamAdapter:
+class StreamAdapter:
     """The ``put``/``end`` object every path gets: notes when the first new token arrives and
     forwards to the user's streamer (callable or put/end). The first ``put`` is the prompt
     (transformers' protocol); the user's put/end streamer gets the real prompt ids there."""
@@ -69,7 +69,7 @@ def _left_order(mask: torch.Tensor | None) -> torch.Tensor | None:
     return torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
 
 
-def _left_aligned(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def left_aligned(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x`` ``(B, T, ...)`` and its mask with the padding moved to the left."""
     order = _left_order(mask)
     if order is None:
@@ -179,7 +179,7 @@ def _decode_steps(
 def _check_loop_args(
     backbone: Any, inputs_embeds: Any, attention_mask: Any, opts_args: tuple, eos_token_id: Any, pad_token_id: Any,
     streamer: Any,
-) -> tuple[_Options, list[int], int]:  # fmt: skip
+) -> tuple[Options, list[int], int]:  # fmt: skip
     """Validate :func:`generate_from_embeds`' arguments; ``(options, stop ids, pad id)``."""
     opts = check_options(*opts_args)
     if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[1] < 1:
@@ -189,30 +189,30 @@ def _check_loop_args(
         )
     B, T = inputs_embeds.shape[:2]
     if attention_mask is not None:
-        _check_prompt(torch.zeros(B, T, dtype=torch.long), attention_mask)
+        check_prompt(torch.zeros(B, T, dtype=torch.long), attention_mask)
     vocab = getattr(backbone, "vocab_size", None)
-    stops = _check_ids("eos_token_id", eos_token_id, vocab, many=True) or []
-    pad = _check_ids("pad_token_id", pad_token_id, vocab, many=False)
+    stops = check_ids("eos_token_id", eos_token_id, vocab, many=True) or []
+    pad = check_ids("pad_token_id", pad_token_id, vocab, many=False)
     pad = pad if pad is not None else (stops[0] if stops else 0)
-    _check_streamer(streamer)
+    check_streamer(streamer)
     return opts, stops, pad
 
 
 def _collect(
-    backbone: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, opts: _Options,
+    backbone: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, opts: Options,
     generator: torch.Generator | None, stops: list[int], pad: int, streamer: Any,
 ) -> torch.Tensor:  # fmt: skip
     """Run :func:`_decode_steps` into a preallocated ``(B, max_new_tokens)`` output, streaming
     each step; returns the ``(B, T_new)`` steps run."""
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
-    embeds, mask = _left_aligned(inputs_embeds, attention_mask)
+    embeds, mask = left_aligned(inputs_embeds, attention_mask)
     stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
     out = torch.full((B, opts.max_new_tokens), pad, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(torch.zeros(B, 0, dtype=torch.long))
     n = 0
-    for tok in _decode_steps(backbone, embeds, mask, opts.max_new_tokens, _chooser(opts, generator), stop_t, pad):
+    for tok in _decode_steps(backbone, embeds, mask, opts.max_new_tokens, make_chooser(opts, generator), stop_t, pad):
         out[:, n] = tok
         n += 1
         if streamer is not None:
@@ -252,8 +252,8 @@ def generate_from_embeds(
         eos_token_id, pad_token_id, streamer,
     )  # fmt: skip
     if generator is None and opts.do_sample:
-        generator = _generator(opts.seed, inputs_embeds.device)
+        generator = make_generator(opts.seed, inputs_embeds.device)
     if streamer is not None and not callable(getattr(streamer, "put", None)):
-        streamer = _StreamAdapter(streamer, torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))
+        streamer = StreamAdapter(streamer, torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))
     with torch.inference_mode():
         return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer)

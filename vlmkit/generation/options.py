@@ -18,7 +18,7 @@ from ..errors import GenerationError
 
 
 @dataclass(frozen=True)
-class _Options:
+class Options:
     max_new_tokens: int
     do_sample: bool
     temperature: float
@@ -34,7 +34,7 @@ def _is_int(value: Any) -> bool:
 # ============================================================================== validation
 def check_options(
     max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any
-) -> _Options:
+) -> Options:
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise GenerationError(
             f"max_new_tokens must be an integer >= 1; got {max_new_tokens!r}", hint="e.g. max_new_tokens=64"
@@ -56,10 +56,10 @@ def check_options(
         raise GenerationError(f"top_p must be None or in the range (0, 1]; got {top_p!r}", hint="1.0 keeps every token")
     if seed is not None and (not _is_int(seed) or seed < 0):
         raise GenerationError(f"seed must be None or an integer >= 0; got {seed!r}")
-    return _Options(max_new_tokens, do_sample, float(temperature), top_k, None if top_p is None else float(top_p), seed)
+    return Options(max_new_tokens, do_sample, float(temperature), top_k, None if top_p is None else float(top_p), seed)
 
 
-def _check_ids(name: str, value: Any, vocab: int | None, *, many: bool) -> list[int] | int | None:
+def check_ids(name: str, value: Any, vocab: int | None, *, many: bool) -> list[int] | int | None:
     if value is None:
         return None
     items = list(value) if many and isinstance(value, (list, tuple)) else [value]
@@ -72,7 +72,7 @@ def _check_ids(name: str, value: Any, vocab: int | None, *, many: bool) -> list[
     return items if many else items[0]
 
 
-def _check_streamer(streamer: Any) -> None:
+def check_streamer(streamer: Any) -> None:
     if streamer is None or (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
         return
     if callable(streamer):
@@ -82,7 +82,7 @@ def _check_streamer(streamer: Any) -> None:
     )
 
 
-def _check_prompt(input_ids: Any, attention_mask: Any) -> None:
+def check_prompt(input_ids: Any, attention_mask: Any) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise GenerationError(f"input_ids must be a (batch, length) integer tensor; got {shape}")
@@ -103,7 +103,7 @@ def _check_prompt(input_ids: Any, attention_mask: Any) -> None:
 
 
 # ============================================================================== sampling
-def _chooser(opts: _Options, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_chooser(opts: Options, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``(B, V)`` logits -> ``(B,)`` next tokens (transformers' warper order: temperature, top-k, top-p)."""
     if not opts.do_sample:
         return lambda logits: logits.argmax(-1)
@@ -127,13 +127,13 @@ def _chooser(opts: _Options, generator: torch.Generator | None) -> Callable[[tor
 
 
 # ============================================================================== seeds
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _with_seed(seed: int | None, device: torch.device, fn: Callable[[], Any]) -> Any:
+def with_seed(seed: int | None, device: torch.device, fn: Callable[[], Any]) -> Any:
     """Run ``fn`` with the global RNG seeded (restored afterwards) -- for backbones that sample
     with the global RNG (transformers' generate)."""
     if seed is None:

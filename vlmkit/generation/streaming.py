@@ -18,7 +18,7 @@ import torch
 from ..errors import GenerationError
 from .chain import generate
 from .defaults import default_stop_ids
-from .options import _check_ids, check_options, _check_prompt
+from .options import check_ids, check_options, check_prompt
 
 
 class _Cancelled(Exception):
@@ -44,7 +44,7 @@ def stream(
     """
     if "streamer" in kwargs:
         raise GenerationError("stream() makes its own streamer; call generate() to pass one")
-    _check_prompt(input_ids, kwargs.get("attention_mask"))
+    check_prompt(input_ids, kwargs.get("attention_mask"))
     if input_ids.shape[0] != 1:
         raise GenerationError(
             f"stream() takes one prompt row; got a batch of {input_ids.shape[0]}", hint="use generate() for batches"
@@ -54,7 +54,7 @@ def stream(
         kwargs.get("top_k"), kwargs.get("top_p"), kwargs.get("seed"),
     )
     vocab = getattr(model.backbone, "vocab_size", None)
-    stops = _check_ids("eos_token_id", kwargs.get("eos_token_id"), vocab, many=True)
+    stops = check_ids("eos_token_id", kwargs.get("eos_token_id"), vocab, many=True)
     stops = default_stop_ids(model) if stops is None else stops
     kwargs["eos_token_id"] = stops
     processor = _default_processor(model) if processor is None else processor

@@ -14,11 +14,11 @@ from torch import nn
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _where(slot: str, cls: type) -> str:
+def where_of(slot: str, cls: type) -> str:
     return f"{slot} {getattr(cls, '__qualname__', cls)!r}"
 
 
-def _params(cls: type, params: Any, who: str) -> Any:
+def validated_params(cls: type, params: Any, who: str) -> Any:
     from pydantic import BaseModel
 
     p_cls = getattr(cls, "Params", None)
@@ -37,7 +37,7 @@ def _params(cls: type, params: Any, who: str) -> Any:
     return params
 
 
-def _attrs(module: nn.Module, names: tuple[str, ...], who: str, kind: type = int) -> None:
+def check_attrs(module: nn.Module, names: tuple[str, ...], who: str, kind: type = int) -> None:
     for name in names:
         assert hasattr(module, name), f"{who}: missing attribute `{name}` required by the protocol"
         value = getattr(module, name)
@@ -49,29 +49,29 @@ def _attrs(module: nn.Module, names: tuple[str, ...], who: str, kind: type = int
 
 
 @contextlib.contextmanager
-def _seeded(seed: int = 0) -> Iterator[None]:
+def seeded(seed: int = 0) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
 
-def _finite(out: torch.Tensor, who: str, what: str) -> None:
+def check_finite(out: torch.Tensor, who: str, what: str) -> None:
     assert bool(torch.isfinite(out.float()).all()), f"{who}: {what} holds NaN or inf"
 
 
-def _shape(out: Any, want: tuple[int, ...], who: str, what: str) -> None:
+def check_shape(out: Any, want: tuple[int, ...], who: str, what: str) -> None:
     assert isinstance(out, torch.Tensor), f"{who}: {what} must return a tensor; got {type(out).__name__}"
     assert tuple(out.shape) == want, f"{who}: {what} returned shape {tuple(out.shape)}, expected {want}"
 
 
-def _dtype_and_grads(module: nn.Module, run: Callable[[nn.Module, torch.dtype], torch.Tensor], who: str) -> None:
+def check_dtype_and_grads(module: nn.Module, run: Callable[[nn.Module, torch.dtype], torch.Tensor], who: str) -> None:
     for dtype in DTYPES:
         module.to(dtype).eval()
         with torch.no_grad():
             out = run(module, dtype)
         assert out.dtype == dtype, f"{who}: after .to({dtype}) with {dtype} input, output dtype is {out.dtype}"
         assert out.device.type == "cpu", f"{who}: output moved to {out.device} (input and module on cpu)"
-        _finite(out, who, f"{dtype} output")
+        check_finite(out, who, f"{dtype} output")
     module.to(torch.float32).train()
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     if params:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..keymap import KeyMap
-from .common import _seeded
+from .common import seeded
 
 
 def check_key_map(make: Callable[[], nn.Module], who: str, run: Callable[[nn.Module], torch.Tensor], slot: str) -> None:
@@ -36,9 +36,9 @@ def check_key_map(make: Callable[[], nn.Module], who: str, run: Callable[[nn.Mod
 
 def _build_twice(make: Callable[[], nn.Module], who: str) -> nn.Module:
     """Two constructions (seeds 0 and 1) must have the same ``state_dict`` keys and shapes; returns the first."""
-    with _seeded(0):
+    with seeded(0):
         first = make()
-    with _seeded(1):
+    with seeded(1):
         second = make()
     shapes_1 = [(k, tuple(v.shape)) for k, v in first.state_dict().items()]
     shapes_2 = [(k, tuple(v.shape)) for k, v in second.state_dict().items()]

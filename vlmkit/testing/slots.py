@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..protocols import SLOTS, Aligner, Backbone, Connector, Packer, VisionTower
-from .common import _attrs, _dtype_and_grads, _finite, _params, _seeded, _shape, _where
+from .common import check_attrs, check_dtype_and_grads, check_finite, validated_params, seeded, check_shape, where_of
 from .key_map import check_key_map
 from .whole_model import check_builds
 
@@ -22,12 +22,12 @@ def check_vision_tower(
 ) -> nn.Module:  # fmt: skip
     """``cls(params)``: ``(N, 3, S, S) -> (N, K, hidden_size)`` at ``S = image_size``, ``K = (S/p)**2``
     or the tower's ``num_tokens`` when it has one (e.g. a kept class token). Returns the tower."""
-    who = _where("vision_tower", cls)
-    params = _params(cls, params, who)
-    with _seeded():
+    who = where_of("vision_tower", cls)
+    params = validated_params(cls, params, who)
+    with seeded():
         tower = cls(params)
     assert isinstance(tower, nn.Module), f"{who}: must be a torch.nn.Module"
-    _attrs(tower, ("hidden_size", "patch_size", "image_size", "num_patches_per_side"), who)
+    check_attrs(tower, ("hidden_size", "patch_size", "image_size", "num_patches_per_side"), who)
     assert tower.num_patches_per_side == tower.image_size // tower.patch_size, (
         f"{who}: num_patches_per_side={tower.num_patches_per_side} but image_size // patch_size = "
         f"{tower.image_size // tower.patch_size}"
@@ -35,7 +35,7 @@ def check_vision_tower(
     assert isinstance(tower, VisionTower), f"{who}: does not satisfy vlmkit.protocols.VisionTower"
     side, grid = tower.image_size, tower.num_patches_per_side
     if hasattr(tower, "num_tokens"):
-        _attrs(tower, ("num_tokens",), who)
+        check_attrs(tower, ("num_tokens",), who)
     tokens = getattr(tower, "num_tokens", grid * grid)
     pixels = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
 
@@ -45,13 +45,13 @@ def check_vision_tower(
     tower.eval()
     with torch.no_grad():
         out = run(tower)
-        _shape(out, (batch, tokens, tower.hidden_size), who, "forward(pixels)")
-        _finite(out, who, "forward(pixels)")
+        check_shape(out, (batch, tokens, tower.hidden_size), who, "forward(pixels)")
+        check_finite(out, who, "forward(pixels)")
         full = torch.ones(batch, grid, grid, dtype=torch.bool)
         torch.testing.assert_close(
             tower(pixels, full), out, msg=lambda m: f"{who}: an all-True patch_attention_mask must equal no mask: {m}"
         )
-    _dtype_and_grads(tower, run, who)
+    check_dtype_and_grads(tower, run, who)
     check_key_map(lambda: cls(params), who, run, "vision_tower")
     if build:
         check_builds("vision_tower", cls, params, name=name, neighbours=neighbours)
@@ -63,15 +63,15 @@ def check_connector(
     name: str | None = None, batch: int = 2, build: bool = True, neighbours: Mapping[str, dict] | None = None,
 ) -> nn.Module:  # fmt: skip
     """``cls(params, in_features=, grid=, out_features=)``: ``(N, grid**2, in) -> (N, tokens_per_image, out_features)``."""
-    who = _where("connector", cls)
-    params = _params(cls, params, who)
+    who = where_of("connector", cls)
+    params = validated_params(cls, params, who)
 
     def make():
         return cls(params, in_features=in_features, grid=grid, out_features=out_features)
 
-    with _seeded():
+    with seeded():
         conn = make()
-    _attrs(conn, ("out_features", "tokens_per_image"), who)
+    check_attrs(conn, ("out_features", "tokens_per_image"), who)
     assert isinstance(conn, Connector), f"{who}: does not satisfy vlmkit.protocols.Connector"
     feats = torch.randn(batch, grid * grid, in_features, generator=torch.Generator().manual_seed(0))
 
@@ -81,9 +81,9 @@ def check_connector(
     conn.eval()
     with torch.no_grad():
         out = run(conn)
-    _shape(out, (batch, conn.tokens_per_image, conn.out_features), who, f"forward({tuple(feats.shape)})")
-    _finite(out, who, "forward")
-    _dtype_and_grads(conn, run, who)
+    check_shape(out, (batch, conn.tokens_per_image, conn.out_features), who, f"forward({tuple(feats.shape)})")
+    check_finite(out, who, "forward")
+    check_dtype_and_grads(conn, run, who)
     check_key_map(make, who, run, "connector")
     if build:
         check_builds("connector", cls, params, name=name, neighbours=neighbours)
@@ -95,14 +95,14 @@ def check_aligner(
     tokens: int = 4, batch: int = 2, build: bool = True, neighbours: Mapping[str, dict] | None = None,
 ) -> nn.Module:  # fmt: skip
     """``cls(params, in_features=, out_features=)``: ``(N, K, in) -> (N, K, out)``; also with equal widths."""
-    who = _where("aligner", cls)
-    params = _params(cls, params, who)
+    who = where_of("aligner", cls)
+    params = validated_params(cls, params, who)
     for d_in in (in_features, out_features):
 
         def make(d_in=d_in):
             return cls(params, in_features=d_in, out_features=out_features)
 
-        with _seeded():
+        with seeded():
             aligner = make()
         assert isinstance(aligner, Aligner), f"{who}: does not satisfy vlmkit.protocols.Aligner"
         x = torch.randn(batch, tokens, d_in, generator=torch.Generator().manual_seed(0))
@@ -113,8 +113,8 @@ def check_aligner(
         aligner.eval()
         with torch.no_grad():
             out = run(aligner)
-        _shape(out, (batch, tokens, out_features), who, f"forward({tuple(x.shape)}) with in_features={d_in}")
-        _dtype_and_grads(aligner, run, who)
+        check_shape(out, (batch, tokens, out_features), who, f"forward({tuple(x.shape)}) with in_features={d_in}")
+        check_dtype_and_grads(aligner, run, who)
         check_key_map(make, who, run, "aligner")
     if build:
         check_builds("aligner", cls, params, name=name, neighbours=neighbours)
@@ -127,15 +127,15 @@ def check_packer(
 ) -> nn.Module:  # fmt: skip
     """``cls(params, tokens_per_image=K)``: placeholders of row ``b`` replaced by its images' tokens, in order;
     every other position unchanged."""
-    who = _where("packer", cls)
-    params = _params(cls, params, who)
+    who = where_of("packer", cls)
+    params = validated_params(cls, params, who)
 
     def make():
         return cls(params, tokens_per_image=tokens_per_image)
 
-    with _seeded():
+    with seeded():
         packer = make()
-    _attrs(packer, ("image_token_id", "tokens_per_image"), who)
+    check_attrs(packer, ("image_token_id", "tokens_per_image"), who)
     assert isinstance(packer, Packer), f"{who}: does not satisfy vlmkit.protocols.Packer"
     assert packer.tokens_per_image == tokens_per_image, f"{who}: tokens_per_image={packer.tokens_per_image}, built with {tokens_per_image}"
     tok = packer.image_token_id
@@ -146,13 +146,13 @@ def check_packer(
 
     with torch.no_grad():
         out = run(packer)
-    _shape(out, tuple(embeds.shape), who, "forward(input_ids, inputs_embeds, image_tokens, [2, 0])")
+    check_shape(out, tuple(embeds.shape), who, "forward(input_ids, inputs_embeds, image_tokens, [2, 0])")
     is_img = ids == tok
     assert torch.equal(out[~is_img], embeds[~is_img]), f"{who}: text positions changed (only placeholders may be replaced)"
     assert torch.equal(out[is_img], images.reshape(-1, hidden_size)), (
         f"{who}: placeholder positions do not hold the image tokens in order"
     )
-    _dtype_and_grads(packer, run, who)
+    check_dtype_and_grads(packer, run, who)
     check_key_map(make, who, run, "packer")
     if build:
         check_builds("packer", cls, params, name=name, neighbours=neighbours)
@@ -175,11 +175,11 @@ def check_backbone(
     neighbours: Mapping[str, dict] | None = None,
 ) -> nn.Module:  # fmt: skip
     """``cls(params)``: ``embed (B, T) -> (B, T, D)``, ``forward -> (B, T, D)``, ``logits -> (B, T, V)``."""
-    who = _where("backbone", cls)
-    params = _params(cls, params, who)
-    with _seeded():
+    who = where_of("backbone", cls)
+    params = validated_params(cls, params, who)
+    with seeded():
         bb = cls(params)
-    _attrs(bb, ("hidden_size", "vocab_size"), who)
+    check_attrs(bb, ("hidden_size", "vocab_size"), who)
     for method in ("embed", "forward", "logits"):
         assert callable(getattr(bb, method, None)), f"{who}: missing method `{method}`"
     assert isinstance(bb, Backbone), f"{who}: does not satisfy vlmkit.protocols.Backbone"
@@ -195,13 +195,13 @@ def check_backbone(
     bb.eval()
     with torch.no_grad():
         embeds = bb.embed(ids)
-        _shape(embeds, (batch, seq_len, bb.hidden_size), who, "embed(input_ids)")
+        check_shape(embeds, (batch, seq_len, bb.hidden_size), who, "embed(input_ids)")
         hidden = bb(embeds, attention_mask=mask)
-        _shape(hidden, (batch, seq_len, bb.hidden_size), who, "forward(inputs_embeds, attention_mask)")
+        check_shape(hidden, (batch, seq_len, bb.hidden_size), who, "forward(inputs_embeds, attention_mask)")
         logits = bb.logits(hidden)
-        _shape(logits, (batch, seq_len, bb.vocab_size), who, "logits(hidden)")
-        _finite(logits[:, 1:], who, "logits")
-    _dtype_and_grads(bb, run, who)
+        check_shape(logits, (batch, seq_len, bb.vocab_size), who, "logits(hidden)")
+        check_finite(logits[:, 1:], who, "logits")
+    check_dtype_and_grads(bb, run, who)
     check_key_map(lambda: cls(params), who, run, "backbone")
     if build:
         check_builds("backbone", cls, params, name=name, vocab_size=bb.vocab_size, neighbours=neighbours)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .common import _finite, _params, _shape, _where
+from .common import check_finite, validated_params, check_shape, where_of
 
 if TYPE_CHECKING:
     from ..model import VLM
@@ -73,8 +73,8 @@ def check_builds(
     from ..builder import build
     from ..spec import dump_yaml, validate_spec
 
-    who = _where(slot, cls)
-    params = _params(cls, params, who)
+    who = where_of(slot, cls)
+    params = validated_params(cls, params, who)
     with _registered(slot, cls, name) as reg_name:
         data = _tiny_spec(slot, reg_name, params, vocab_size, neighbours)
         model = build(data, load_weights=False)
@@ -110,5 +110,5 @@ def _run_one_image(model: VLM, who: str) -> None:
     pixels = torch.randn(1, 1, 3, side, side, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = model(ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
-    _shape(out.logits, (1, ids.shape[1], model.backbone.vocab_size), who, "the whole tiny model")
-    _finite(out.logits, who, "the whole tiny model's logits")
+    check_shape(out.logits, (1, ids.shape[1], model.backbone.vocab_size), who, "the whole tiny model")
+    check_finite(out.logits, who, "the whole tiny model's logits")
