@@ -28,9 +28,10 @@ _EXPORTS = {
     "stream": "vlmkit.generation",
     "get_registry": "vlmkit.plugins",
     "register_plugin": "vlmkit.plugins",
+    "TrainRecipe": "vlmkit.train",
 }
 
-__all__ = ["hookimpl", "errors", "__version__", *_EXPORTS]
+__all__ = ["hookimpl", "errors", "train", "__version__", *_EXPORTS]  # train: the callable vlmkit.train package
 
 if TYPE_CHECKING:
     from . import errors
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .plugins import get_registry, register_plugin
     from .processor import load_processor
     from .spec import VLMSpec, dump_yaml, json_schema, load_yaml
+    from .train import TrainRecipe
 
 
 def __getattr__(name: str) -> Any:

@@ -247,6 +247,10 @@ def _as_spec(path_or_spec) -> VLMSpec:
             hint="for a Hugging Face checkpoint folder or repo id use build_from_hf()",
         )
     if Path(path_or_spec).is_dir():
+        from .run_folder import is_run_folder, load_run_spec
+
+        if is_run_folder(path_or_spec):  # an output_dir of `vlmkit train`
+            return load_run_spec(path_or_spec)
         raise SourceNotFoundError(
             f"{os.fspath(path_or_spec)!r} is a folder; build() takes a model YAML file",
             hint="for a Hugging Face checkpoint folder use build_from_hf(folder)",
@@ -430,8 +434,12 @@ def build_from_hf(
     ``load_weights=False`` builds the architecture with fresh init (config files only).
     """
     from .hf import family_of_folder, resolve_config_folder, spec_from_hf
+    from .run_folder import RUN_SPEC_NAME, is_run_folder, load_run_spec
 
-    spec = spec_from_hf(source)
-    folder, _ = resolve_config_folder(source)
-    origin = Origin(f"{os.fspath(source)}/config.json", family_of_folder(folder))
+    if is_run_folder(source):  # an output_dir of `vlmkit train`
+        spec, origin = load_run_spec(source), Origin(f"{os.fspath(source)}/{RUN_SPEC_NAME}")
+    else:
+        spec = spec_from_hf(source)
+        folder, _ = resolve_config_folder(source)
+        origin = Origin(f"{os.fspath(source)}/config.json", family_of_folder(folder))
     return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict)

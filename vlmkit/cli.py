@@ -204,6 +204,73 @@ def _print_timings(err, model) -> None:
 
 
 @app.command()
+def serve(
+    source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
+    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a slot; more get 429."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Allow file:// image URLs under this folder."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds from arrival to the last token."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Images per request (default: what fits the context)."),
+    max_image_bytes: int = typer.Option(20 * 1024 * 1024, "--max-image-bytes", help="Encoded bytes per image."),
+    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Decoded pixels per image."),
+    max_body_bytes: int = typer.Option(100 * 1024 * 1024, "--max-body-bytes", help="Request body size, images included."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: SOURCE)."),
+) -> None:
+    """Serve SOURCE with OpenAI's chat-completions API (streaming, images, continuous batching); see docs/serving.md."""
+    _need_modules("vlmkit serve", "fastapi", "uvicorn", "prometheus_client", extra="serve")
+    from .serve import check_options
+    from .serve.server import run
+
+    options = check_options(  # every option checked before the model loads
+        host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
+        allow_remote_images=allow_remote_images, image_root=image_root, max_images=max_images,
+        max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_body_bytes=max_body_bytes, model_name=model_name,
+    )  # fmt: skip
+    err = _console(stderr=True)
+    model, processor = _load_model_and_processor(source)
+    if int8:
+        _quantize(err, model)
+    run(model, processor, options, model_name=options.model_name or source)
+
+
+@app.command()
+def export(
+    source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
+    out: Path = typer.Argument(..., help="A new folder for the Hugging Face checkpoint."),
+    check: bool = typer.Option(False, "--check", help="Load OUT with transformers and compare logits with vlmkit's."),
+) -> None:
+    """Write SOURCE as a Hugging Face folder (weights, config, processor, tokenizer, chat template) for vLLM / TGI."""
+    from .serve.export import check_export, export_folder
+
+    if check:
+        _need_modules("vlmkit export --check", "transformers", extra="hf")
+    model, processor = _load_model_and_processor(source)
+    folder = export_folder(model, source, out)
+    console = _console()
+    console.print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())), markup=False)
+    if check:
+        diff = check_export(model, processor, folder)
+        console.print(f"transformers AutoModelForImageTextToText logits vs vlmkit: max |diff| {diff:.2e}", markup=False)
+
+
+def _need_modules(what: str, *modules: str, extra: str) -> None:
+    """A :class:`~vlmkit.errors.VlmkitError` naming the missing packages and the extra to install."""
+    import importlib.util
+
+    from .errors import VlmkitError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise VlmkitError(f"{what} needs {', '.join(missing)}, which are not installed",
+                          hint=f"pip install 'vlmkit[{extra}]'")  # fmt: skip
+
+
+@app.command()
 def bench(
     source: str = typer.Argument(..., help="A checkpoint folder (or Hub repo id) both libraries can load."),
     repeats: int = typer.Option(3, "--repeats", help="Timed samples per side and row (medians are shown)."),
@@ -217,6 +284,19 @@ def bench(
     from .bench import run_bench
 
     run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out)
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="A training recipe YAML (docs/training.md; `vlmkit.train.json_schema()`)."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run folder (default: the recipe's output_dir)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's latest checkpoint."),
+    save_adapter: Optional[bool] = typer.Option(None, "--save-adapter/--merge-adapter", help="Keep LoRA adapters separate (default: merged)."),
+) -> None:
+    """Train a model from RECIPE: stages of frozen/trained slots and LoRA; one process, or many under `accelerate launch`."""
+    from .train.cli import train_command
+
+    train_command(recipe, output_dir, resume, save_adapter)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,9 @@ __all__ = [
     "SourceNotFoundError",
     "ProcessorError",
     "GenerationError",
+    "TrainingError",
+    "RecipeError",
+    "DataError",
     "closest",
     "short_repr",
     "divisors",
@@ -101,6 +104,26 @@ class ProcessorError(VlmkitError, ValueError):
 
 class GenerationError(VlmkitError, ValueError):
     """Generation arguments out of range, or a backbone that cannot honour the request."""
+
+
+class TrainingError(VlmkitError):
+    """Training cannot go on: a NaN/inf loss, a resume that does not fit, a run folder in the way."""
+
+
+class RecipeError(TrainingError, ValueError):
+    """A training recipe key is missing, unknown or impossible; ``key_path`` names it (``stages.1.train``)."""
+
+    def __init__(self, message: str, *, key_path: str | None = None, source: str | None = None, hint: str | None = None) -> None:
+        self.key_path = key_path
+        self.source = source
+        self.detail = message
+        prefix = f"{source}: " if source else ""
+        where = f"{key_path}: " if key_path else ""
+        super().__init__(f"{prefix}{where}{message}", hint=hint)
+
+
+class DataError(TrainingError, ValueError):
+    """A training row is malformed: no assistant turn, image count mismatch, missing or corrupt image."""
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:

@@ -25,8 +25,12 @@ def load_for_inspect(source: str, load_weights: bool | None):
     from .hf import resolve_config_folder, spec_from_hf
     from .spec import load_yaml
 
+    from .run_folder import is_run_folder, load_run_spec
+
     if source.endswith((".yaml", ".yml")):
         return _load_yaml_for_inspect(load_yaml(source), source, load_weights)
+    if is_run_folder(source):  # an output_dir of `vlmkit train`
+        return _load_yaml_for_inspect(load_run_spec(source), source, load_weights)
     folder, bundled = resolve_config_folder(source)
     spec = spec_from_hf(folder if bundled else source)
     if bundled:

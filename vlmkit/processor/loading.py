@@ -85,8 +85,12 @@ def _family(folder: Path) -> Family:
 
 
 def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:
+    from ..run_folder import is_run_folder, load_run_spec
     from ..spec import load_yaml
 
+    if spec is None and is_run_folder(source):  # an output_dir of `vlmkit train`: its spec drives the vision side
+        spec = load_run_spec(source)
+        source = None
     if spec is None and source is not None and os.fspath(source).endswith((".yaml", ".yml")):
         spec = source
         source = None

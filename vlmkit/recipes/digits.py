@@ -1,0 +1,56 @@
+"""scikit-learn's handwritten digits (1,797 real 8x8 scans shipped inside scikit-learn) as VQA rows.
+
+``write_digits_vqa(folder)`` writes ``folder/img/NNNN.png`` and two JSONL files of the training
+row format (docs/training.md), one question per image, "What digit is this?" -> "7":
+``train.jsonl`` (images 0 .. 1496) and ``heldout.jsonl`` (the fixed last 300, never trained on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["QUESTION", "HELDOUT", "write_digits_vqa", "digit_row"]
+
+QUESTION = "What digit is this?"
+#: The held-out split: the last 300 of the 1,797 digits.
+HELDOUT = 300
+
+
+def digit_row(image: str, answer: str, question: str = QUESTION) -> dict:
+    """One training row: an image and its question, then the answer."""
+    return {"images": [image], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}  # fmt: skip
+
+
+def write_digits_vqa(folder: str | Path, *, train_rows: int | None = None, heldout_rows: int = HELDOUT) -> dict[str, Path]:
+    """Write the PNGs and ``train.jsonl`` / ``heldout.jsonl``; returns their paths by split.
+
+    ``train_rows`` keeps only the first rows of the training split (``None``: all 1,497);
+    ``heldout_rows`` the first rows of the held-out split.
+    """
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    n = len(digits.target)
+    splits = {"train": range(0, n - HELDOUT), "heldout": range(n - HELDOUT, n)}
+    limits = {"train": train_rows, "heldout": heldout_rows}
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, indices in splits.items():
+        indices = list(indices)[: limits[name]] if limits[name] is not None else list(indices)
+        lines = []
+        for i in indices:
+            png = folder / "img" / f"{i:04d}.png"
+            if not png.exists():
+                pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255 grey
+                Image.fromarray(pixels, mode="L").save(png)
+            lines.append(json.dumps(digit_row(f"img/{png.name}", str(int(digits.target[i])))))
+        out[name] = folder / f"{name}.jsonl"
+        out[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
