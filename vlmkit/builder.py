@@ -102,7 +102,7 @@ def _probe_device(dev: torch.device) -> None:
 
 def _on_meta():
     """Build on the meta device (no memory, no values). Nothing process-wide is patched: torch's
-    initialisers run on the value-less tensors (measured ~30 ms for SmolVLM-256M's shapes on
+    initialisers run on the value-less tensors (measured ~30 ms for a 256M-parameter checkpoint's shapes on
     the meta device, against ~10 ms with ``torch.nn.init`` switched off for the whole process,
     which other threads would have seen). Parameters the checkpoint lacks get a real fresh init
     later (:func:`_materialize`)."""
