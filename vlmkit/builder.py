@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .errors import PluginError, SourceNotFoundError, SpecError, VlmkitError, WeightLoadError, short_repr
-from .family import Family
+from .family import Family, checkpoint_key_map
 from .model import VLM
 from .protocols import SLOTS
 from .spec import VLMSpec, load_yaml, validate_spec
@@ -338,6 +338,7 @@ def _weights_config(sources: dict[str, str]) -> dict | None:
 
 def _load_source(model: VLM, source: str, slots: list[str], dtype, report: LoadReport, *, all_slots: bool,
                  origin: Origin = Origin()) -> None:  # fmt: skip
+    from .hf import family_of_folder
     from .hub import resolve_source
 
     try:
@@ -347,10 +348,12 @@ def _load_source(model: VLM, source: str, slots: list[str], dtype, report: LoadR
             raise
         raise SourceNotFoundError(f"{origin.path}: weights ({', '.join(slots)}): {exc.message}", hint=exc.hint) from exc
     ckpt = Checkpoint(folder)
+    family = family_of_folder(folder)  # it decides where each slot's tensors live in its files
     read: set[str] = set()
     for slot in slots:
         module = getattr(model, slot)
-        read |= load_component(slot, module, _key_map(slot, module), ckpt, dtype, report)
+        keymap = checkpoint_key_map(family, slot, _key_map(slot, module), ckpt.keys())
+        read |= load_component(slot, module, keymap, ckpt, dtype, report)
     if all_slots:
         report.unexpected.extend(sorted(ckpt.keys() - read))
 

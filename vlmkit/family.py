@@ -24,18 +24,19 @@ See docs/writing-plugins.md ("A model family").
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from .errors import SpecError
+from .keymap import KeyMap
 
 if TYPE_CHECKING:
     from .processor.image import ImageCost, ImageSettings
     from .processor.text import TextTokenizer
     from .spec import VLMSpec
 
-__all__ = ["Family", "PromptLayout", "family_for_config", "bundled_folder"]
+__all__ = ["Family", "PromptLayout", "family_for_config", "bundled_folder", "checkpoint_key_map"]
 
 
 class PromptLayout(Protocol):
@@ -67,12 +68,19 @@ class Family:
             absent: top level).
         bundled: Hub repo id -> a folder of that checkpoint's config/tokenizer files shipped with
             the plugin (used when the Hub cannot be reached and no weights are needed).
+        prefixes: slot -> where that slot's tensors live in this family's checkpoints: one prefix,
+            or a mapping from a leading part of the component's own (prefix-free) names to its
+            place (``{"lm_head.": "lm_head.", "": "model.text_model."}``; see
+            :meth:`vlmkit.keymap.KeyMap.with_prefixes`). A slot not listed keeps its own names.
     """
 
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     sections: ClassVar[Mapping[str, str]] = {}
     bundled: ClassVar[Mapping[str, Path]] = {}
+    prefixes: ClassVar[Mapping[str, str | Mapping[str, str]]] = {}
+    #: Whether :meth:`prompt_layout` (and so ``load_processor``) is implemented for this family.
+    has_processor: ClassVar[bool] = False
 
     def spec_from_config(self, config: dict[str, Any], folder: Path | None, source: str) -> dict[str, Any]:
         """The YAML-form spec (five slot mappings ``{"name": ..., **params}``) of ``config``.
@@ -101,10 +109,19 @@ class Family:
         """``exc`` with its key path in ``config.json`` terms, naming ``source``."""
         return SpecError(exc.detail, key_path=self.config_key_path(exc.key_path), source=source, hint=exc.hint)
 
+    def key_map(self, slot: str, keymap: KeyMap, checkpoint_keys: Collection[str] = ()) -> KeyMap:
+        """``keymap`` (a component's prefix-free names) placed where this family's checkpoints keep
+        ``slot``. ``checkpoint_keys`` (the names in the file being read, when there is one) lets a
+        family whose files come in several layouts pick the right one."""
+        prefixes = self.prefixes.get(slot)
+        return keymap if prefixes is None else keymap.with_prefixes(prefixes)
+
     def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings, vocab_rows: int) -> PromptLayout:
         """The prompt layout of images for this checkpoint's ``tokenizer``; raise
         :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs."""
-        raise NotImplementedError(f"family {self.name!r} has no prompt layout for images")
+        from .errors import ProcessorError
+
+        raise ProcessorError(f"the {self.name!r} model family has no prompt layout for images")
 
     def stop_tokens(self, tokenizer_config: Mapping[str, Any]) -> tuple[str, ...]:
         """Token strings that end a turn besides the files' ``eos_token_id`` (e.g. a chat
@@ -132,3 +149,9 @@ def bundled_folder(repo_id: str) -> Path | None:
         if folder is not None:
             return Path(folder)
     return None
+
+
+def checkpoint_key_map(family: Family | None, slot: str, keymap: KeyMap, checkpoint_keys: Collection[str] = ()) -> KeyMap:
+    """``keymap`` in the layout of ``family``'s checkpoints; without a family (a folder with no
+    known ``config.json``, e.g. a plain timm or transformers sub-model file) the component's own names."""
+    return keymap if family is None else family.key_map(slot, keymap, checkpoint_keys)

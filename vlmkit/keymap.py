@@ -52,6 +52,22 @@ class KeyMap:
     def __add__(self, other: KeyMap) -> KeyMap:
         return KeyMap([*self.rules, *other.rules])
 
+    def with_prefixes(self, prefixes: str | Mapping[str, str]) -> KeyMap:
+        """The same rules with every checkpoint key re-prefixed: ``prefixes`` maps a leading part of
+        the component's own names to where it lives in a checkpoint (longest match wins; ``""``
+        matches everything), or is one prefix for every key. Used by model families, which own
+        their checkpoints' layouts; components emit prefix-free names."""
+        table = {"": prefixes} if isinstance(prefixes, str) else dict(prefixes)
+        order = sorted(table, key=len, reverse=True)
+
+        def place(key: str) -> str:
+            for head in order:
+                if key.startswith(head):
+                    return table[head] + key[len(head) :]
+            return key
+
+        return KeyMap(KeyRule(r.local, tuple(place(s) for s in r.sources), r.rows) for r in self.rules)
+
     def checkpoint_keys(self) -> list[str]:
         """Every checkpoint key this map reads."""
         return [s for r in self.rules for s in r.sources]

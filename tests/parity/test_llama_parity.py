@@ -71,7 +71,7 @@ def _pair(name: str, seed: int = 0):
 def load_via_key_map(model: LlamaBackbone, checkpoint: dict[str, torch.Tensor], prefix: str) -> None:
     """Fill ``model`` from transformers-named tensors through its key map (fused rules concatenated)."""
     state = {}
-    for rule in model.key_map_for(prefix, "lm_head.weight"):
+    for rule in model.key_map().with_prefixes({"lm_head.": "lm_head.", "": prefix}):
         parts = [checkpoint[s] for s in rule.sources]
         state[rule.local] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     model.load_state_dict(state, strict=True)

@@ -35,9 +35,15 @@ VISION_SHAPES = [
 ]
 
 
-def load_through_key_map(component: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> None:
-    """Fill ``component`` from checkpoint-named tensors, concatenating fused sources on dim 0."""
-    state = {rule.local: torch.cat([checkpoint[s] for s in rule.sources], dim=0) for rule in component.key_map()}
+def load_through_key_map(component: torch.nn.Module, checkpoint: dict[str, torch.Tensor], slot: str | None = None) -> None:
+    """Fill ``component`` from checkpoint-named tensors, concatenating fused sources on dim 0; with
+    ``slot``, the checkpoint is in the Idefics3 family's layout (its prefixes)."""
+    from vlmkit.family import family_for_config
+
+    keymap = component.key_map()
+    if slot is not None:
+        keymap = family_for_config({"model_type": "idefics3"}).key_map(slot, keymap)
+    state = {rule.local: torch.cat([checkpoint[s] for s in rule.sources], dim=0) for rule in keymap}
     component.load_state_dict(state, strict=True)
 
 
@@ -67,7 +73,7 @@ def navit_pair(shape: dict, attn: str = "sdpa", act: str = "gelu_pytorch_tanh"):
     cfg._attn_implementation = attn
     hf = Idefics3VisionTransformer(cfg).eval()
     ours = NavitVisionTower(NavitVisionTower.Params(**shape, hidden_act=act)).eval()
-    load_through_key_map(ours, prefixed(hf.state_dict(), "model.vision_model."))
+    load_through_key_map(ours, prefixed(hf.state_dict(), "model.vision_model."), "vision_tower")
     return hf, ours
 
 
@@ -135,7 +141,7 @@ def siglip_pair(shape: dict):
     torch.manual_seed(1)
     hf = SiglipVisionModel(SiglipVisionConfig(**shape, vision_use_head=False)).eval()
     ours = SiglipVisionTower(SiglipVisionTower.Params(**shape)).eval()
-    load_through_key_map(ours, prefixed(hf.state_dict(), "vision_model."))
+    load_through_key_map(ours, hf.state_dict())  # the tower's own names
     return hf, ours
 
 
@@ -176,7 +182,7 @@ def test_connector(scale, grid):
     torch.manual_seed(2)
     hf = hf_connector(48, 40, scale)
     ours = Idefics3Connector(Idefics3Connector.Params(scale_factor=scale), in_features=48, grid=grid, out_features=40)
-    load_through_key_map(ours, prefixed(hf.state_dict(), "model.connector."))
+    load_through_key_map(ours, prefixed(hf.state_dict(), "model.connector."), "connector")
     feats = torch.randn(3, grid * grid, 48)
     with torch.no_grad():
         out, ref = ours(feats), hf(feats)
@@ -199,8 +205,8 @@ def test_navit_plus_connector_match_get_image_features():
     tower = NavitVisionTower(NavitVisionTower.Params(**vision)).eval()
     conn = Idefics3Connector(Idefics3Connector.Params(scale_factor=2), in_features=64, grid=8, out_features=32)
     checkpoint = prefixed(hf.state_dict(), "model.")
-    load_through_key_map(tower, checkpoint)
-    load_through_key_map(conn, checkpoint)
+    load_through_key_map(tower, checkpoint, "vision_tower")
+    load_through_key_map(conn, checkpoint, "connector")
     pixel_mask = padded_pixel_mask(2, 64, [(64, 64), (40, 64)])
     pixels = torch.randn(2, 3, 64, 64) * pixel_mask[:, None]
     with torch.no_grad():
@@ -216,7 +222,7 @@ def test_hidden_align_identity_and_linear():
     torch.manual_seed(4)
     ref = torch.nn.Linear(16, 24, bias=False)
     lin = HiddenAlign(HiddenAlign.Params(), in_features=16, out_features=24)
-    load_through_key_map(lin, {"model.aligner.proj.weight": ref.weight.detach()})
+    load_through_key_map(lin, {"model.aligner.proj.weight": ref.weight.detach()}, "aligner")
     with torch.no_grad():
         diff = max_diff(lin(tokens), ref(tokens))
     assert report("hidden_align linear", diff) <= ATOL

@@ -81,7 +81,8 @@ def test_siglip_cross_check_through_the_registry():
     tower = timm_cls(timm_cls.Params(model_name="vit_base_patch16_siglip_224", img_size=32,
                                      model_kwargs={"patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4,
                                                    "act_layer": "gelu_tanh"})).eval()  # fmt: skip
-    ckpt = {"model.vision_model." + k: v for k, v in siglip_to_timm(siglip.key_map().export(siglip.state_dict())).items()}
+    published = {"vision_model." + k: v for k, v in siglip.key_map().export(siglip.state_dict()).items()}
+    ckpt = siglip_to_timm(published)
     tower.load_state_dict({r.local: ckpt[r.sources[0]] for r in tower.key_map()}, strict=True)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -247,7 +247,7 @@ def test_generate_on_a_yaml_model_uses_the_towers_tile_size(tmp_path, capsys):
     model_yaml = tmp_path / "swapped.yaml"
     model_yaml.write_text(yaml.safe_dump({
         "vision_tower": {"name": "siglip", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "checkpoint_prefix": ""},
+                         "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
         "connector": {"name": "idefics3", "scale_factor": 2},
         "packer": {"name": "image_packer", "image_token_id": 49190}, "backbone": text,
         "weights": {"backbone": str(tmp_path / "lm")}, "tokenizer": str(tokenizer),

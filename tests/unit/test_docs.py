@@ -39,6 +39,7 @@ REQUIRED = (
     "plugins.md",
     "processor.md",
     "speed.md",
+    "families.md",
 )
 
 MERMAID_TYPES = ("flowchart", "graph", "sequenceDiagram", "classDiagram", "stateDiagram")

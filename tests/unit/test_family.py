@@ -85,6 +85,7 @@ def test_stop_ids_are_one_answer_for_processor_and_generation():
     model = vlmkit.build(spec.model_copy(update={"weights": None}), load_weights=False)
     assert default_stop_ids(model) == vlmkit.load_processor(folder).eos_token_ids == [49279, 2]
     assert plugins.BUILTIN_MODULES == tuple(sorted(plugins.BUILTIN_MODULES))
+    assert vlmkit.get_registry().family("llava").name == "llava"
 
 
 def test_no_module_imports_a_private_name_from_another():

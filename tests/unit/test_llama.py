@@ -144,7 +144,7 @@ def test_key_map_covers_state_dict_and_exports_transformers_layout(tied, bias):
     if tied:
         hf_sd.pop("lm_head.weight")  # a tied head is not stored in a checkpoint
     model = _ours(tied, bias)
-    km = model.key_map_for("model.", "lm_head.weight")
+    km = model.key_map().with_prefixes({"lm_head.": "lm_head.", "": "model."})  # a LlamaForCausalLM file
     assert [r.local for r in km] and {r.local for r in km} == set(model.state_dict())
     assert sorted(km.checkpoint_keys()) == sorted(hf_sd)
     assert ("lm_head.weight" in model.state_dict()) is (not tied)
@@ -158,23 +158,20 @@ def test_key_map_covers_state_dict_and_exports_transformers_layout(tied, bias):
         assert torch.equal(exported[key], tensor), key
 
 
-def test_default_layout_is_idefics3_and_overridable():
+def test_key_map_is_prefix_free_and_the_family_places_it():
+    from vlmkit.family import family_for_config
+
     model = _ours(False)
-    keys = model.key_map().checkpoint_keys()
+    assert model.key_map().checkpoint_keys()[0] == "embed_tokens.weight"
+    keys = family_for_config({"model_type": "idefics3"}).key_map("backbone", model.key_map()).checkpoint_keys()
     assert "model.text_model.embed_tokens.weight" in keys
     assert "model.text_model.layers.1.self_attn.v_proj.weight" in keys
     assert "model.text_model.norm.weight" in keys and "lm_head.weight" in keys
     fused = {r.local: r for r in model.key_map()}["layers.0.self_attn.qkv_proj.weight"]
     assert fused.rows == (48, 16, 16)
     assert {r.local: r for r in model.key_map()}["layers.0.mlp.gate_up_proj.weight"].rows == (80, 80)
-
-    class CausalLM(LlamaBackbone):
-        checkpoint_prefix = "model."
-        head_key = "output.weight"
-
-    keys = _ours(False, cls=CausalLM).key_map().checkpoint_keys()
+    keys = model.key_map().with_prefixes({"lm_head.": "output.", "": "model."}).checkpoint_keys()
     assert "model.layers.0.mlp.up_proj.weight" in keys and "output.weight" in keys
-    assert _ours(True).key_map_for("model.").checkpoint_keys()[0] == "model.embed_tokens.weight"
     assert "lm_head.weight" not in _ours(True).key_map().checkpoint_keys()
 
 

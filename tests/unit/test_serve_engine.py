@@ -163,7 +163,7 @@ def test_queue_full_cancel_and_timeout(model):
     engine = Engine(model, max_batch=1, max_queue=1)
     try:
         slow, waiting = queue.Queue(), queue.Queue()
-        engine.submit(_job(_prompt(4, 1), 4000, slow, timeout_s=0.5))  # ~1 s of decoding: it times out
+        engine.submit(_job(_prompt(4, 1), 4000, slow, timeout_s=0.2))  # its first stop token is ~0.5 s away: it times out
         deadline = time.monotonic() + 30
         while not engine.stats()["running"] and time.monotonic() < deadline:  # it holds the one slot
             time.sleep(0.001)

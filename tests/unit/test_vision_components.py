@@ -91,7 +91,7 @@ def test_defaults_match_transformers_configs():
     transformers = pytest.importorskip("transformers")
     for ours, theirs in ((navit.NavitParams(), transformers.Idefics3VisionConfig()),
                          (siglip.SiglipParams(), transformers.SiglipVisionConfig())):
-        for name, value in ours.model_dump(exclude={"checkpoint_prefix"}).items():  # ours: a weights layout
+        for name, value in ours.model_dump().items():
             assert getattr(theirs, name) == value, name
     assert idefics3_connector.Idefics3ConnectorParams().scale_factor == transformers.Idefics3Config().scale_factor
 
@@ -162,17 +162,24 @@ def test_checkpoint_names_match_transformers():
     transformers = pytest.importorskip("transformers")
     from transformers.models.idefics3.modeling_idefics3 import Idefics3VisionTransformer
 
+    from vlmkit.family import family_for_config
+
+    smol = family_for_config({"model_type": "idefics3"})
+    siglip_family = family_for_config({"model_type": "siglip"})
     hf_navit = Idefics3VisionTransformer(transformers.Idefics3VisionConfig(**TINY))
-    assert set(tower(NavitVisionTower).key_map().checkpoint_keys()) == {
+    assert set(tower(NavitVisionTower).key_map().checkpoint_keys()) == set(hf_navit.state_dict())
+    assert set(smol.key_map("vision_tower", tower(NavitVisionTower).key_map()).checkpoint_keys()) == {
         "model.vision_model." + k for k in hf_navit.state_dict()
     }
     hf_siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**TINY, vision_use_head=False))
-    assert set(tower(SiglipVisionTower).key_map().checkpoint_keys()) == {"vision_model." + k for k in hf_siglip.state_dict()}
-    assert set(tower(SiglipVisionTower).key_map(prefix="").checkpoint_keys()) == set(hf_siglip.state_dict())
-    assert connector().key_map().checkpoint_keys() == ["model.connector.modality_projection.proj.weight"]
-    assert HiddenAlign(HiddenAlign.Params(), in_features=4, out_features=6).key_map().checkpoint_keys() == [
-        "model.aligner.proj.weight"
-    ]
+    siglip_map = tower(SiglipVisionTower).key_map()
+    published = {"vision_model." + k for k in hf_siglip.state_dict()}  # SiglipModel / transformers 4.x files
+    assert set(siglip_family.key_map("vision_tower", siglip_map, published).checkpoint_keys()) == published
+    bare = set(hf_siglip.state_dict())  # a SiglipVisionModel saved by transformers 5
+    assert set(siglip_family.key_map("vision_tower", siglip_map, bare).checkpoint_keys()) == bare
+    assert smol.key_map("connector", connector().key_map()).checkpoint_keys() == ["model.connector.modality_projection.proj.weight"]
+    align = HiddenAlign(HiddenAlign.Params(), in_features=4, out_features=6).key_map()
+    assert smol.key_map("aligner", align).checkpoint_keys() == ["model.aligner.proj.weight"]
 
 
 # --------------------------------------------------------------------------- key maps, meta build

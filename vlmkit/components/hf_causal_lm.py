@@ -6,9 +6,8 @@ transformers is imported only when this backbone is built (or its params validat
 vlmkit is imported.
 
 Local ``state_dict`` names are transformers' own: ``model.*`` (the decoder) and
-``lm_head.weight``. The key map sends ``model.X`` to ``checkpoint_prefix + X`` and
-``lm_head.weight`` to ``head_key`` (an Idefics3/SmolVLM checkpoint by default; a plain causal-LM
-checkpoint is ``checkpoint_prefix="model."``). With tied embeddings there is no head rule.
+``lm_head.weight``. The key map sends ``model.X`` to the prefix-free ``X`` and keeps
+``lm_head.weight``; the checkpoint's family places both. With tied embeddings there is no head rule.
 
 It implements the :class:`~vlmkit.protocols.Backbone` protocol and has **no**
 ``generate_from_embeds``: :meth:`HFCausalLMBackbone.generate` hands ``inputs_embeds`` to
@@ -21,7 +20,7 @@ import inspect
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from ..errors import GenerationError
@@ -33,15 +32,12 @@ __all__ = ["HFCausalLMParams", "HFCausalLMBackbone", "vlmkit_register_components
 
 class HFCausalLMParams(BaseModel):
     """``config``: the Hugging Face text config (must hold ``model_type``); ``tie_word_embeddings``:
-    override the config's value (``None`` keeps it); ``checkpoint_prefix`` / ``head_key``: where
-    the decoder and the LM head live in the checkpoint."""
+    override the config's value (``None`` keeps it)."""
 
     model_config = ConfigDict(extra="forbid")
 
     config: dict[str, Any]
     tie_word_embeddings: bool | None = None
-    checkpoint_prefix: str = Field("model.text_model.", description="Checkpoint prefix of the decoder (HF `model.`).")
-    head_key: str = Field("lm_head.weight", description="Checkpoint key of the untied LM head.")
 
     @field_validator("config")
     @classmethod
@@ -107,8 +103,9 @@ class HFCausalLMBackbone(nn.Module):
 
     # ------------------------------------------------------------------------- weights
     def key_map(self) -> KeyMap:
-        """``model.X`` <- ``checkpoint_prefix + X``; ``lm_head.weight`` <- ``head_key`` (untied only)."""
-        prefix, head = self.params.checkpoint_prefix, self.params.head_key
+        """``model.X`` <- ``X`` (the decoder's names without a prefix); ``lm_head.weight`` under its
+        own name (untied only). The checkpoint's family places them."""
+        prefix, head = "", "lm_head.weight"
         rules = []
         for key in self.state_dict(keep_vars=True):
             if key.startswith("model."):

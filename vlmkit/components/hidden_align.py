@@ -50,8 +50,8 @@ class HiddenAlign(nn.Module):
         return tokens if self.proj is None else self.proj(tokens)
 
     def key_map(self) -> KeyMap:
-        """Empty for the identity; else ``proj.weight`` <- ``model.aligner.proj.weight``."""
-        return KeyMap.prefixed(self.state_dict().keys(), "model.aligner.")
+        """Empty for the identity; else ``proj.weight`` under its own name (the family places it)."""
+        return KeyMap.prefixed(self.state_dict().keys(), "")
 
 
 @hookimpl

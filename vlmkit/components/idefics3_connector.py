@@ -8,7 +8,7 @@ maps them to ``out_features``. Numerically identical to transformers' ``Idefics3
 The patch features must form a *square* grid (transformers takes ``sqrt(P)`` as the side): the
 ``navit`` tower always returns the full square grid, padded patches included.
 
-Checkpoint key: ``model.connector.modality_projection.proj.weight``.
+Checkpoint key: ``modality_projection.proj.weight`` (``model.connector.`` in Idefics3 files, placed by the family).
 """
 
 from __future__ import annotations
@@ -108,10 +108,8 @@ class Idefics3Connector(nn.Module):
         return self.proj(pixel_shuffle(features, self.scale_factor))
 
     def key_map(self) -> KeyMap:
-        """``proj.weight`` <- ``model.connector.modality_projection.proj.weight``."""
-        return KeyMap.prefixed(
-            self.state_dict().keys(), "model.connector.", renames={"proj.weight": "modality_projection.proj.weight"}
-        )
+        """``proj.weight`` <- ``modality_projection.proj.weight`` (transformers' name; the family places it)."""
+        return KeyMap.prefixed(self.state_dict().keys(), "", renames={"proj.weight": "modality_projection.proj.weight"})
 
 
 @hookimpl

@@ -181,6 +181,13 @@ class Idefics3Family(Family):
     model_types = tuple(MODEL_TYPES)
     sections = {"vision_tower": "vision_config", "backbone": "text_config"}
     bundled = BUNDLED
+    has_processor = True
+    prefixes = {
+        "vision_tower": "model.vision_model.",
+        "connector": "model.connector.",
+        "aligner": "model.aligner.",
+        "backbone": {"lm_head.": "lm_head.", "": "model.text_model."},
+    }
 
     def spec_from_config(self, config: dict[str, Any], folder: Path | None, source: str) -> dict[str, Any]:
         return spec_dict_from_config(config, folder, source=source)

@@ -179,20 +179,13 @@ class LlamaBackbone(nn.Module):
     ``layers.{i}.input_layernorm.weight``, ``layers.{i}.post_attention_layernorm.weight``,
     ``norm.weight`` and, unless ``tie_word_embeddings``, ``lm_head.weight``.
 
-    Checkpoint layout: :attr:`checkpoint_prefix` + transformers' ``LlamaModel`` names, and
-    :attr:`head_key` for the LM head. The defaults fit an Idefics3/SmolVLM checkpoint; a subclass
-    may override both, or call :meth:`key_map_for` (e.g. ``key_map_for("model.")`` for a plain
-    ``LlamaForCausalLM`` checkpoint).
+    Key map: transformers' ``LlamaModel`` names without a prefix, and ``lm_head.weight``; the
+    checkpoint's family places them (``model.text_model.`` in Idefics3 files; a plain
+    ``LlamaForCausalLM`` file keeps the decoder under ``model.``:
+    ``key_map().with_prefixes({"lm_head.": "lm_head.", "": "model."})``).
     """
 
     Params: ClassVar[type[Params]] = Params
-
-    #: Prefix of the embedding, layers and final norm in the checkpoint.
-    checkpoint_prefix: ClassVar[str] = "model.text_model."
-    #: Checkpoint key of the (untied) LM head.
-    head_key: ClassVar[str] = "lm_head.weight"
-    #: The layout of a plain transformers ``LlamaForCausalLM`` checkpoint (for :meth:`key_map_for`).
-    CAUSAL_LM_PREFIX: ClassVar[str] = "model."
 
     def __init__(self, params: Params | Mapping[str, Any]) -> None:
         super().__init__()
@@ -235,17 +228,13 @@ class LlamaBackbone(nn.Module):
 
     # ------------------------------------------------------------------------- key map
     def key_map(self) -> KeyMap:
-        """Local keys <- checkpoint keys in this class's layout (:attr:`checkpoint_prefix`, :attr:`head_key`)."""
-        return self.key_map_for(self.checkpoint_prefix, self.head_key)
-
-    def key_map_for(self, prefix: str = CAUSAL_LM_PREFIX, head_key: str = "lm_head.weight") -> KeyMap:
-        """The key map for a checkpoint that stores ``LlamaModel`` weights under ``prefix``.
+        """Local keys <- transformers' ``LlamaModel`` names (no prefix) and ``lm_head.weight``.
 
         ``q_proj``/``k_proj``/``v_proj`` fuse into ``qkv_proj`` (rows ``(H*d, H_kv*d, H_kv*d)``) and
         ``gate_proj``/``up_proj`` into ``gate_up_proj`` (rows ``(I, I)``). With tied embeddings
         there is no head rule (the head reuses ``embed_tokens.weight``).
         """
-        p = self.params
+        p, prefix, head_key = self.params, "", "lm_head.weight"
         q_out, kv_out, inter = p.num_attention_heads * p.head_dim, p.num_key_value_heads * p.head_dim, p.intermediate_size
         rules = [KeyRule("embed_tokens.weight", (f"{prefix}embed_tokens.weight",))]
         suffixes = ["weight", "bias"] if p.attention_bias else ["weight"]

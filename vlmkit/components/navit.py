@@ -363,7 +363,7 @@ class NavitVisionTower(nn.Module):
 
     def key_map(self) -> KeyMap:
         """Every state_dict key under ``model.vision_model.`` (SmolVLM / Idefics3 checkpoints)."""
-        return KeyMap.prefixed(self.state_dict().keys(), "model.vision_model.")
+        return KeyMap.prefixed(self.state_dict().keys(), "")
 
 
 @hookimpl

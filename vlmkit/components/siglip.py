@@ -10,11 +10,11 @@ as transformers' ``interpolate_pos_encoding=True`` (in float32, then cast back).
 
 The encoder is :mod:`vlmkit.components.navit`'s (one source of truth for the layer code).
 
-Checkpoint layout: ``vision_model.`` + ``embeddings.patch_embedding.*``,
-``embeddings.position_embedding.weight``, ``encoder.layers.{i}.*``, ``post_layernorm.*`` -- the
-names in published SigLIP checkpoints (``SiglipModel`` files and transformers 4.x
-``SiglipVisionModel`` files). transformers 5.x ``save_pretrained`` of a bare ``SiglipVisionModel``
-drops the ``vision_model.`` prefix; use ``key_map(prefix="")`` for such files.
+Key map: prefix-free ``embeddings.patch_embedding.*``, ``embeddings.position_embedding.weight``,
+``encoder.layers.{i}.*``, ``post_layernorm.*``. Where they live is the checkpoint family's
+decision: ``model.vision_model.`` in Idefics3 files, ``vision_model.`` in published SigLIP
+checkpoints (``SiglipModel``, transformers 4.x ``SiglipVisionModel``), no prefix in a bare
+``SiglipVisionModel`` saved by transformers 5 (:mod:`vlmkit.components.siglip_family`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,6 @@ class SiglipParams(VisionParams):
     hidden_size: int = Field(768, gt=0, description="Vision width D_v.")
     num_attention_heads: int = Field(12, gt=0, description="Attention heads; must divide hidden_size.")
     patch_size: int = Field(16, gt=0, description="Square patch side (pixels); the grid is image_size // patch_size.")
-    checkpoint_prefix: str = Field(
-        "vision_model.",
-        description="Prefix of the tower's tensors in the weights file: 'vision_model.' in published SigLIP "
-        "checkpoints (and transformers 4.x saves), '' for a SiglipVisionModel saved by transformers 5.",
-    )
 
 
 def interpolate_positions(table: torch.Tensor, side: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -105,10 +100,10 @@ class SiglipVisionTower(nn.Module):
         hidden = self.encoder(self.embeddings(pixel_values), attn_mask)
         return self.post_layernorm(hidden)
 
-    def key_map(self, prefix: str | None = None) -> KeyMap:
-        """Every state_dict key under ``prefix`` (default ``params.checkpoint_prefix``)."""
-        prefix = self.params.checkpoint_prefix if prefix is None else prefix
-        return KeyMap.prefixed(self.state_dict().keys(), prefix)
+    def key_map(self) -> KeyMap:
+        """Every state_dict key under its own (transformers ``SiglipVisionTransformer``) name; the
+        family of the checkpoint read places them (e.g. ``vision_model.`` in SigLIP files)."""
+        return KeyMap.prefixed(self.state_dict().keys(), "")
 
 
 @hookimpl

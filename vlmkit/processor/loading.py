@@ -51,12 +51,13 @@ def load_processor(
 
     spec, source = _spec_and_source(spec, source)
     folder = _checkpoint_folder(source, revision)
+    family = _family(folder)  # before reading image settings: the family may have no processor yet
     settings, config, processor_config, image_seq_len = _vision_side(folder, spec, image_seq_len)
     tokenizer = TextTokenizer.from_folder(folder)
     # check_checkpoint and load_chat_template are called from here: their SpecWarnings' stacklevels name our caller
     checked = check_checkpoint(
         folder,
-        family=_family(folder),
+        family=family,
         config=config,
         processor_config=processor_config,
         generation_config=read_json(folder, "generation_config.json", required=False),
@@ -81,7 +82,19 @@ def _family(folder: Path) -> Family:
             hint=f"installed families read: {', '.join(get_registry().model_types())}; the tokenizer folder needs "
             "the config.json of its checkpoint",
         )
+    if not family.has_processor:
+        raise ProcessorError(
+            f"the {family.name!r} model family has no vlmkit processor yet (checkpoint {str(folder)!r})",
+            hint="build the inputs with the family's transformers processor, or use a checkpoint of a family "
+            "with one: " + ", ".join(sorted({f.name for f in _registry().families() if f.has_processor})),
+        )
     return family
+
+
+def _registry():
+    from ..plugins import get_registry
+
+    return get_registry()
 
 
 def _spec_and_source(spec: Any, source: str | os.PathLike | None) -> tuple[Any, str | os.PathLike]:

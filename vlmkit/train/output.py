@@ -26,6 +26,7 @@ import yaml
 
 from ..errors import TrainingError
 from ..export import TOKENIZER_FILES
+from ..family import checkpoint_key_map
 from ..protocols import SLOTS
 from ..run_folder import RUN_SPEC_NAME
 from ..weights import save_safetensors
@@ -36,12 +37,14 @@ __all__ = ["export_weights", "write_run_folder", "apply_adapter", "ADAPTER_DIR"]
 ADAPTER_DIR = "adapter"
 
 
-def export_weights(model: Any) -> dict[str, Any]:
-    """Checkpoint-named tensors of every slot (``key_map().export``), LoRA tensors left out."""
+def export_weights(model: Any, family: Any = None) -> dict[str, Any]:
+    """Every slot's tensors named as ``family``'s checkpoints name them (the family of the run
+    folder's ``config.json``; ``None``: the components' own names), LoRA tensors left out."""
     tensors: dict[str, Any] = {}
     for slot in SLOTS:
         module = getattr(model, slot)
-        exported = _export_unwrapped(module) if _has_lora(module) else module.key_map().export(module.state_dict())
+        bare = _unwrapped(module) if _has_lora(module) else module
+        exported = checkpoint_key_map(family, slot, bare.key_map()).export(bare.state_dict())
         clash = sorted(set(exported) & set(tensors))
         if clash:
             raise TrainingError(f"slot {slot} exports tensor names another slot uses: {', '.join(clash[:4])}",
@@ -54,9 +57,9 @@ def _has_lora(module: Any) -> bool:
     return any("lora_" in n for n, _ in module.named_parameters())
 
 
-def _export_unwrapped(module: Any) -> dict[str, Any]:
-    """Export a slot that still holds (unmerged) adapters: its base layers, as trained, on a copy
-    without the adapters (a key map may list the module's own state_dict names)."""
+def _unwrapped(module: Any) -> Any:
+    """A copy of a slot that still holds (unmerged) adapters, with its base layers as trained and
+    no adapters (a key map may list the module's own state_dict names)."""
     import copy
 
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -67,7 +70,7 @@ def _export_unwrapped(module: Any) -> dict[str, Any]:
             parent_name, _, child = name.rpartition(".")
             parent = bare.get_submodule(parent_name) if parent_name else bare
             setattr(parent, child, sub.get_base_layer())
-    return bare.key_map().export(bare.state_dict())
+    return bare
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -86,7 +89,8 @@ def write_run_folder(folder: Path, model: Any, processor_folder: Path, recipe: A
     """Write the final run folder (main process only); see the module docstring."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / ".model.safetensors.tmp"
-    save_safetensors(export_weights(model), tmp, metadata={"format": "pt", "written_by": "vlmkit train"})
+    family = _config_family(model, processor_folder)
+    save_safetensors(export_weights(model, family), tmp, metadata={"format": "pt", "written_by": "vlmkit train"})
     os.replace(tmp, folder / "model.safetensors")
     if save_adapter:
         _write_adapter(folder / ADAPTER_DIR, model)
@@ -102,13 +106,23 @@ def write_run_folder(folder: Path, model: Any, processor_folder: Path, recipe: A
     return folder
 
 
+def _config_family(model: Any, processor_folder: Path) -> Any:
+    """The family of the ``config.json`` :func:`_write_config` writes (the loader reads the
+    weights through it): the model's own when one can describe it, else the tokenizer checkpoint's."""
+    from ..export import hf_config
+    from ..hf import family_of_folder
+
+    family, _ = hf_config(model.spec)
+    return family if family is not None else family_of_folder(processor_folder)
+
+
 def _write_config(folder: Path, model: Any, processor_folder: Path) -> None:
     """``config.json``: the model's own transformers config when a family can write one (the folder
     is then also a transformers checkpoint), else the tokenizer checkpoint's (the processor reads
     its model family and token ids from it; the architecture is vlmkit.yaml's)."""
     from ..export import hf_config
 
-    config = hf_config(model.spec)
+    _, config = hf_config(model.spec)
     if config is not None:
         config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         _atomic_write(folder / "config.json", json.dumps(config, indent=2) + "\n")

@@ -15,12 +15,11 @@ Everything about the tower -- width, patch size, grid, input size, the normalisa
 is read from timm's own model and its ``pretrained_cfg``; only the model name is typed.
 
 Weights. The tower holds the timm model as ``self.model``, so its state_dict keys are
-``model.`` + timm's names. :meth:`TimmVisionTower.key_map` maps them to
-``checkpoint_prefix`` + timm's names: ``model.vision_model.blocks.0.attn.qkv.weight`` with the
-default prefix (the slot SmolVLM/Idefics3 checkpoints use for the vision model, so a model
-saved by vlmkit reloads), or plain timm names with ``checkpoint_prefix: ""`` (the
-``model.safetensors`` of a timm Hub repo, downloaded beforehand, as ``weights: {vision_tower:
-folder}``). The classifier head and SigLIP's attention-pool head are not built, so their
+``model.`` + timm's names. :meth:`TimmVisionTower.key_map` maps them to timm's own names
+(``blocks.0.attn.qkv.weight``); the checkpoint's family places them
+(``model.vision_model.blocks...`` in a SmolVLM/Idefics3-layout folder, so a model saved by vlmkit
+reloads; unchanged in the ``model.safetensors`` of a timm Hub repo, downloaded beforehand, as
+``weights: {vision_tower: folder}``). The classifier head and SigLIP's attention-pool head are not built, so their
 tensors are not read. ``pretrained: true`` makes timm download its weights (network or a
 filled Hugging Face cache needed); it is ignored when the builder loads this slot from a
 checkpoint. :func:`siglip_to_timm` converts a transformers SigLIP vision state dict to timm
@@ -49,10 +48,6 @@ from vlmkit.keymap import KeyMap
 
 __version__ = "0.1.0"
 __all__ = ["TimmParams", "TimmVisionTower", "close_timm_names", "siglip_to_timm", "vlmkit_register_components"]
-
-#: Default checkpoint prefix of the tower's tensors (the vision slot of SmolVLM/Idefics3 files).
-DEFAULT_PREFIX = "model.vision_model."
-
 
 def close_timm_names(name: str, n: int = 6) -> list[str]:
     """Registered timm ViT-style names closest to ``name`` (``timm.list_models('*vit*')`` + difflib)."""
@@ -89,9 +84,6 @@ class TimmParams(BaseModel):
     pretrained: bool = Field(
         default=False,
         description="Let timm download its pretrained weights (needs network or a filled Hugging Face cache).",
-    )
-    checkpoint_prefix: str = Field(
-        default=DEFAULT_PREFIX, description="Prefix of the tower's tensors in a checkpoint; '' for a plain timm file."
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -142,7 +134,7 @@ def _create(params: TimmParams) -> nn.Module:
             f"timm could not fetch the pretrained weights of {params.model_name!r} ({type(exc).__name__}: {exc})",
             hint="pretrained: true needs network access or a filled Hugging Face cache; otherwise set "
             "pretrained: false, or save timm's model.safetensors to a folder and use "
-            "weights: {vision_tower: folder} with checkpoint_prefix: ''",
+            "weights: {vision_tower: folder}",
         ) from exc
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
         raise SpecError(
@@ -257,11 +249,10 @@ class TimmVisionTower(nn.Module):
         prefix = flat.new_ones(n, self.num_prefix_tokens)
         return torch.cat([prefix, flat], dim=1)[:, None, None, :]
 
-    def key_map(self, prefix: str | None = None) -> KeyMap:
-        """``model.<timm name>`` <- ``prefix + <timm name>`` (``prefix`` defaults to ``params.checkpoint_prefix``)."""
-        prefix = self.params.checkpoint_prefix if prefix is None else prefix
+    def key_map(self) -> KeyMap:
+        """``model.<timm name>`` <- ``<timm name>`` (the checkpoint's family adds its prefix)."""
         local = list(self.state_dict().keys())
-        return KeyMap.prefixed(local, prefix, renames={k: k[len("model.") :] for k in local})
+        return KeyMap.prefixed(local, "", renames={k: k[len("model.") :] for k in local})
 
     def extra_repr(self) -> str:
         return (
@@ -283,7 +274,7 @@ def siglip_to_timm(state_dict: Mapping[str, torch.Tensor], prefix: str = "vision
     ``q/k/v_proj`` are stacked into ``attn.qkv``, the ``(P, D)`` position table becomes timm's
     ``(1, P, D)`` ``pos_embed`` and ``post_layernorm`` becomes ``norm``; the pooling ``head.*`` is
     dropped. The result loads into ``timm.create_model('vit_*_siglip_*')`` (or a
-    :class:`TimmVisionTower` through its key map with ``prefix=""``).
+    :class:`TimmVisionTower` through its key map, which reads timm's names).
     """
     sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
