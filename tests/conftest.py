@@ -41,3 +41,14 @@ def published(request) -> tuple[str, Path]:
 def _no_hub(monkeypatch):
     """Tests never reach the Hub."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one torch thread is as fast, and immune to OpenMP spin-waits on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,7 +18,7 @@ from ..unit._train_tiny import MODEL_YAML, RECIPE_YAML, TOKENIZER, one_thread, w
 pytestmark = pytest.mark.slow
 
 
-def test_digits_tiny_recipe_reads_held_out_digits(tmp_path, one_thread, capsys, monkeypatch):  # noqa: F811
+def test_digits_tiny_recipe_reads_held_out_digits(tmp_path, one_thread, capsys, monkeypatch):
     from vlmkit.cli import main
 
     files = write_digits(tmp_path / "digits", train_rows=None, heldout_rows=300)

@@ -10,12 +10,12 @@ import pytest
 import vlmkit
 from vlmkit.train import Collator, load_rows, trainer_model
 
-from ..unit._train_tiny import one_thread, write_digits, write_model_yaml  # noqa: F401
+from ..unit._train_tiny import write_digits, write_model_yaml  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
 
-def test_transformers_trainer_trains_a_vlmkit_model(tmp_path, one_thread):  # noqa: F811
+def test_transformers_trainer_trains_a_vlmkit_model(tmp_path, one_thread):
     transformers = pytest.importorskip("transformers")
     files = write_digits(tmp_path / "digits", train_rows=32, heldout_rows=1)
     model = vlmkit.build(write_model_yaml(tmp_path))

@@ -93,13 +93,6 @@ def test_untrained_parameters_name_the_new_parts(swapped_yaml):
     assert model.load_report.ok and model.load_report.loaded["backbone"] > 0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: one thread is as fast, and immune to OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_train_connector_only(swapped_yaml, one_thread):

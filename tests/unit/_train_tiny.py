@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from ..conftest import REPO, published_folder
@@ -51,10 +50,3 @@ def recipe(folder: Path, model: Path, train: Path, *, steps: int = 4, batch_size
             "image_splitting": False, "save_every": None, **extra}  # fmt: skip
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: one thread is faster, and immune to OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ import vlmkit
 from vlmkit.errors import RecipeError, TrainingError
 from vlmkit.train import engine
 
-from ._train_tiny import one_thread, recipe, write_digits, write_model_yaml  # noqa: F401
+from ._train_tiny import recipe, write_digits, write_model_yaml  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def _losses(run) -> list[float]:
 
 
 @pytest.mark.slow
-def test_run_folder_is_a_model_folder_everywhere(tmp_path, model_yaml, data, one_thread, capsys, monkeypatch):  # noqa: F811
+def test_run_folder_is_a_model_folder_everywhere(tmp_path, model_yaml, data, one_thread, capsys, monkeypatch):
     from vlmkit.cli import main
 
     r = recipe(tmp_path, model_yaml, data["train"], steps=3, data={"eval": str(data["heldout"])})
@@ -73,7 +73,7 @@ def _two_stage(tmp_path, model_yaml, data, **extra) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, model_yaml, data, one_thread, monkeypatch):  # noqa: F811
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, model_yaml, data, one_thread, monkeypatch):
     whole = vlmkit.train(_two_stage(tmp_path, model_yaml, data), output_dir=tmp_path / "whole")
     step = engine.Run._step
 
@@ -100,7 +100,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, model_yaml,
 
 
 @pytest.mark.slow
-def test_resume_of_another_spec_or_without_checkpoint_is_refused(tmp_path, model_yaml, data, one_thread):  # noqa: F811
+def test_resume_of_another_spec_or_without_checkpoint_is_refused(tmp_path, model_yaml, data, one_thread):
     r = recipe(tmp_path, model_yaml, data["train"], steps=2, save_every=1)
     with pytest.raises(TrainingError, match="nothing to resume"):
         vlmkit.train(r, resume=True)
@@ -112,7 +112,7 @@ def test_resume_of_another_spec_or_without_checkpoint_is_refused(tmp_path, model
         vlmkit.train({**r, "seed": 1}, resume=True)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_yaml, data, one_thread, monkeypatch):  # noqa: F811
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_yaml, data, one_thread, monkeypatch):
     forward, calls = engine.TokenLoss.forward, []
 
     def nan_at_step_3(self, *args, **kwargs):
@@ -132,7 +132,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, model_yaml,
     assert vlmkit.train(r, resume=True) == run  # the good checkpoint resumes
 
 
-def test_bad_model_and_lora_inputs(tmp_path, data, one_thread, capsys):  # noqa: F811
+def test_bad_model_and_lora_inputs(tmp_path, data, one_thread, capsys):
     from vlmkit.cli import main
 
     small_vocab = write_model_yaml(tmp_path, vocab_size=49200)
@@ -155,7 +155,7 @@ def test_bad_model_and_lora_inputs(tmp_path, data, one_thread, capsys):  # noqa:
 
 
 @pytest.mark.slow
-def test_save_adapter_keeps_lora_separate_and_apply_adapter_restores_it(tmp_path, model_yaml, data, one_thread):  # noqa: F811
+def test_save_adapter_keeps_lora_separate_and_apply_adapter_restores_it(tmp_path, model_yaml, data, one_thread):
     r = recipe(tmp_path, model_yaml, data["train"], steps=3, stage={"train": ["connector"], "lora": {"slots": ["backbone"]}})
     merged = vlmkit.build(vlmkit.train(r, output_dir=tmp_path / "merged"))
     sep = vlmkit.train(r, output_dir=tmp_path / "sep", save_adapter=True)

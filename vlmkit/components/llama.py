@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import nn
 
-from ..errors import divisors as _divisors
+from ..errors import divisors
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
 from ..kv_cache import KVCache
@@ -152,10 +152,10 @@ class Params(BaseModel):
             self.num_key_value_heads = heads
         kv = self.num_key_value_heads
         if kv > heads or heads % kv:
-            divisors = _divisors(heads)
+            valid = divisors(heads)
             raise ValueError(
                 f"num_key_value_heads={kv} must divide num_attention_heads={heads} (each key/value head "
-                f"serves a whole group of query heads); expected one of {divisors}"
+                f"serves a whole group of query heads); expected one of {valid}"
             )
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
