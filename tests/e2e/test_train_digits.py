@@ -13,7 +13,7 @@ import yaml
 
 import vlmkit
 
-from ..unit._train_tiny import MODEL_YAML, RECIPE_YAML, TOKENIZER, one_thread, write_digits  # noqa: F401
+from ..unit._train_tiny import MODEL_YAML, RECIPE_YAML, TOKENIZER, write_digits
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 import vlmkit
 from vlmkit.train import Collator, load_rows, trainer_model
 
-from ..unit._train_tiny import write_digits, write_model_yaml  # noqa: F401
+from ..unit._train_tiny import write_digits, write_model_yaml
 
 pytestmark = pytest.mark.slow
 
