@@ -8,7 +8,7 @@ import torch
 
 from vlmkit.components.llama import LlamaBackbone, Params, RMSNorm, vlmkit_register_components
 from vlmkit.errors import GenerationError
-from vlmkit.kv_cache import KVCache
+from vlmkit.kv_cache import GROW_STEP, KVCache
 from vlmkit.protocols import Backbone
 from vlmkit.registry import Registry
 
@@ -194,29 +194,43 @@ def test_meta_build_and_assign_load(tied):
 
 
 @torch.no_grad()
-def test_cache_is_preallocated_and_not_reallocated():
+def test_cache_grows_on_demand_and_not_per_step():
     model = _ours(False)
-    cache = model.new_cache(2, 16)
+    cache = model.new_cache(2, 1000)
     assert isinstance(cache, KVCache)
-    assert cache.keys.shape == (2, 2, 2, 16, 8) and cache.values.shape == cache.keys.shape
-    assert cache.dtype == torch.float32 and cache.length == 0
-    ptrs = (cache.keys.data_ptr(), cache.values.data_ptr())
+    assert cache.keys.shape == (2, 2, 2, 0, 8) and cache.values.shape == cache.keys.shape  # nothing yet
+    assert cache.dtype == torch.float32 and cache.length == 0 and cache.max_length == 1000
     ids = torch.randint(0, 61, (2, 5))
     model(model.embed(ids), cache=cache)
-    assert cache.length == 5
+    assert cache.length == 5 and cache.capacity == 5 + GROW_STEP  # what was written plus headroom
+    ptrs = (cache.keys.data_ptr(), cache.values.data_ptr())
     for step in range(6):
         model(model.embed(ids[:, :1]), cache=cache)
-        assert (cache.keys.data_ptr(), cache.values.data_ptr()) == ptrs
+        assert (cache.keys.data_ptr(), cache.values.data_ptr()) == ptrs  # no reallocation per step
         assert cache.length == 6 + step
     assert cache.keys[:, :, :, 11:].abs().sum() == 0  # nothing written past the filled part
     assert cache.keys[:, :, :, :11].abs().sum() > 0
+    kept = cache.keys[:, :, :, :11].clone()
+    model(model.embed(torch.randint(0, 61, (2, GROW_STEP))), cache=cache)  # past the headroom: grows
+    assert cache.capacity >= 11 + GROW_STEP and torch.equal(cache.keys[:, :, :, :11], kept)
     with pytest.raises(GenerationError, match="full"):
-        model(model.embed(torch.randint(0, 61, (2, 6))), cache=cache)
-    assert cache.length == 11  # a refused step changes nothing
+        model(model.embed(torch.randint(0, 61, (2, 1000))), cache=cache)
+    assert cache.length == 11 + GROW_STEP  # a refused step changes nothing
     with pytest.raises(GenerationError, match="batch"):
         model(model.embed(ids[:1, :1]), cache=cache)
     cache.reset()
-    assert cache.length == 0 and cache.keys.data_ptr() == ptrs[0]
+    assert cache.length == 0
+
+
+@torch.no_grad()
+def test_grown_cache_gives_the_same_logits():
+    model = _ours(False)
+    ids = torch.randint(0, 61, (2, 40))
+    full = model.logits(model(model.embed(ids)))
+    cache = model.new_cache(2, 40)
+    steps = [model.logits(model(model.embed(ids[:, i : i + 1]), cache=cache)) for i in range(40)]
+    assert cache.capacity == 40  # capped at max_length
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
 
 
 def test_new_cache_dtype_device():

@@ -72,9 +72,9 @@ from .chain import (
     GenerationInfo,
     generate,
 )
-from .defaults import default_pad_id, default_stop_ids
+from .defaults import context_length, default_pad_id, default_stop_ids
 from .loop import generate_from_embeds
-from .options import check_options
+from .options import check_options, check_room
 from .streaming import stream
 
 __all__ = [
@@ -82,6 +82,8 @@ __all__ = [
     "generate_from_embeds",
     "stream",
     "check_options",
+    "check_room",
+    "context_length",
     "default_stop_ids",
     "default_pad_id",
     "GenerationInfo",

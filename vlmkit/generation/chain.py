@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError, PackingError
-from .defaults import default_pad_id, default_stop_ids
+from .defaults import context_length, default_pad_id, default_stop_ids
 from .loop import left_aligned, StreamAdapter, generate_from_embeds
-from .options import check_ids, check_options, check_prompt, check_streamer, make_generator, Options, with_seed
+from .options import check_ids, check_options, check_prompt, check_room, check_streamer, make_generator, Options, with_seed
 
 # The package's logger (its documented name), not this module's.
 log = logging.getLogger("vlmkit.generation")
@@ -175,6 +175,7 @@ def generate(
     """
     opts = check_options(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
     stops, pad = _check_call(model, input_ids, attention_mask, eos_token_id, pad_token_id, streamer, allow_text_only)
+    check_room(input_ids.shape[1], opts.max_new_tokens, context_length(model.backbone))
     with torch.inference_mode():
         return _run(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, opts, stops, pad, streamer, allow_text_only)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import VlmkitError
 
-__all__ = ["default_pad_id", "default_stop_ids"]
+__all__ = ["context_length", "default_pad_id", "default_stop_ids"]
 
 
 def _as_id_list(value: Any) -> list[int]:
@@ -88,3 +88,12 @@ def default_pad_id(model: Any, stop_ids: Sequence[int] | None = None) -> int:
         if isinstance(c, int) and not isinstance(c, bool) and 0 <= c and (vocab is None or c < vocab):
             return c
     return 0
+
+
+def context_length(backbone: Any) -> int | None:
+    """The most positions ``backbone`` takes: its ``max_position_embeddings`` (its params, or its
+    Hugging Face config), or None when the backbone does not say."""
+    value = _backbone_setting(backbone, "max_position_embeddings")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None

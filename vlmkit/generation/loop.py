@@ -1,9 +1,10 @@
 """The generic decode loop: :func:`generate_from_embeds` on any backbone with
 ``embed``/``forward``/``logits`` (and optionally ``new_cache``), and the streamer adapter.
 
-The loop runs one forward over the prompt, then one forward per new token against a
-preallocated KV cache and preallocated mask/position buffers, so a step does no allocation
-beyond the backbone's own. All setup happens before the first token; the per-token body of
+The loop runs one forward over the prompt, then one forward per new token against a KV cache
+and mask/position buffers that grow on demand (by at least ``GROW_STEP`` positions at a time), so
+a step does no allocation beyond the backbone's own and memory follows the tokens made, not
+``max_new_tokens``. All setup happens before the first token; the per-token body of
 :func:`_decode_steps` is kept free of extra Python work.
 """
 
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 
 from ..errors import GenerationError
-from .options import check_ids, check_options, check_prompt, check_streamer, make_chooser, make_generator, Options
+from ..kv_cache import GROW_STEP, KVCache
+from .defaults import context_length
+from .options import check_ids, check_options, check_prompt, check_room, check_streamer, make_chooser, make_generator, Options
 
 
 # ============================================================================== streaming
@@ -79,51 +82,80 @@ def left_aligned(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tens
 
 
 # ============================================================================== the fast loop
-def _mask_and_positions(mask: torch.Tensor, total: int, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Preallocated ``(B, total)`` attention mask and position ids for a left-padded prompt:
-    positions count from each row's first real token (padding at 0), new tokens continue them."""
-    B, T = mask.shape
-    device = mask.device
-    mbuf = torch.ones(B, total, dtype=mask.dtype, device=device)
-    mbuf[:, :T] = mask
-    pbuf = torch.empty(B, total, dtype=torch.long, device=device)
-    pbuf[:, :T] = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    pbuf[:, T:] = mask.long().sum(-1, keepdim=True) + torch.arange(max_new_tokens, device=device)
-    return mbuf, pbuf
+def _wider(buf: torch.Tensor, need: int, extend: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """``buf`` ``(B, W, ...)`` widened along dim 1 to at least ``need`` columns (plus headroom, so
+    widening is rare); ``extend(buf, n)`` makes the ``n`` new columns. ``buf`` when wide enough."""
+    width = buf.shape[1]
+    if width >= need:
+        return buf
+    return torch.cat([buf, extend(buf, max(need + GROW_STEP, width + width // 2) - width)], dim=1)
 
 
-def _prefill_logits(
-    backbone: Any, embeds: torch.Tensor, mbuf: torch.Tensor | None, pbuf: torch.Tensor | None, cache: Any
-) -> torch.Tensor:
-    """One forward over the prompt; the ``(B, V)`` logits of its last position."""
-    T = embeds.shape[1]
-    cache_kw = {} if cache is None else {"cache": cache}
-    hidden = backbone(
-        embeds,
-        attention_mask=mbuf[:, :T] if mbuf is not None else None,
-        position_ids=pbuf[:, :T] if pbuf is not None else None,
-        **cache_kw,
-    )
-    return backbone.logits(hidden[:, -1:])[:, -1]
+def _ones(buf: torch.Tensor, n: int) -> torch.Tensor:
+    return buf.new_ones(buf.shape[0], n)
 
 
-def _prepare(
-    backbone: Any, embeds: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int
-) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
-    """Everything :func:`_decode_steps` allocates up front, and the prefill: ``(cache, mask
-    buffer, position buffer, embeddings buffer, first logits)``. The mask/position buffers are
-    None when no row is padded; the embeddings buffer is None when the backbone has a cache."""
-    B, T, _ = embeds.shape
-    total = T + max_new_tokens
-    padded = mask is not None and not bool(mask.all())
-    new_cache = getattr(backbone, "new_cache", None)
-    cache = new_cache(B, total) if callable(new_cache) else None
-    mbuf, pbuf = _mask_and_positions(mask, total, max_new_tokens) if padded else (None, None)
-    ebuf = None
-    if cache is None:  # no cache: each step re-runs the whole sequence from this buffer
-        ebuf = embeds.new_empty(B, total, embeds.shape[-1])
-        ebuf[:, :T] = embeds
-    return cache, mbuf, pbuf, ebuf, _prefill_logits(backbone, embeds, mbuf, pbuf, cache)
+def _next_positions(buf: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` positions after each row's last one."""
+    return buf[:, -1:] + torch.arange(1, n + 1, device=buf.device)
+
+
+def _empty_rows(buf: torch.Tensor, n: int) -> torch.Tensor:
+    return buf.new_empty(buf.shape[0], n, *buf.shape[2:])
+
+
+def _check_finite(logits: torch.Tensor, step: int) -> None:
+    """Stop with an error instead of emitting a token chosen from NaN/inf logits ``(B, V)``."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(-1).nonzero().flatten().tolist()
+        raise GenerationError(
+            f"the model produced NaN or infinite logits at new token {step} (batch rows {rows}); "
+            "no token was chosen from them",
+            hint="check the weights for NaN/inf (vlmkit inspect --check, or build_from_hf(..., check_finite=True)); "
+            "in float16 try bfloat16 or float32",
+        )
+
+
+class _Sequence:
+    """One call's growing state: the KV cache (or, for a backbone without ``new_cache``, the
+    embeddings so far ``(B, L, D)``), and for padded rows the attention mask and positions
+    ``(B, L)``. Each grows on demand, by at least :data:`~vlmkit.kv_cache.GROW_STEP` columns, so a
+    step allocates nothing and memory follows the tokens made, not ``max_new_tokens``."""
+
+    def __init__(self, backbone: Any, embeds: torch.Tensor, mask: torch.Tensor | None, cache: Any, limit: int) -> None:
+        B, T, _ = embeds.shape
+        self.backbone, self.embed, self.prompt, self.length = backbone, backbone.embed, embeds, T
+        new_cache = getattr(backbone, "new_cache", None)
+        if cache is None and callable(new_cache):
+            cache = new_cache(B, limit)
+        self.cache = cache
+        self.padded = mask is not None and not bool(mask.all())
+        self.mask = mask if self.padded else None
+        self.positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) if self.padded else None
+        self.embeds = embeds if cache is None else None
+
+    def prefill(self) -> torch.Tensor:
+        """One forward over the prompt; the ``(B, V)`` logits of its last position."""
+        cache_kw = {} if self.cache is None else {"cache": self.cache}
+        hidden = self.backbone(self.prompt, attention_mask=self.mask, position_ids=self.positions, **cache_kw)
+        return self.backbone.logits(hidden[:, -1:])[:, -1]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        """Feed ``(B,)`` tokens; the ``(B, V)`` logits after them."""
+        L = self.length = self.length + 1
+        if self.padded:
+            self.mask = _wider(self.mask, L, _ones)
+            self.positions = _wider(self.positions, L, _next_positions)
+        mask = self.mask[:, :L] if self.padded else None
+        if self.cache is not None:
+            pos = self.positions[:, L - 1 : L] if self.padded else None
+            hidden = self.backbone(self.embed(tok[:, None]), attention_mask=mask, position_ids=pos, cache=self.cache)
+        else:
+            self.embeds = _wider(self.embeds, L, _empty_rows)
+            self.embeds[:, L - 1] = self.embed(tok[:, None])[:, 0]
+            pos = self.positions[:, :L] if self.padded else None
+            hidden = self.backbone(self.embeds[:, :L], attention_mask=mask, position_ids=pos)
+        return self.backbone.logits(hidden[:, -1:])[:, -1]
 
 
 def _decode_steps(
@@ -134,21 +166,23 @@ def _decode_steps(
     choose: Callable[[torch.Tensor], torch.Tensor],
     stops: torch.Tensor | None,
     pad_id: int,
+    cache: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each step's ``(B,)`` next tokens. ``embeds``/``mask`` must be left-padded.
 
     One forward over the prompt (logits of the last position only), then one forward per new
-    token with a preallocated KV cache (``backbone.new_cache``) and preallocated mask/position
-    buffers; without ``new_cache`` the whole sequence is re-run each step.
+    token with a KV cache (``cache``, else ``backbone.new_cache``) grown on demand; without
+    ``new_cache`` the whole sequence is re-run each step.
     """
-    B, T, _ = embeds.shape
+    B = embeds.shape[0]
     device = embeds.device
-    cache, mbuf, pbuf, ebuf, logits = _prepare(backbone, embeds, mask, max_new_tokens)
-    padded = mbuf is not None
+    past = cache.length if cache is not None else 0
+    seq = _Sequence(backbone, embeds, mask, cache, past + embeds.shape[1] + max_new_tokens)
+    logits = seq.prefill()
     unfinished = torch.ones(B, dtype=torch.bool, device=device) if stops is not None else None
     pad = torch.tensor(pad_id, dtype=torch.long, device=device)
-    embed = backbone.embed
     for step in range(max_new_tokens):  # the per-token path: keep it lean
+        _check_finite(logits, step)
         tok = choose(logits)
         if unfinished is not None:
             tok = torch.where(unfinished, tok, pad)
@@ -159,26 +193,13 @@ def _decode_steps(
                 return
         if step + 1 == max_new_tokens:
             return
-        L = T + step + 1
-        if cache is not None:
-            hidden = backbone(
-                embed(tok[:, None]),
-                attention_mask=mbuf[:, :L] if padded else None,
-                position_ids=pbuf[:, L - 1 : L] if padded else None,
-                cache=cache,
-            )
-        else:
-            ebuf[:, L - 1] = embed(tok[:, None])[:, 0]
-            hidden = backbone(
-                ebuf[:, :L], attention_mask=mbuf[:, :L] if padded else None, position_ids=pbuf[:, :L] if padded else None
-            )
-        logits = backbone.logits(hidden[:, -1:])[:, -1]
+        logits = seq.step(tok)
 
 
 # ============================================================================== generate_from_embeds
 def _check_loop_args(
     backbone: Any, inputs_embeds: Any, attention_mask: Any, opts_args: tuple, eos_token_id: Any, pad_token_id: Any,
-    streamer: Any,
+    streamer: Any, cache: Any,
 ) -> tuple[Options, list[int], int]:  # fmt: skip
     """Validate :func:`generate_from_embeds`' arguments; ``(options, stop ids, pad id)``."""
     opts = check_options(*opts_args)
@@ -190,6 +211,8 @@ def _check_loop_args(
     B, T = inputs_embeds.shape[:2]
     if attention_mask is not None:
         check_prompt(torch.zeros(B, T, dtype=torch.long), attention_mask)
+    past = _check_cache(cache, B, attention_mask)
+    check_room(past + T, opts.max_new_tokens, context_length(backbone))
     vocab = getattr(backbone, "vocab_size", None)
     stops = check_ids("eos_token_id", eos_token_id, vocab, many=True) or []
     pad = check_ids("pad_token_id", pad_token_id, vocab, many=False)
@@ -198,28 +221,46 @@ def _check_loop_args(
     return opts, stops, pad
 
 
+def _check_cache(cache: Any, batch: int, attention_mask: torch.Tensor | None) -> int:
+    """The positions ``cache`` already holds (0 without one); a cache to continue must be for
+    ``batch`` rows, and continued rows cannot be padded."""
+    if cache is None:
+        return 0
+    if not isinstance(cache, KVCache):
+        raise GenerationError(
+            f"cache must be a vlmkit KVCache (backbone.new_cache(...)); got {type(cache).__name__}",
+            hint="pass cache=None to start from an empty cache",
+        )
+    if cache.batch_size != batch:
+        raise GenerationError(f"the cache holds {cache.batch_size} rows but inputs_embeds has {batch}")
+    if cache.length and attention_mask is not None and not bool(attention_mask.all()):
+        raise GenerationError(
+            "continuing a filled cache needs unpadded rows (attention_mask all ones)",
+            hint="continue one conversation per cache, or pass attention_mask=None",
+        )
+    return cache.length
+
+
 def _collect(
     backbone: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, opts: Options,
-    generator: torch.Generator | None, stops: list[int], pad: int, streamer: Any,
+    generator: torch.Generator | None, stops: list[int], pad: int, streamer: Any, cache: Any,
 ) -> torch.Tensor:  # fmt: skip
-    """Run :func:`_decode_steps` into a preallocated ``(B, max_new_tokens)`` output, streaming
-    each step; returns the ``(B, T_new)`` steps run."""
+    """Run :func:`_decode_steps`, streaming each step; returns the ``(B, T_new)`` steps run."""
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
     embeds, mask = left_aligned(inputs_embeds, attention_mask)
     stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
-    out = torch.full((B, opts.max_new_tokens), pad, dtype=torch.long, device=device)
     if streamer is not None:
         streamer.put(torch.zeros(B, 0, dtype=torch.long))
-    n = 0
-    for tok in _decode_steps(backbone, embeds, mask, opts.max_new_tokens, make_chooser(opts, generator), stop_t, pad):
-        out[:, n] = tok
-        n += 1
+    steps = []
+    chooser = make_chooser(opts, generator)
+    for tok in _decode_steps(backbone, embeds, mask, opts.max_new_tokens, chooser, stop_t, pad, cache):
+        steps.append(tok)
         if streamer is not None:
             streamer.put(tok)
     if streamer is not None:
         streamer.end()
-    return out[:, :n]
+    return torch.stack(steps, dim=1)
 
 
 def generate_from_embeds(
@@ -237,6 +278,7 @@ def generate_from_embeds(
     streamer: Any = None,
     generator: torch.Generator | None = None,
     seed: int | None = None,
+    cache: KVCache | None = None,
 ) -> torch.LongTensor:
     """The generic decode loop on any backbone with ``embed``/``forward``/``logits`` (and
     optionally ``new_cache``). Returns only the new tokens, ``(B, T_new)``.
@@ -246,14 +288,20 @@ def generate_from_embeds(
     drives sampling. ``streamer`` follows transformers' protocol: ``put`` gets an empty ``(B, 0)``
     prompt first (as transformers' generate with ``inputs_embeds``), then each step's tokens; a
     plain callable gets each step's tokens as a list.
+
+    ``cache`` continues a conversation: a :class:`~vlmkit.kv_cache.KVCache` that already holds
+    the keys/values of the tokens before ``inputs_embeds`` (``inputs_embeds`` is then only the
+    new part). On return it holds those, ``inputs_embeds`` and every new token but the last
+    (which was never fed back); :attr:`KVCache.length` says how many. The prompt (cached part
+    included) plus ``max_new_tokens`` must fit the backbone's context (``max_position_embeddings``).
     """
     opts, stops, pad = _check_loop_args(
         backbone, inputs_embeds, attention_mask, (max_new_tokens, do_sample, temperature, top_k, top_p, seed),
-        eos_token_id, pad_token_id, streamer,
+        eos_token_id, pad_token_id, streamer, cache,
     )  # fmt: skip
     if generator is None and opts.do_sample:
         generator = make_generator(opts.seed, inputs_embeds.device)
     if streamer is not None and not callable(getattr(streamer, "put", None)):
         streamer = StreamAdapter(streamer, torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))
     with torch.inference_mode():
-        return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer)
+        return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer, cache)

@@ -59,6 +59,25 @@ def check_options(
     return Options(max_new_tokens, do_sample, float(temperature), top_k, None if top_p is None else float(top_p), seed)
 
 
+def check_room(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """Refuse, before anything is allocated, a prompt of ``prompt_tokens`` (cached tokens included)
+    that cannot take ``max_new_tokens`` more within the backbone's ``context`` (None: no bound)."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return
+    room = context - prompt_tokens
+    if room < 1:
+        raise GenerationError(
+            f"the prompt is {prompt_tokens} tokens, which fills the model's context of {context} tokens "
+            "(max_position_embeddings) with no room for an answer",
+            hint="shorten the prompt: fewer or smaller images (do_image_splitting=False, a smaller longest_edge) or less text",
+        )
+    raise GenerationError(
+        f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {prompt_tokens + max_new_tokens} "
+        f"tokens exceeds the model's context of {context} tokens (max_position_embeddings)",
+        hint=f"ask for max_new_tokens <= {room}, or shorten the prompt",
+    )
+
+
 def check_ids(name: str, value: Any, vocab: int | None, *, many: bool) -> list[int] | int | None:
     if value is None:
         return None

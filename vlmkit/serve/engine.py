@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import VlmkitError
+from ..generation import context_length as backbone_context
 from ..generation import default_stop_ids, generate
 from ..kv_cache import KVCache
 from .cache import SlotCache
@@ -65,13 +66,9 @@ def batching_support(backbone: Any) -> tuple[bool, str]:
 
 
 def context_length(model: Any) -> int:
-    """The backbone's ``max_position_embeddings`` (its params, or its Hugging Face config)."""
-    params = getattr(model.backbone, "params", None)
-    value = getattr(params, "max_position_embeddings", None)
-    config = getattr(params, "config", None)
-    if value is None and isinstance(config, dict):
-        value = config.get("max_position_embeddings")
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+    """The backbone's context (:func:`vlmkit.generation.context_length`); an error when it does not say."""
+    value = backbone_context(model.backbone)
+    if value is None or value < 2:
         raise VlmkitError(f"the backbone {type(model.backbone).__name__} does not say its context length "
                           "(max_position_embeddings)", hint="set max_position_embeddings in the model's spec")  # fmt: skip
     return value
