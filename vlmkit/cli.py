@@ -92,8 +92,11 @@ def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="W
 @app.command()
 def generate(
     source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The user's message."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The user's message."),
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image file; repeat for several."),
+    batch_file: Optional[Path] = typer.Option(None, "--batch", help='A JSONL file of prompts ({"prompt": ..., "images": [...], "id": ...} per line); answers go out as JSONL.'),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together with --batch."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --batch: write the answers here (default: stdout)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
@@ -107,21 +110,108 @@ def generate(
     from .generation import check_options, stream
 
     check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    prompts = _batch_prompts(prompt, image, batch_file, batch_size, output)
     err = _console(stderr=True)
     images = _read_images(image or [])
     model, processor = _load_model_and_processor(source)
     if int8:
         _quantize(err, model)
+    if prompts is not None:
+        _run_batch(err, model, processor, prompts, output, batch_size, gen)
+        return
     kwargs = {} if split is None else {"do_image_splitting": split}
-    _print_image_costs(err, processor, image or [], images, kwargs)
+    for k, (path, img) in enumerate(zip(image or [], images), start=1):
+        err.print(f"image {k} " + _image_line(processor, path, img, kwargs), markup=False)
     batch = _chat_batch(processor, prompt, images, kwargs)
     chunks = stream(
         model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
-        pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"),
-        max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"), **gen,
     )  # fmt: skip
     _write_stream(chunks)
     _print_timings(err, model)
+
+
+def _batch_prompts(prompt, image, batch_file, batch_size, output):  # noqa: ANN001, ANN202
+    """The checked prompts of ``--batch`` (None without it); --prompt xor --batch."""
+    from .errors import VlmkitError
+
+    if (prompt is None) == (batch_file is None):
+        raise VlmkitError("give either --prompt TEXT or --batch FILE.jsonl" + (", not both" if prompt else ""),
+                          hint='e.g. vlmkit generate SOURCE -p "Describe the image." -i cat.png')  # fmt: skip
+    if batch_file is None:
+        for name, value in (("--batch-size", batch_size != 8), ("--output", output is not None)):
+            if value:
+                raise VlmkitError(f"{name} only applies with --batch", hint="drop it, or pass --batch FILE.jsonl")
+        return None
+    if image:
+        raise VlmkitError("--image does not apply with --batch", hint='list each prompt\'s images in its JSONL line: "images": [...]')
+    if batch_size < 1:
+        raise VlmkitError(f"--batch-size must be >= 1; got {batch_size}", hint="e.g. --batch-size 8")
+    from .batch import read_prompts
+
+    return read_prompts(batch_file)
+
+
+def _run_batch(err, model, processor, prompts, output, batch_size, gen) -> None:  # noqa: ANN001
+    from .batch import run_batch
+
+    sink = sys.stdout if output is None else output.open("w", encoding="utf-8")
+    done = [0]
+
+    def write(answer: dict) -> None:
+        sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
+        sink.flush()
+        done[0] += 1
+        err.print(f"{done[0]}/{len(prompts)} answered", markup=False)
+
+    try:
+        run_batch(model, processor, prompts, write, batch_size=batch_size, open_images=_read_images, **gen)
+    finally:
+        if output is not None:
+            sink.close()
+
+
+@app.command()
+def chat(
+    source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
+    image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image for the first message; repeat for several."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system message for the whole conversation."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens per answer."),
+    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this probability."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
+) -> None:
+    """Chat with SOURCE in the terminal: history kept, /image PATH attaches images, the conversation's KV cache is reused each turn; /reset, /quit; Ctrl-C stops an answer."""
+    from .chat import ChatSession
+    from .generation import check_options
+    from .repl import run_repl
+
+    check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)
+    err = _console(stderr=True)
+    images = _read_images(image or [])
+    model, processor = _load_model_and_processor(source)
+    session = ChatSession(model, processor, system=system, max_new_tokens=max_new_tokens, do_sample=sample,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+
+    def write(chunk: str) -> None:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+    run_repl(session, images=images, read=_read_line, write=write, note=lambda line: err.print(line, markup=False),
+             open_images=_read_images, describe_image=lambda path, img: "attached " + _image_line(processor, path, img, {}))  # fmt: skip
+
+
+def _read_line(prompt: str) -> str:
+    """``input(prompt)`` on a terminal; a plain line read (no prompt echoed) from a pipe."""
+    if sys.stdin.isatty():
+        return input(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
 
 
 def _read_images(paths: list[Path]) -> list:
@@ -167,13 +257,13 @@ def _quantize(err, model) -> None:
     err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
 
 
-def _print_image_costs(err, processor, paths: list[Path], images: list, kwargs: dict) -> None:
-    """One stderr line per image: its tile grid and visual tokens (when the processor can tell)."""
-    if hasattr(processor, "image_cost"):
-        for k, (path, img) in enumerate(zip(paths, images), start=1):
-            cost = processor.image_cost(img, **kwargs)
-            grid = f"{cost.tiles[0]}x{cost.tiles[1]} tiles + global = {cost.n_tiles} tiles" if cost.tiles != (0, 0) else "not split, 1 tile"
-            err.print(f"image {k} {path} ({img.width}x{img.height}): {grid}, {cost.visual_tokens} visual tokens", markup=False)
+def _image_line(processor, path: Path, img, kwargs: dict) -> str:
+    """One line about an image: its tile grid and visual tokens (when the processor can tell)."""
+    if not hasattr(processor, "image_cost"):
+        return f"{path} ({img.width}x{img.height})"
+    cost = processor.image_cost(img, **kwargs)
+    grid = f"{cost.tiles[0]}x{cost.tiles[1]} tiles + global = {cost.n_tiles} tiles" if cost.tiles != (0, 0) else "not split, 1 tile"
+    return f"{path} ({img.width}x{img.height}): {grid}, {cost.visual_tokens} visual tokens"
 
 
 def _chat_batch(processor, prompt: str, images: list, kwargs: dict):

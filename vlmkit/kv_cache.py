@@ -130,12 +130,14 @@ class KVCache:
         keeping the filled part."""
         old = self.keys.shape[3]
         size = min(self._max_length, max(need + GROW_STEP, old + old // 2))
-        keys, values = self.keys, self.values
-        shape = (*keys.shape[:3], size, keys.shape[4])
-        self._allocate(shape, keys.dtype, keys.device)
-        if self.length:
-            self.keys[:, :, :, : self.length].copy_(keys[:, :, :, : self.length])
-            self.values[:, :, :, : self.length].copy_(values[:, :, :, : self.length])
+        shape = (*self.keys.shape[:3], size, self.keys.shape[4])
+        keys = torch.zeros(shape, dtype=self.keys.dtype, device=self.keys.device)
+        values = torch.zeros_like(keys)
+        keys[:, :, :, : self.length].copy_(self.keys[:, :, :, : self.length])
+        values[:, :, :, : self.length].copy_(self.values[:, :, :, : self.length])
+        # Swapped in only once complete, so an interrupt (Ctrl-C) half-way loses nothing.
+        self.keys, self.values = keys, values
+        self._k, self._v = list(keys.unbind(0)), list(values.unbind(0))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``(B, H_kv, T, head_dim)`` keys/values at ``[length, length + T)`` of ``layer``.

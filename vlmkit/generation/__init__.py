@@ -75,12 +75,13 @@ from .chain import (
 from .defaults import context_length, default_pad_id, default_stop_ids
 from .loop import generate_from_embeds
 from .options import check_options, check_room
-from .streaming import stream
+from .streaming import IncrementalText, stream
 
 __all__ = [
     "generate",
     "generate_from_embeds",
     "stream",
+    "IncrementalText",
     "check_options",
     "check_room",
     "context_length",

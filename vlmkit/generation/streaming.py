@@ -108,27 +108,55 @@ def _start_worker(model, input_ids, kwargs, items: queue.Queue, cancel: threadin
     return thread
 
 
+class IncrementalText:
+    """Decodes a growing list of token ids into text, handing out only what is new.
+
+    ``push(token)`` returns the text the token added ("" while a multi-byte character is still
+    unfinished); stop ids are left out. Used by :func:`stream` and :mod:`vlmkit.chat`.
+    """
+
+    def __init__(self, processor: Any, stops: set[int] | frozenset[int] = frozenset(), *, skip_special_tokens: bool = True):
+        self.processor, self.stops, self.skip = processor, set(stops), skip_special_tokens
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        if token in self.stops:
+            return ""
+        self.tokens.append(token)
+        text = self.processor.decode(self.tokens, skip_special_tokens=self.skip)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for more
+            return ""
+        return self._new(text)
+
+    def flush(self) -> str:
+        """Whatever is left (an unfinished character at the very end)."""
+        return self._new(self.processor.decode(self.tokens, skip_special_tokens=self.skip)) if self.tokens else ""
+
+    @property
+    def text(self) -> str:
+        return self.processor.decode(self.tokens, skip_special_tokens=self.skip) if self.tokens else ""
+
+    def _new(self, text: str) -> str:
+        if len(text) <= self.shown:
+            return ""
+        chunk, self.shown = text[self.shown :], len(text)
+        return chunk
+
+
 def _text_chunks(items: queue.Queue, done: object, processor: Any, stops: set[int], skip_special_tokens: bool) -> Iterator[str]:
     """Consume ``items`` until ``done``, yielding the decoded text as it grows (stop tokens left
     out; an unfinished multi-byte character waits for the next token)."""
-    tokens: list[int] = []
-    shown = 0
+    text = IncrementalText(processor, stops, skip_special_tokens=skip_special_tokens)
     while True:
         item = items.get()
         if item is done:
             break
         if isinstance(item, BaseException):
             raise item
-        if item in stops:
-            continue
-        tokens.append(item)
-        text = processor.decode(tokens, skip_special_tokens=skip_special_tokens)
-        if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for more
-            continue
-        if len(text) > shown:
-            yield text[shown:]
-            shown = len(text)
-    if tokens:
-        text = processor.decode(tokens, skip_special_tokens=skip_special_tokens)
-        if len(text) > shown:
-            yield text[shown:]
+        chunk = text.push(item)
+        if chunk:
+            yield chunk
+    chunk = text.flush()
+    if chunk:
+        yield chunk
