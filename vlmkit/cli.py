@@ -13,6 +13,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Assemble, in
 _state = {"debug": False}
 
 
+def _tidy_help() -> None:
+    """typer 0.29 writes a required argument as ``{source}`` in the usage line and ``<bool>``
+    beside every on/off flag; show ``SOURCE`` and nothing, as click does. (Skipped on typer
+    versions without these hooks.)"""
+    from typer import core
+
+    def usage_name(self) -> str:  # noqa: ANN001
+        name = (self.metavar or self.name or "").upper()
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+    def option_type(self, ctx) -> str | None:  # noqa: ANN001
+        return None if self.is_flag else original(self, ctx)
+
+    if hasattr(core.TyperArgument, "_usage_display_name") and hasattr(core.TyperOption, "display_type_rich"):
+        original = core.TyperOption.display_type_rich
+        core.TyperArgument._usage_display_name = usage_name
+        core.TyperOption.display_type_rich = option_type
+
+
+_tidy_help()
+
+
 def _print_version(value: bool) -> None:
     if value:
         from . import __version__
@@ -41,6 +63,32 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+class _Waiting:
+    """A rich spinner on stderr while nothing else shows progress (only on a terminal): use as a
+    context manager, or ``start()``/``stop()`` (stop is idempotent, e.g. at the first token)."""
+
+    def __init__(self, err, text: str) -> None:  # noqa: ANN001
+        self.status = err.status(text) if err.is_terminal else None
+        self.running = False
+
+    def start(self) -> _Waiting:
+        if self.status is not None and not self.running:
+            self.status.start()
+            self.running = True
+        return self
+
+    def stop(self) -> None:
+        if self.running:
+            self.status.stop()
+            self.running = False
+
+    def __enter__(self) -> _Waiting:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def _is_yaml(source: str) -> bool:
     return source.endswith((".yaml", ".yml"))
 
@@ -66,7 +114,7 @@ def plugins() -> None:
     sources = plugin_sources()
     table = Table(title="vlmkit components")
     for col in ("slot", "name", "plugin", "distribution"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # wrap long module names instead of cutting them
     for entry in get_registry().entries():
         table.add_row(entry.slot, entry.name, entry.plugin, sources.get(entry.plugin, "?"))
     console = _console()
@@ -107,16 +155,18 @@ def generate(
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
 ) -> None:
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
-    from .generation import check_options, stream
+    from .generation import stream
 
-    check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    _check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = _batch_prompts(prompt, image, batch_file, batch_size, output)
     err = _console(stderr=True)
     images = _read_images(image or [])
-    model, processor = _load_model_and_processor(source)
+    with _Waiting(err, f"loading {source} ..."):
+        model, processor = _load_model_and_processor(source)
     if int8:
-        _quantize(err, model)
+        with _Waiting(err, "quantizing to int8 ..."):
+            _quantize(err, model)
     if prompts is not None:
         _run_batch(err, model, processor, prompts, output, batch_size, gen)
         return
@@ -128,8 +178,32 @@ def generate(
         model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
         pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"), **gen,
     )  # fmt: skip
-    _write_stream(chunks)
+    tiles = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
+    waiting = _Waiting(err, f"reading the prompt ({batch['input_ids'].shape[1]} tokens" + (f", {tiles} image tiles" if tiles else "") + ") ...")
+    _write_stream(chunks, waiting.start())
     _print_timings(err, model)
+
+
+#: generate()'s argument names as the CLI spells them, for its error messages.
+_FLAG_NAMES = (("use do_sample=False", "drop --sample"), ("do_sample", "--sample"), ("max_new_tokens=", "--max-new-tokens "),
+               ("max_new_tokens", "--max-new-tokens"),
+               ("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"), ("seed", "--seed"))  # fmt: skip
+
+
+def _check_flags(*values) -> None:  # noqa: ANN002
+    """:func:`vlmkit.generation.check_options` with its messages in flag names (``--temperature``,
+    ``--sample``), so the hint is something to type."""
+    from .errors import GenerationError
+    from .generation import check_options
+
+    try:
+        check_options(*values)
+    except GenerationError as exc:
+        message, hint = exc.message, exc.hint
+        for name, flag in _FLAG_NAMES:
+            message = message.replace(name, flag)
+            hint = hint.replace(name, flag) if hint else hint
+        raise GenerationError(message, hint=hint) from None
 
 
 def _batch_prompts(prompt, image, batch_file, batch_size, output):  # noqa: ANN001, ANN202
@@ -186,13 +260,13 @@ def chat(
 ) -> None:
     """Chat with SOURCE in the terminal: history kept, /image PATH attaches images, the conversation's KV cache is reused each turn; /reset, /quit; Ctrl-C stops an answer."""
     from .chat import ChatSession
-    from .generation import check_options
     from .repl import run_repl
 
-    check_options(max_new_tokens, sample, temperature, top_k, top_p, seed)
+    _check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)
     err = _console(stderr=True)
     images = _read_images(image or [])
-    model, processor = _load_model_and_processor(source)
+    with _Waiting(err, f"loading {source} ..."):
+        model, processor = _load_model_and_processor(source)
     session = ChatSession(model, processor, system=system, max_new_tokens=max_new_tokens, do_sample=sample,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
 
@@ -201,7 +275,8 @@ def chat(
         sys.stdout.flush()
 
     run_repl(session, images=images, read=_read_line, write=write, note=lambda line: err.print(line, markup=False),
-             open_images=_read_images, describe_image=lambda path, img: "attached " + _image_line(processor, path, img, {}))  # fmt: skip
+             open_images=_read_images, describe_image=lambda path, img: "attached " + _image_line(processor, path, img, {}),
+             waiting=lambda: _Waiting(err, "thinking ..."))  # fmt: skip
 
 
 def _read_line(prompt: str) -> str:
@@ -273,11 +348,13 @@ def _chat_batch(processor, prompt: str, images: list, kwargs: dict):
     return processor(text=text, images=images or None, **kwargs)
 
 
-def _write_stream(chunks) -> None:
-    """Write each chunk to stdout as it comes, then a newline."""
+def _write_stream(chunks, waiting: _Waiting) -> None:
+    """Write each chunk to stdout as it comes (stopping ``waiting`` at the first), then a newline."""
     for chunk in chunks:
+        waiting.stop()
         sys.stdout.write(chunk)
         sys.stdout.flush()
+    waiting.stop()
     sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -453,8 +530,8 @@ def _report(exc: BaseException, label: str, message: str, hint: str | None) -> N
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     first, *rest = str(message).splitlines() or [""]
     err.print(f"[bold red]{label}:[/bold red] {escape(first)}")
-    for line in rest:
-        err.print(f"  {escape(line.strip())}" if line.strip() else "")
+    for line in rest:  # keep each line's own indentation: a YAML error's caret points at its column
+        err.print(f"  {escape(line.rstrip())}" if line.strip() else "")
     if hint:
         err.print(f"[yellow]hint:[/yellow] {escape(hint)}")
     if not _state["debug"]:

@@ -30,8 +30,9 @@ class Repl:
 
     def __init__(self, session: Any, *, read: Callable[[str], str], write: Callable[[str], None],
                  note: Callable[[str], None], open_images: Callable[[list[Path]], list],
-                 describe_image: Callable[[Path, Any], str]) -> None:  # fmt: skip
+                 describe_image: Callable[[Path, Any], str], waiting: Callable[[], Any] | None = None) -> None:  # fmt: skip
         self.session, self.read, self.write, self.note = session, read, write, note
+        self.waiting = waiting  # makes a spinner (start()/stop()) shown until the first chunk
         self.open_images, self.describe_image = open_images, describe_image
         self.pending: list[Any] = []
 
@@ -96,7 +97,7 @@ class Repl:
     def _turn(self, text: str) -> None:
         images, self.pending = self.pending, []
         try:
-            self.session.ask(text, images, on_text=self.write)
+            self._ask(text, images)
         except KeyboardInterrupt:
             self.write("\n")
             self.note("[answer stopped]")
@@ -111,6 +112,21 @@ class Repl:
         info = self.session.last_turn
         self.note(f"[{info.new_tokens} tokens, first after {info.first_token_s:.2f} s, "
                   f"{info.reused_tokens} of {info.prompt_tokens} prompt tokens reused]")  # fmt: skip
+
+    def _ask(self, text: str, images: list) -> None:
+        """One ``session.ask``, with the spinner shown until its first chunk."""
+        spinner = self.waiting().start() if self.waiting is not None else None
+
+        def on_text(chunk: str) -> None:
+            if spinner is not None:
+                spinner.stop()
+            self.write(chunk)
+
+        try:
+            self.session.ask(text, images, on_text=on_text)
+        finally:
+            if spinner is not None:
+                spinner.stop()
 
 
 def run_repl(session: Any, *, images: list | None = None, **io: Any) -> None:

@@ -8,6 +8,8 @@ greedy answer.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -127,6 +129,12 @@ def test_recipe_reuses_a_complete_folder(folder: Path):
     before = weights.stat().st_mtime_ns
     assert recipe.make_smolvlm_256m_with_smollm2(folder) == folder
     assert weights.stat().st_mtime_ns == before
+    assert not (folder / ".vlmkit_recipe.lock").exists()  # the folder itself is locked: no file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in folder.iterdir():  # the umask's permissions, not tempfile's 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
 
 
 @pytest.mark.slow

@@ -70,7 +70,7 @@ ADDED_ROWS_SEED = 20251130
 ADDED_ROWS_NOISE = 0.1
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STAMP_FILENAME = "vlmkit_recipe.json"
-_LOCK_FILENAME = ".vlmkit_recipe.lock"
+_LOCK_FILENAME = ".vlmkit_recipe.lock"  # older versions locked this file; it is removed
 WEIGHTS_FILENAME = "model.safetensors"
 
 #: Tokens whose ids the recipe reads from the bundled tokenizer.json (never written as numbers).
@@ -361,23 +361,41 @@ def _is_complete(folder: Path) -> bool:
 
 @contextlib.contextmanager
 def _folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``folder`` (POSIX ``flock``; a no-op where unavailable)."""
+    """An exclusive advisory lock on ``folder`` itself (POSIX ``flock`` on the directory, so no
+    lock file is left behind; a no-op where unavailable)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    with open(folder / _LOCK_FILENAME, "a+b") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    (folder / _LOCK_FILENAME).unlink(missing_ok=True)  # left by recipe versions that locked a file
 
 
 def _tmp_name(target: Path) -> Path:
     # Not tempfile.mkstemp: its files are 0600; these should get the usual umask permissions.
     return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where possible, so it is never changed, even briefly)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_copy(src: Path, target: Path) -> None:
@@ -405,6 +423,7 @@ def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], target: Path) -> 
     try:
         ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
         save_file(ordered, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes 0600; give it the usual permissions
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
