@@ -57,11 +57,14 @@ class ChatSession:
     """History, images and the reused KV cache of one conversation; see the module docstring.
 
     ``gen`` are :func:`vlmkit.generation.generate`'s sampling options (``max_new_tokens``,
-    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``), checked here once.
+    ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``), checked here once;
+    ``processor_options`` go to every processor call (e.g. ``{"do_image_splitting": False}``).
     """
 
-    def __init__(self, model: Any, processor: Any, *, system: str | None = None, **gen: Any) -> None:
+    def __init__(self, model: Any, processor: Any, *, system: str | None = None,
+                 processor_options: dict[str, Any] | None = None, **gen: Any) -> None:  # fmt: skip
         self.model, self.processor, self.system = model, processor, system
+        self.processor_options = dict(processor_options or {})
         options = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "seed": None}
         unknown = sorted(set(gen) - set(options))
         if unknown:
@@ -94,7 +97,7 @@ class ChatSession:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         user = {"role": "user", "content": content}
         prompt = self.processor.apply_chat_template(self._history() + [user], add_generation_prompt=True)
-        enc = self.processor(text=prompt, images=(self.images + images) or None)
+        enc = self.processor(text=prompt, images=(self.images + images) or None, **self.processor_options)
         started = time.perf_counter()
         self.messages.append(user)
         self.images.extend(images)

@@ -82,7 +82,7 @@ def test_text_chat_matches_transformers_and_knows_paris(ours, hf, processor):
     got = _same_as_transformers(ours, hf, batch, new=12)
     answer = processor.decode(got[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
-    assert ours.last_generation.path == generation.PATH_EMBEDS
+    assert ours.last_generation.path == generation.PATH_DECODE_LOOP
 
 
 def test_streamed_answer_is_the_generated_text(ours, processor):
@@ -117,7 +117,7 @@ def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, ca
 
     assert main(["generate", str(smolvlm_real_folder), "--prompt", QUESTION, "-n", "12"]) == 0
     out, err = capsys.readouterr()
-    assert "Paris" in out and "tokens/s" in err and "path generate_from_embeds" in err
+    assert "Paris" in out and "tokens/s" in err and "path decode_loop" in err
     image = tmp_path / "gradient.png"
     _gradient(64, 48).save(image)
     code = main(["generate", str(smolvlm_real_folder), "--prompt", "Describe it.", "-n", "2", "--image", str(image), "--no-split"])
@@ -125,7 +125,7 @@ def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, ca
     assert code == 0, err
     assert "image 1" in err and "64 visual tokens" in err  # the token-cost preflight
     assert main(["generate", str(smolvlm_real_folder), "--prompt", "x", "--top-p", "0"]) == 1
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
     assert main(["generate", str(smolvlm_real_folder), "--prompt", QUESTION, "-n", "12", "--int8"]) == 0
     out, err = capsys.readouterr()
     assert "int8: " in err and "linear layers quantized" in err and "tokens/s" in err

@@ -54,7 +54,7 @@ def test_text_only_greedy_matches(pair):
     want = _hf_generate(hf, input_ids=ids, eos_token_id=stops, pad_token_id=default_pad_id(ours))
     got = ours.generate(ids, max_new_tokens=NEW)  # the defaults
     assert torch.equal(got, want), f"\nvlmkit {got.tolist()}\nhf     {want.tolist()}"
-    assert ours.last_generation.path == generation.PATH_EMBEDS
+    assert ours.last_generation.path == generation.PATH_DECODE_LOOP
 
 
 def test_image_prompt_greedy_matches(pair):

@@ -430,6 +430,14 @@ class ProtocolOnlyBackbone(_Wrapped):
         return self.inner.logits(hidden)
 
 
+class OwnLoopBackbone(ProtocolOnlyBackbone):
+    """Step 1: a backbone with its own ``generate_from_embeds`` (here: the generic loop, as a
+    third-party backbone might wrap it)."""
+
+    def generate_from_embeds(self, inputs_embeds, attention_mask=None, **gen):
+        return generation.generate_from_embeds(self, inputs_embeds, attention_mask, **gen)
+
+
 @pytest.fixture()
 def swap(model):
     original = model.backbone
@@ -454,6 +462,7 @@ def _padded_batch(side="left"):
 @pytest.mark.parametrize(
     ("cls", "path"),
     [
+        (OwnLoopBackbone, generation.PATH_EMBEDS),
         (HFStyleEmbedsBackbone, generation.PATH_BACKBONE_EMBEDS),
         (TextOnlyBackbone, generation.PATH_TEXT_ONLY),
         (ProtocolOnlyBackbone, generation.PATH_DECODE_LOOP),
@@ -463,7 +472,7 @@ def test_each_fallback_step_gives_the_native_tokens(model, swap, cls, path, side
     ids, mask = _padded_batch(side)
     kw = dict(attention_mask=mask, max_new_tokens=7, eos_token_id=[int(ids[0, 3])], pad_token_id=0)
     native = generate(model, *_padded_batch("left")[:1], **{**kw, "attention_mask": _padded_batch("left")[1]})
-    assert model.last_generation.path == generation.PATH_EMBEDS
+    assert model.last_generation.path == generation.PATH_DECODE_LOOP  # llama: vlmkit's own loop
     swapped = swap(cls)
     calls: list[list[int]] = []
     got = generate(swapped, ids, streamer=calls.append, **kw)
@@ -509,15 +518,15 @@ def test_generation_info_is_recorded_and_logged(model, caplog):
         generate(model, _ids(2, 5), max_new_tokens=5, **NO_STOP)
     info = model.last_generation
     assert isinstance(info, GenerationInfo)
-    assert info.path == generation.PATH_EMBEDS and info.new_tokens == 5 and info.batch_size == 2 and info.prompt_tokens == 5
+    assert info.path == generation.PATH_DECODE_LOOP and info.new_tokens == 5 and info.batch_size == 2 and info.prompt_tokens == 5
     assert info.prefill_s > 0 and info.decode_s > 0 and info.tokens_per_s > 0
-    assert any("path=generate_from_embeds" in r.getMessage() for r in caplog.records)
+    assert any("path=decode_loop" in r.getMessage() for r in caplog.records)
 
 
-def test_llama_generate_from_embeds_returns_new_tokens(model):
+def test_generate_from_embeds_on_llama_returns_new_tokens(model):
     ids = _ids(1, 5, seed=14)
     with torch.no_grad():
-        new = model.backbone.generate_from_embeds(model.backbone.embed(ids), None, max_new_tokens=4)
+        new = generation.generate_from_embeds(model.backbone, model.backbone.embed(ids), None, max_new_tokens=4)
     assert new.shape == (1, 4)
     assert torch.equal(new, generate(model, ids, max_new_tokens=4, **NO_STOP)[:, 5:])
 

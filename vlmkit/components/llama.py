@@ -373,15 +373,6 @@ class LlamaBackbone(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
-    def generate_from_embeds(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **gen: Any
-    ) -> torch.Tensor:
-        """New tokens ``(B, T_new)`` decoded from prompt embeddings with a preallocated KV cache;
-        ``gen`` as :func:`vlmkit.generation.generate_from_embeds` (the generic loop)."""
-        from ..generation import generate_from_embeds
-
-        return generate_from_embeds(self, inputs_embeds, attention_mask, **gen)
-
     def extra_repr(self) -> str:
         p = self.params
         return (

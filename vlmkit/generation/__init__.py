@@ -8,9 +8,8 @@ a row that stopped early is padded with ``pad_token_id``; ``T_new`` is the numbe
 **The fallback chain.** Images are encoded once and merged into the prompt embeddings by
 ``model.embed`` (the prefill); then the backbone is asked, in this order:
 
-1. ``backbone.generate_from_embeds(inputs_embeds, attention_mask, **gen)`` when it has one
-   (:class:`~vlmkit.components.llama.LlamaBackbone` does: it runs :func:`generate_from_embeds`,
-   the fast loop of :mod:`~vlmkit.generation.loop`) -- path ``"generate_from_embeds"``;
+1. ``backbone.generate_from_embeds(inputs_embeds, attention_mask, **gen)`` when it has one (a
+   backbone with a decode loop of its own) -- path ``"generate_from_embeds"``;
 2. ``backbone.generate(inputs_embeds=..., attention_mask=..., **gen)`` when its signature names
    ``inputs_embeds`` (or takes ``**kwargs``), transformers style: it returns only the new tokens
    and follows transformers' streamer protocol -- path ``"generate(inputs_embeds)"``;
@@ -22,10 +21,11 @@ a row that stopped early is padded with ``pad_token_id``; ``T_new`` is the numbe
    the images were dropped, and the rest runs as text; with ``allow_text_only=False`` a
    :class:`~vlmkit.errors.GenerationError` is raised instead. Placeholders without
    ``pixel_values`` are a :class:`~vlmkit.errors.PackingError` on every path.
-4. a backbone with none of these (only the protocol's ``embed``/``forward``/``logits``) runs the
-   generic loop of :func:`generate_from_embeds` directly -- path ``"decode_loop"`` (with a
-   preallocated cache when the backbone has ``new_cache``, else re-running the whole sequence
-   each step).
+4. a backbone with none of these (only the protocol's ``embed``/``forward``/``logits``, e.g.
+   :class:`~vlmkit.components.llama.LlamaBackbone`) runs vlmkit's decode loop
+   (:mod:`~vlmkit.generation.loop`) on the options checked here, once -- path ``"decode_loop"``
+   (with a KV cache grown on demand when the backbone has ``new_cache``, else re-running the
+   whole sequence each step).
 
 Whichever path ran, the output has the same layout, and ``model.last_generation`` holds a
 :class:`GenerationInfo` (path, prefill and decode seconds, new tokens, decode tokens/s), also

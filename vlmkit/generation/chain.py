@@ -10,7 +10,6 @@ normalised to the new tokens, appended to the prompt, and recorded in a :class:`
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import time
@@ -23,7 +22,7 @@ import torch
 
 from ..errors import GenerationError, PackingError
 from .defaults import context_length, default_pad_id, default_stop_ids
-from .loop import left_aligned, StreamAdapter, generate_from_embeds
+from .loop import left_aligned, run_loop, StreamAdapter
 from .options import check_ids, check_options, check_prompt, check_room, check_streamer, make_generator, Options, with_seed
 
 # The package's logger (its documented name), not this module's.
@@ -230,13 +229,15 @@ def _from_embeds(model, path, input_ids, mask, pixel_values, pixel_attention_mas
             inputs_embeds=embeds, attention_mask=emask, **_hf_kwargs(opts, stops, pad, adapter)
         ))
         return _new_tokens(out, input_ids, opts.max_new_tokens, path)
+    generator = make_generator(opts.seed, model.device) if opts.do_sample else None
+    if path == PATH_DECODE_LOOP:  # vlmkit's own loop: the options are checked already, run it as is
+        return run_loop(backbone, embeds, emask, opts, generator=generator, stops=stops, pad=pad, streamer=adapter)
     gen = dict(
         max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample, temperature=opts.temperature,
         top_k=opts.top_k, top_p=opts.top_p, eos_token_id=list(stops) or None, pad_token_id=pad,
-        streamer=adapter, generator=make_generator(opts.seed, model.device) if opts.do_sample else None,
+        streamer=adapter, generator=generator,
     )
-    fn = backbone.generate_from_embeds if path == PATH_EMBEDS else functools.partial(generate_from_embeds, backbone)
-    return _new_tokens(fn(embeds, emask, **gen), input_ids, opts.max_new_tokens, path)
+    return _new_tokens(backbone.generate_from_embeds(embeds, emask, **gen), input_ids, opts.max_new_tokens, path)
 
 
 def _finish_stream(adapter: StreamAdapter, new: torch.Tensor) -> None:

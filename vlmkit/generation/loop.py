@@ -241,6 +241,17 @@ def _check_cache(cache: Any, batch: int, attention_mask: torch.Tensor | None) ->
     return cache.length
 
 
+def run_loop(
+    backbone: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, opts: Options, *,
+    generator: torch.Generator | None, stops: list[int], pad: int, streamer: Any, cache: Any = None,
+) -> torch.Tensor:  # fmt: skip
+    """The loop on arguments already checked (by :func:`generate_from_embeds` or
+    :func:`~vlmkit.generation.generate`): runs :func:`_decode_steps` under ``inference_mode``,
+    streaming each step; returns the ``(B, T_new)`` new tokens."""
+    with torch.inference_mode():
+        return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer, cache)
+
+
 def _collect(
     backbone: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, opts: Options,
     generator: torch.Generator | None, stops: list[int], pad: int, streamer: Any, cache: Any,
@@ -303,5 +314,5 @@ def generate_from_embeds(
         generator = make_generator(opts.seed, inputs_embeds.device)
     if streamer is not None and not callable(getattr(streamer, "put", None)):
         streamer = StreamAdapter(streamer, torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))
-    with torch.inference_mode():
-        return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer, cache)
+    return run_loop(backbone, inputs_embeds, attention_mask, opts, generator=generator, stops=stops, pad=pad,
+                    streamer=streamer, cache=cache)  # fmt: skip
