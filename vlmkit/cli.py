@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -89,6 +89,14 @@ class _Waiting:
         self.stop()
 
 
+# The sampling flags `generate` and `chat` share (defined once; each command sets the default).
+Sample = Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature (> 0).")]
+TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")]
+TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest set with this probability.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Make sampling reproducible.")]
+
+
 def _is_yaml(source: str) -> bool:
     return source.endswith((".yaml", ".yml"))
 
@@ -146,11 +154,11 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together with --batch."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="With --batch: write the answers here (default: stdout)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
-    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this probability."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
 ) -> None:
@@ -252,11 +260,11 @@ def chat(
     image: Optional[list[Path]] = typer.Option(None, "--image", "-i", help="An image for the first message; repeat for several."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message for the whole conversation."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens per answer."),
-    sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
-    temperature: float = typer.Option(1.0, "--temperature", help="Sampling temperature (> 0)."),
-    top_k: Optional[int] = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Sample from the smallest set with this probability."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Make sampling reproducible."),
+    sample: Sample = False,
+    temperature: Temperature = 1.0,
+    top_k: TopK = None,
+    top_p: TopP = None,
+    seed: Seed = None,
 ) -> None:
     """Chat with SOURCE in the terminal: history kept, /image PATH attaches images, the conversation's KV cache is reused each turn; /reset, /quit; Ctrl-C stops an answer."""
     from .chat import ChatSession

@@ -19,15 +19,10 @@ from vlmkit.errors import GenerationError
 from vlmkit.generation import generate, generate_from_embeds
 from vlmkit.kv_cache import GROW_STEP
 
-TINY = {
-    "vision_tower": {"name": "navit", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "connector": {"name": "idefics3", "scale_factor": 2},
-    "packer": {"name": "image_packer", "image_token_id": 90},
-    "backbone": {"name": "llama", "vocab_size": 96, "hidden_size": 48, "intermediate_size": 96,
-                 "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": 1, "max_position_embeddings": 4096},
-}  # fmt: skip
+from .test_generation import TINY as BASE
+
+#: test_generation's tiny spec with a 4096-token context (the bound these tests hit).
+TINY = {**BASE, "backbone": {**BASE["backbone"], "max_position_embeddings": 4096}}
 
 
 @pytest.fixture(scope="module")

@@ -223,14 +223,19 @@ def test_cache_grows_on_demand_and_not_per_step():
 
 
 @torch.no_grad()
-def test_grown_cache_gives_the_same_logits():
+def test_a_cache_grown_several_times_gives_the_full_forward_logits():
     model = _ours(False)
-    ids = torch.randint(0, 61, (2, 40))
+    n = 2 * GROW_STEP + 60
+    ids = torch.randint(0, 61, (2, n))
     full = model.logits(model(model.embed(ids)))
-    cache = model.new_cache(2, 40)
-    steps = [model.logits(model(model.embed(ids[:, i : i + 1]), cache=cache)) for i in range(40)]
-    assert cache.capacity == 40  # capped at max_length
-    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    cache = model.new_cache(2, 4 * GROW_STEP)
+    bounds = [0, 5, 6, GROW_STEP + 7, GROW_STEP + 8, n]  # past the first headroom, then past the second
+    capacities, parts = [], []
+    for a, b in zip(bounds, bounds[1:]):
+        parts.append(model.logits(model(model.embed(ids[:, a:b]), cache=cache)))
+        capacities.append(cache.capacity)
+    assert len(set(capacities)) >= 3  # it was reallocated at least twice
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
 
 
 def test_new_cache_dtype_device():
