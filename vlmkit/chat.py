@@ -93,12 +93,12 @@ class ChatSession:
         """
         if not isinstance(text, str):
             raise GenerationError(f"a chat turn is a string; got {type(text).__name__}")
+        started = time.perf_counter()  # the clock includes rendering and preprocessing
         images = list(images)
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         user = {"role": "user", "content": content}
         prompt = self.processor.apply_chat_template(self._history() + [user], add_generation_prompt=True)
         enc = self.processor(text=prompt, images=(self.images + images) or None, **self.processor_options)
-        started = time.perf_counter()
         self.messages.append(user)
         self.images.extend(images)
         decoder = IncrementalText(self.processor, set(self.stops))

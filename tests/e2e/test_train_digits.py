@@ -40,12 +40,14 @@ def test_digits_tiny_recipe_reads_held_out_digits(tmp_path, one_thread, capsys, 
     assert [r["stage"] for r in rows if r.get("stage_step") == 1] == ["align", "finetune"]
     assert (run / "loss.png").is_file()
 
-    capsys.readouterr()
-    digit = json.loads(files["heldout"].read_text().splitlines()[0])
-    image = files["heldout"].parent / digit["images"][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert main(["generate", str(run), "--image", str(image), "-p", "What digit is this?", "-n", "4"]) == 0
-    answer = digit["messages"][1]["content"][0]["text"]
-    assert capsys.readouterr().out.strip() == answer
+    heldout = [json.loads(line) for line in files["heldout"].read_text().splitlines()]
+    for digit in (heldout[0], heldout[1700 - 1497]):  # the first held-out digit, and README's image 1700 (a 5)
+        capsys.readouterr()
+        image = files["heldout"].parent / digit["images"][0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(["generate", str(run), "--image", str(image), "-p", "What digit is this?", "-n", "4"]) == 0
+        answer = digit["messages"][1]["content"][0]["text"]
+        assert capsys.readouterr().out.strip() == answer, image
+    assert digit["images"] == ["img/1700.png"] and answer == "5"
     assert torch.get_num_threads() == 1 and vlmkit.build(run).spec.tokenizer == str(run.resolve())

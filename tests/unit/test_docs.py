@@ -186,7 +186,9 @@ def test_readme_keeps_the_two_commands() -> None:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text.split("## The two commands", 1)[1].split("\n## ", 1)[0]
     main_job = ("bash scripts/setup && .venv/bin/python -m vlmkit.recipes.smollm2 smolvlm-256m-smollm2 && "
-                '.venv/bin/vlmkit generate smolvlm-256m-smollm2 -p "What is the capital of France?"')
+                '.venv/bin/vlmkit generate smolvlm-256m-smollm2 -p "What is the capital of France?" && '
+                ".venv/bin/python -m vlmkit.recipes.digits data/digits && .venv/bin/vlmkit train examples/train-digits-tiny.yaml && "
+                '.venv/bin/vlmkit generate runs/digits-tiny --image data/digits/img/1700.png -p "What digit is this?"')
     assert main_job in section  # tests/e2e/test_generate_real.py checks that answer on the same folder
     assert ".venv/bin/python -m pytest" in section
 

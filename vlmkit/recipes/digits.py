@@ -3,11 +3,15 @@
 ``write_digits_vqa(folder)`` writes ``folder/img/NNNN.png`` and two JSONL files of the training
 row format (docs/training.md), one question per image, "What digit is this?" -> "7":
 ``train.jsonl`` (images 0 .. 1496) and ``heldout.jsonl`` (the fixed last 300, never trained on).
+
+From a shell: ``python -m vlmkit.recipes.digits data/digits`` (what examples/train-digits-tiny.yaml reads).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 __all__ = ["QUESTION", "HELDOUT", "write_digits_vqa", "digit_row"]
@@ -54,3 +58,17 @@ def write_digits_vqa(folder: str | Path, *, train_rows: int | None = None, heldo
         out[name] = folder / f"{name}.jsonl"
         out[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vlmkit.recipes.digits FOLDER``: write the rows and images, print the file paths."""
+    parser = argparse.ArgumentParser(prog="python -m vlmkit.recipes.digits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", help="where to write img/*.png, train.jsonl and heldout.jsonl")
+    args = parser.parse_args(argv)
+    for split, path in write_digits_vqa(args.folder).items():
+        print(f"{split}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
