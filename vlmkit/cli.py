@@ -9,6 +9,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from .cli_helpers import (
+    Waiting,
+    answer_batch,
+    batch_prompts,
+    chat_batch,
+    check_flags,
+    rich_console,
+    image_line,
+    load_model_and_processor,
+    print_timings,
+    quantize_and_say,
+    read_images,
+    read_line,
+    write_stream,
+)
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Assemble, inspect and run small VLMs.")
 _state = {"debug": False}
 
@@ -57,48 +73,12 @@ def _root(
         logging.getLogger("vlmkit").setLevel(logging.INFO)
 
 
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
-
-
-class _Waiting:
-    """A rich spinner on stderr while nothing else shows progress (only on a terminal): use as a
-    context manager, or ``start()``/``stop()`` (stop is idempotent, e.g. at the first token)."""
-
-    def __init__(self, err, text: str) -> None:  # noqa: ANN001
-        self.status = err.status(text) if err.is_terminal else None
-        self.running = False
-
-    def start(self) -> _Waiting:
-        if self.status is not None and not self.running:
-            self.status.start()
-            self.running = True
-        return self
-
-    def stop(self) -> None:
-        if self.running:
-            self.status.stop()
-            self.running = False
-
-    def __enter__(self) -> _Waiting:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 # The sampling flags `generate` and `chat` share (defined once; each command sets the default).
 Sample = Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")]
 Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature (> 0).")]
 TopK = Annotated[Optional[int], typer.Option("--top-k", help="Sample from the k most likely tokens.")]
 TopP = Annotated[Optional[float], typer.Option("--top-p", help="Sample from the smallest set with this probability.")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Make sampling reproducible.")]
-
-
-def _is_yaml(source: str) -> bool:
-    return source.endswith((".yaml", ".yml"))
 
 
 @app.command()
@@ -109,7 +89,7 @@ def inspect(
     """Print the assembled model: slots, plugins, params, parameter counts and one image's shapes."""
     from .inspect import describe
 
-    describe(source, load_weights=weights, console=_console())
+    describe(source, load_weights=weights, console=rich_console())
 
 
 @app.command()
@@ -125,7 +105,7 @@ def plugins() -> None:
         table.add_column(col, overflow="fold")  # wrap long module names instead of cutting them
     for entry in get_registry().entries():
         table.add_row(entry.slot, entry.name, entry.plugin, sources.get(entry.plugin, "?"))
-    console = _console()
+    console = rich_console()
     console.print(table)
     from rich.markup import escape
 
@@ -165,93 +145,31 @@ def generate(
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .generation import stream
 
-    _check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    prompts = _batch_prompts(prompt, image, batch_file, batch_size, output)
-    err = _console(stderr=True)
-    images = _read_images(image or [])
-    with _Waiting(err, f"loading {source} ..."):
-        model, processor = _load_model_and_processor(source)
+    prompts = batch_prompts(prompt, image, batch_file, batch_size, output)
+    err = rich_console(stderr=True)
+    images = read_images(image or [])
+    with Waiting(err, f"loading {source} ..."):
+        model, processor = load_model_and_processor(source)
     if int8:
-        with _Waiting(err, "quantizing to int8 ..."):
-            _quantize(err, model)
+        with Waiting(err, "quantizing to int8 ..."):
+            quantize_and_say(err, model)
     if prompts is not None:
-        _run_batch(err, model, processor, prompts, output, batch_size, gen)
+        answer_batch(err, model, processor, prompts, output, batch_size, gen)
         return
     kwargs = {} if split is None else {"do_image_splitting": split}
     for k, (path, img) in enumerate(zip(image or [], images), start=1):
-        err.print(f"image {k} " + _image_line(processor, path, img, kwargs), markup=False)
-    batch = _chat_batch(processor, prompt, images, kwargs)
+        err.print(f"image {k} " + image_line(processor, path, img, kwargs), markup=False)
+    batch = chat_batch(processor, prompt, images, kwargs)
     chunks = stream(
         model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
         pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"), **gen,
     )  # fmt: skip
     tiles = batch["pixel_values"].shape[1] if "pixel_values" in batch else 0
-    waiting = _Waiting(err, f"reading the prompt ({batch['input_ids'].shape[1]} tokens" + (f", {tiles} image tiles" if tiles else "") + ") ...")
-    _write_stream(chunks, waiting.start())
-    _print_timings(err, model)
-
-
-#: generate()'s argument names as the CLI spells them, for its error messages.
-_FLAG_NAMES = (("use do_sample=False", "drop --sample"), ("do_sample", "--sample"), ("max_new_tokens=", "--max-new-tokens "),
-               ("max_new_tokens", "--max-new-tokens"),
-               ("temperature", "--temperature"), ("top_k", "--top-k"), ("top_p", "--top-p"), ("seed", "--seed"))  # fmt: skip
-
-
-def _check_flags(*values) -> None:  # noqa: ANN002
-    """:func:`vlmkit.generation.check_options` with its messages in flag names (``--temperature``,
-    ``--sample``), so the hint is something to type."""
-    from .errors import GenerationError
-    from .generation import check_options
-
-    try:
-        check_options(*values)
-    except GenerationError as exc:
-        message, hint = exc.message, exc.hint
-        for name, flag in _FLAG_NAMES:
-            message = message.replace(name, flag)
-            hint = hint.replace(name, flag) if hint else hint
-        raise GenerationError(message, hint=hint) from None
-
-
-def _batch_prompts(prompt, image, batch_file, batch_size, output):  # noqa: ANN001, ANN202
-    """The checked prompts of ``--batch`` (None without it); --prompt xor --batch."""
-    from .errors import VlmkitError
-
-    if (prompt is None) == (batch_file is None):
-        raise VlmkitError("give either --prompt TEXT or --batch FILE.jsonl" + (", not both" if prompt else ""),
-                          hint='e.g. vlmkit generate SOURCE -p "Describe the image." -i cat.png')  # fmt: skip
-    if batch_file is None:
-        for name, value in (("--batch-size", batch_size != 8), ("--output", output is not None)):
-            if value:
-                raise VlmkitError(f"{name} only applies with --batch", hint="drop it, or pass --batch FILE.jsonl")
-        return None
-    if image:
-        raise VlmkitError("--image does not apply with --batch", hint='list each prompt\'s images in its JSONL line: "images": [...]')
-    if batch_size < 1:
-        raise VlmkitError(f"--batch-size must be >= 1; got {batch_size}", hint="e.g. --batch-size 8")
-    from .batch import read_prompts
-
-    return read_prompts(batch_file)
-
-
-def _run_batch(err, model, processor, prompts, output, batch_size, gen) -> None:  # noqa: ANN001
-    from .batch import run_batch
-
-    sink = sys.stdout if output is None else output.open("w", encoding="utf-8")
-    done = [0]
-
-    def write(answer: dict) -> None:
-        sink.write(json.dumps(answer, ensure_ascii=False) + "\n")
-        sink.flush()
-        done[0] += 1
-        err.print(f"{done[0]}/{len(prompts)} answered", markup=False)
-
-    try:
-        run_batch(model, processor, prompts, write, batch_size=batch_size, open_images=_read_images, **gen)
-    finally:
-        if output is not None:
-            sink.close()
+    waiting = Waiting(err, f"reading the prompt ({batch['input_ids'].shape[1]} tokens" + (f", {tiles} image tiles" if tiles else "") + ") ...")
+    write_stream(chunks, waiting.start())
+    print_timings(err, model)
 
 
 @app.command()
@@ -270,11 +188,11 @@ def chat(
     from .chat import ChatSession
     from .repl import run_repl
 
-    _check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)
-    err = _console(stderr=True)
-    images = _read_images(image or [])
-    with _Waiting(err, f"loading {source} ..."):
-        model, processor = _load_model_and_processor(source)
+    check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)
+    err = rich_console(stderr=True)
+    images = read_images(image or [])
+    with Waiting(err, f"loading {source} ..."):
+        model, processor = load_model_and_processor(source)
     session = ChatSession(model, processor, system=system, max_new_tokens=max_new_tokens, do_sample=sample,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
 
@@ -282,100 +200,9 @@ def chat(
         sys.stdout.write(chunk)
         sys.stdout.flush()
 
-    run_repl(session, images=images, read=_read_line, write=write, note=lambda line: err.print(line, markup=False),
-             open_images=_read_images, describe_image=lambda path, img: "attached " + _image_line(processor, path, img, {}),
-             waiting=lambda: _Waiting(err, "thinking ..."))  # fmt: skip
-
-
-def _read_line(prompt: str) -> str:
-    """``input(prompt)`` on a terminal; a plain line read (no prompt echoed) from a pipe."""
-    if sys.stdin.isatty():
-        return input(prompt)
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line.rstrip("\n")
-
-
-def _read_images(paths: list[Path]) -> list:
-    """Open and fully load each image file; a :class:`~vlmkit.errors.ProcessorError` names an unreadable one."""
-    from PIL import Image
-
-    from .errors import ProcessorError
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(img.copy())
-        except (OSError, ValueError) as exc:
-            raise ProcessorError(f"cannot read image {str(path)!r}: {exc}", hint="pass a PNG/JPEG/... file") from None
-    return images
-
-
-def _load_model_and_processor(source: str):
-    """The model (from a YAML file or a checkpoint) and its processor. For a YAML model the
-    processor follows the model's own spec (its tower's tile size, its tokens per image), with
-    the tokenizer of ``spec.tokenizer``; for a checkpoint it is the checkpoint's."""
-    from .builder import build, build_from_hf
-    from .processor import load_processor
-
-    if _is_yaml(source):
-        model = build(source)
-        return model, load_processor(spec=model.spec)
-    model = build_from_hf(source)
-    return model, load_processor(source)
-
-
-def _quantize(err, model) -> None:
-    """:func:`vlmkit.quantize.quantize_int8` with its defaults, and one stderr line saying so."""
-    import time
-
-    from .quantize import Int8Linear, quantize_int8
-
-    start = time.perf_counter()
-    quantize_int8(model)
-    layers = sum(isinstance(m, Int8Linear) for m in model.modules())
-    err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
-
-
-def _image_line(processor, path: Path, img, kwargs: dict) -> str:
-    """One line about an image: its tile grid and visual tokens (when the processor can tell)."""
-    if not hasattr(processor, "image_cost"):
-        return f"{path} ({img.width}x{img.height})"
-    cost = processor.image_cost(img, **kwargs)
-    grid = f"{cost.tiles[0]}x{cost.tiles[1]} tiles + global = {cost.n_tiles} tiles" if cost.tiles != (0, 0) else "not split, 1 tile"
-    return f"{path} ({img.width}x{img.height}): {grid}, {cost.visual_tokens} visual tokens"
-
-
-def _chat_batch(processor, prompt: str, images: list, kwargs: dict):
-    """Model inputs for one user turn: an image item per image, then the prompt, in the chat template."""
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor(text=text, images=images or None, **kwargs)
-
-
-def _write_stream(chunks, waiting: _Waiting) -> None:
-    """Write each chunk to stdout as it comes (stopping ``waiting`` at the first), then a newline."""
-    for chunk in chunks:
-        waiting.stop()
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
-    waiting.stop()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-
-
-def _print_timings(err, model) -> None:
-    """The last generation's prefill time, token counts, speed and path, to stderr."""
-    info = getattr(model, "last_generation", None)
-    if info is not None:
-        err.print(
-            f"prefill {info.prefill_s:.2f} s ({info.prompt_tokens} prompt tokens), {info.new_tokens} new tokens, "
-            f"{info.tokens_per_s:.1f} tokens/s, path {info.path}" + (" (images dropped)" if info.images_dropped else ""),
-            markup=False,
-        )
+    run_repl(session, images=images, read=read_line, write=write, note=lambda line: err.print(line, markup=False),
+             open_images=read_images, describe_image=lambda path, img: "attached " + image_line(processor, path, img, {}),
+             waiting=lambda: Waiting(err, "thinking ..."))  # fmt: skip
 
 
 @app.command()
@@ -406,10 +233,10 @@ def serve(
         allow_remote_images=allow_remote_images, image_root=image_root, max_images=max_images,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_body_bytes=max_body_bytes, model_name=model_name,
     )  # fmt: skip
-    err = _console(stderr=True)
-    model, processor = _load_model_and_processor(source)
+    err = rich_console(stderr=True)
+    model, processor = load_model_and_processor(source)
     if int8:
-        _quantize(err, model)
+        quantize_and_say(err, model)
     run(model, processor, options, model_name=options.model_name or source)
 
 
@@ -424,9 +251,9 @@ def export(
 
     if check:
         _need_modules("vlmkit export --check", "transformers", extra="hf")
-    model, processor = _load_model_and_processor(source)
+    model, processor = load_model_and_processor(source)
     folder = export_folder(model, source, out)
-    console = _console()
+    console = rich_console()
     console.print(f"wrote {folder}: " + ", ".join(sorted(p.name for p in folder.iterdir())), markup=False)
     if check:
         diff = check_export(model, processor, folder)
@@ -492,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        _console(stderr=True).print("aborted", markup=False)
+        rich_console(stderr=True).print("aborted", markup=False)
         return 130
     except BrokenPipeError:  # `vlmkit schema | head`
         return 0
@@ -533,7 +360,7 @@ def _report(exc: BaseException, label: str, message: str, hint: str | None) -> N
 
     from rich.markup import escape
 
-    err = _console(stderr=True)
+    err = rich_console(stderr=True)
     if _state["debug"]:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     first, *rest = str(message).splitlines() or [""]

@@ -51,10 +51,10 @@ def _repl(session, lines, *, interrupt_on=None):
             raise KeyboardInterrupt
         out[-1] += chunk
 
-    from vlmkit.cli import _image_line  # noqa: PLC0415 - the CLI's own description of an image
+    from vlmkit.cli_helpers import image_line  # noqa: PLC0415 - the CLI's own description of an image
 
     run_repl(session, read=read, write=write, note=notes.append, open_images=lambda ps: [Image.open(p).convert("RGB") for p in ps],
-             describe_image=lambda p, img: _image_line(session.processor, p, img, {}))  # fmt: skip
+             describe_image=lambda p, img: image_line(session.processor, p, img, {}))  # fmt: skip
     return [o.strip() for o in out], notes
 
 
@@ -88,9 +88,9 @@ def test_repl_reports_a_bad_image_and_goes_on(tiny, tmp_path):
     bad.write_bytes(b"not a png")
 
     def open_images(paths):
-        from vlmkit.cli import _read_images  # noqa: PLC0415
+        from vlmkit.cli_helpers import read_images  # noqa: PLC0415
 
-        return _read_images(paths)
+        return read_images(paths)
 
     notes = []
     lines = iter([f"/image {bad}", "/image", "Hi"])
