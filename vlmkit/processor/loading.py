@@ -66,7 +66,10 @@ def load_processor(
         image_seq_len=image_seq_len,
     )
     template = load_chat_template(folder, tokenizer.config)
-    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
+    pre = str(folder / "preprocessor_config.json")
+    video = family.video_layout(tokenizer, checked.layout, read_json(folder, "preprocessor_config.json"), pre)
+    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens,
+                     video_layout=video)  # fmt: skip
 
 
 def _family(folder: Path) -> Family:
