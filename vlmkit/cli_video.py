@@ -82,7 +82,7 @@ def video_batch(err, model, processor, prompt: str, images: list, videos: list[P
 
     if not hasattr(processor, "video_token") or processor.video_token is None:
         raise ProcessorError("this checkpoint takes no video (the checkpoint's preprocessor_config.json has no video_sampling)",
-                             hint="use a video checkpoint, e.g. a SmolVLM2 one")  # fmt: skip
+                             hint="use a checkpoint whose preprocessor_config.json has video_sampling")  # fmt: skip
     content = [{"type": "image"} for _ in images] + [{"type": "video", "path": str(v)} for v in videos]
     text = processor.apply_chat_template([{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}],
                                          add_generation_prompt=True)  # fmt: skip

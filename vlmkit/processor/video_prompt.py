@@ -59,7 +59,7 @@ def as_nested_videos(videos: Any, texts: list[str] | None, token: str | None) ->
         return [[] for _ in range(n_prompts)]
     if token is None:
         raise ProcessorError("this checkpoint takes no video (its preprocessor_config.json has no video_sampling)",
-                             hint="use a video checkpoint (e.g. a SmolVLM2 one), or pass the frames as images")  # fmt: skip
+                             hint="use a checkpoint whose preprocessor_config.json has video_sampling, or pass the frames as images")  # fmt: skip
     if _is_video(videos):
         videos = [videos]
     if not isinstance(videos, Sequence):
@@ -171,7 +171,7 @@ def video_template(processor: Any, conversations: Sequence[Sequence[Any]]) -> An
     if layout is None:
         raise ProcessorError("a message has a video part but this checkpoint takes no video "
                              "(its preprocessor_config.json has no video_sampling)",
-                             hint="use a video checkpoint (e.g. a SmolVLM2 one), or pass the frames as images")  # fmt: skip
+                             hint="use a checkpoint whose preprocessor_config.json has video_sampling, or pass the frames as images")  # fmt: skip
     if layout.chat_template is None:
         return processor.template
     return _compiled(layout.chat_template)
