@@ -175,17 +175,19 @@ def test_missing_pyav_names_the_extra(proc, clip, monkeypatch):
 
 
 def test_cost_without_decoding_and_the_budget(proc, clip, monkeypatch):
-    from vlmkit.processor import video as video_module
+    from vlmkit.processor import video_prompt
 
     def no_decoding(*args, **kwargs):
-        raise AssertionError("prompt_cost decoded a frame")
+        raise AssertionError("a frame was decoded")
 
-    monkeypatch.setattr(video_module, "read_frames", no_decoding)
+    monkeypatch.setattr(video_prompt, "read_frames", no_decoding)
+    with pytest.raises(AssertionError, match="a frame was decoded"):  # the patch bites where frames are read
+        proc(text=PROMPT, videos=[clip])
     cost = proc.prompt_cost(PROMPT, videos=[clip], max_frames=2)
     assert cost.videos[0].n_frames == 2 and cost.visual_tokens == 2 * 64
     assert cost.total_tokens == cost.text_tokens + cost.visual_tokens
     with pytest.raises(ProcessorError, match=r"costs 192 visual tokens \(3 frames x 64\), over max_visual_tokens=150") as info:
-        proc(text=PROMPT, videos=[clip], max_visual_tokens=150)
+        proc(text=PROMPT, videos=[clip], max_visual_tokens=150)  # refused before any frame is decoded
     assert "max_frames=2" in info.value.hint
 
 
