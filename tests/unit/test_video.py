@@ -83,6 +83,16 @@ def test_zero_frame_video(proc, tmp_path):
         proc(text=PROMPT, videos=[Video.from_folder(tmp_path / "frames", fps=5)])
 
 
+def test_container_without_a_frame_count(proc, tmp_path):
+    """Matroska states no frame count in its header: vlmkit counts the packets instead."""
+    mkv = write_video(tmp_path / "clip.mkv", 25)
+    with av.open(str(mkv)) as container:
+        assert container.streams.video[0].frames == 0
+    plan = proc.prompt_cost(PROMPT, videos=[mkv]).videos[0]
+    assert (plan.total_frames, plan.duration, plan.indices) == (25, 2.5, (0, 24))
+    assert proc(text=PROMPT, videos=[mkv])["pixel_values"].shape[1] == 2
+
+
 def test_video_without_placeholder_and_the_reverse(proc, clip):
     with pytest.raises(ProcessorError, match=r"do not match the <video> placeholders \(sample 0: 0 placeholder\(s\), 1 video") as info:
         proc(text="User: no placeholder here", videos=[clip])
@@ -165,6 +175,12 @@ def test_bare_arrays_need_a_rate(proc):
     assert "Video(frames, fps=30)" in info.value.hint
     with pytest.raises(ProcessorError, match="expected uint8"):
         proc(text=PROMPT, videos=[Video(np.zeros((4, 8, 8, 3), np.float32), fps=4)])
+    import torch
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 48, 64, 3), dtype=np.uint8)
+    channels_first = Video(torch.from_numpy(frames).permute(0, 3, 1, 2), fps=2)  # (T, 3, H, W), as torchvision
+    got = proc(text=PROMPT, videos=[channels_first])["pixel_values"]
+    assert torch.equal(got, proc(text=PROMPT, videos=[Video(frames, fps=2)])["pixel_values"])
 
 
 def test_missing_pyav_names_the_extra(proc, clip, monkeypatch):

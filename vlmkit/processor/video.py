@@ -96,14 +96,12 @@ def sample_indices(total: int, video_fps: float, *, fps: float, max_frames: int,
 class Video:
     """Frames in memory (or in a folder) with their frame rate ``fps``, named ``name`` in errors.
 
-    ``frames``: a ``(T, H, W, 3)`` (or ``(T, H, W)``) uint8 array, or a list of PIL images /
-    ``(H, W[, C])`` uint8 arrays, all of one size.
+    ``frames``: a ``(T, H, W, 3)`` (or ``(T, H, W)``) uint8 numpy array, a ``(T, 3, H, W)`` uint8
+    tensor, or a list of PIL images / ``(H, W[, C])`` uint8 arrays, all of one size.
     """
 
     def __init__(self, frames: Any, fps: float, name: str = "the video") -> None:
-        if isinstance(frames, torch.Tensor):
-            frames = frames.numpy()
-        if isinstance(frames, np.ndarray):
+        if isinstance(frames, (np.ndarray, torch.Tensor)):
             if frames.ndim not in (3, 4):
                 raise ProcessorError(f"{name} is an array of shape {frames.shape}; expected (T, H, W, 3) frames",
                                      hint="stack the frames along a first, time axis")  # fmt: skip
@@ -225,7 +223,8 @@ class _FileSource(_Source):
                     raise ProcessorError(f"{name} has no video stream", hint="pass a file with a video track")
                 stream = container.streams.video[0]
                 rate = stream.average_rate
-                total = int(stream.frames) or sum(1 for _ in container.decode(video=0))
+                # Some containers (mkv, webm) state no frame count: count the packets (no decoding).
+                total = int(stream.frames) or sum(1 for packet in container.demux(stream) if packet.size)
                 size = (int(stream.height), int(stream.width))
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise ProcessorError(f"cannot read {name}: {exc}",
