@@ -163,6 +163,12 @@ def test_folder_of_frames_needs_its_rate_and_matches_the_list(proc, tmp_path):
     with pytest.raises(ProcessorError, match="folder .* states no frame rate") as info:
         proc(text=PROMPT, videos=[folder])
     assert "Video.from_folder(path, fps=...)" in info.value.hint
+    order = [p.name for p in Video.from_folder(folder, fps=2).frames]
+    assert order == [f"{k:03d}.png" for k in range(6)]
+    (tmp_path / "n").mkdir()
+    for name in ("f10.png", "f2.png", "f1.png"):
+        frames[0].save(tmp_path / "n" / name)
+    assert [p.name for p in Video.from_folder(tmp_path / "n", fps=1).frames] == ["f1.png", "f2.png", "f10.png"]
     got = proc(text=PROMPT, videos=[Video.from_folder(folder, fps=2)])
     want = proc(text=PROMPT, videos=[Video(frames, fps=2)])
     assert (got["input_ids"] == want["input_ids"]).all() and (got["pixel_values"] == want["pixel_values"]).all()

@@ -16,6 +16,7 @@ and :func:`sample_indices`. :func:`read_frames` then decodes only those frames.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,15 +116,20 @@ class Video:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, fps: float) -> Video:
-        """The image files of ``folder`` (``FRAME_SUFFIXES``, name order) as frames shot at ``fps``."""
+        """The image files of ``folder`` (names ending in ``FRAME_SUFFIXES``; other files are not
+        frames) in natural name order (``f2.png`` before ``f10.png``) as frames shot at ``fps``."""
         path = Path(folder)
         if not path.is_dir():
             raise ProcessorError(f"video frames folder {str(path)!r} does not exist", hint="pass a folder of image files")
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
         return cls(files, fps, name=f"video {str(path)!r}")
 
     def __repr__(self) -> str:
         return f"Video({self.name}, {len(self.frames)} frames at {self.fps:g} fps)"
+
+
+def _natural(path: Path) -> list[Any]:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", path.name)]
 
 
 def _check_rate(fps: Any, name: str) -> float:
