@@ -141,11 +141,16 @@ def generate(
     seed: Seed = None,
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
+    video: Optional[list[Path]] = typer.Option(None, "--video", help="A video file (checkpoints that take video); repeat for several."),
+    fps: Optional[float] = typer.Option(None, "--fps", help="With --video: frames sampled per second of video (default: the checkpoint's)."),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="With --video: the most frames per video (default: the checkpoint's)."),
 ) -> None:
-    """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
+    """Answer PROMPT about the images (and videos): the checkpoint's chat template, streamed to stdout; timings to stderr."""
+    from .cli_video import check_video_flags, video_batch
     from .generation import stream
 
     check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    check_video_flags(video, fps, max_frames, batch_file is not None)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = batch_prompts(prompt, image, batch_file, batch_size, output)
     err = rich_console(stderr=True)
@@ -161,7 +166,10 @@ def generate(
     kwargs = {} if split is None else {"do_image_splitting": split}
     for k, (path, img) in enumerate(zip(image or [], images), start=1):
         err.print(f"image {k} " + image_line(processor, path, img, kwargs), markup=False)
-    batch = chat_batch(processor, prompt, images, kwargs)
+    if video:
+        batch = video_batch(err, model, processor, prompt, images, video, fps, max_frames, max_new_tokens, kwargs)
+    else:
+        batch = chat_batch(processor, prompt, images, kwargs)
     chunks = stream(
         model, batch["input_ids"], processor=processor, attention_mask=batch.get("attention_mask"),
         pixel_values=batch.get("pixel_values"), pixel_attention_mask=batch.get("pixel_attention_mask"), **gen,

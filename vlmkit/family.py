@@ -10,6 +10,8 @@ checkpoint's ``config.json`` ``model_type`` (:func:`family_for_config`) and asks
   not ``backbone.hidden_size``);
 - :meth:`Family.prompt_layout`: how an image is written into the prompt (placeholder, tile
   tokens, global image), checked against the checkpoint's tokenizer;
+- :meth:`Family.video_layout`: how a video is sampled and written into the prompt (``None``: the
+  checkpoint takes no video);
 - :meth:`Family.stop_tokens`: tokens that end a turn, besides the files' ``eos_token_id``;
 - :attr:`Family.bundled`: config folders shipped with the plugin for offline use.
 
@@ -34,9 +36,10 @@ from .keymap import KeyMap
 if TYPE_CHECKING:
     from .processor.image import ImageCost, ImageSettings
     from .processor.text import TextTokenizer
+    from .processor.video import VideoPlan, VideoSampling
     from .spec import VLMSpec
 
-__all__ = ["Family", "PromptLayout", "family_for_config", "bundled_folder", "checkpoint_key_map"]
+__all__ = ["Family", "PromptLayout", "VideoLayout", "family_for_config", "bundled_folder", "checkpoint_key_map"]
 
 
 class PromptLayout(Protocol):
@@ -55,6 +58,24 @@ class PromptLayout(Protocol):
 
     def fits(self, cost: ImageCost) -> bool:
         """Whether the tokenizer has a token for every tile position of ``cost``."""
+        ...
+
+
+class VideoLayout(Protocol):
+    """How a family samples a video and writes it into the prompt.
+
+    ``video`` is the placeholder users write (``<video>``); ``sampling`` the checkpoint's frame
+    sampling; :meth:`expand` the text that replaces one placeholder (each frame costs
+    ``image_seq_len`` image tokens); ``chat_template`` the template a conversation with a video
+    part is rendered with (``None``: the checkpoint's own).
+    """
+
+    video: str
+    sampling: VideoSampling
+    chat_template: str | None
+
+    def expand(self, plan: VideoPlan, image_seq_len: int) -> str:
+        """The text that replaces one video placeholder for the frames of ``plan``."""
         ...
 
 
@@ -122,6 +143,13 @@ class Family:
         from .errors import ProcessorError
 
         raise ProcessorError(f"the {self.name!r} model family has no prompt layout for images")
+
+    def video_layout(
+        self, tokenizer: TextTokenizer, image_layout: PromptLayout, preprocessor_config: Mapping[str, Any], source: str
+    ) -> VideoLayout | None:
+        """The video layout of this checkpoint (``preprocessor_config`` is preprocessor_config.json,
+        named ``source`` in errors), or ``None`` when it takes no video."""
+        return None
 
     def stop_tokens(self, tokenizer_config: Mapping[str, Any]) -> tuple[str, ...]:
         """Token strings that end a turn besides the files' ``eos_token_id`` (e.g. a chat

@@ -2,7 +2,8 @@
 
 - ``config.json`` <-> spec (:func:`spec_dict_from_config`; :meth:`Idefics3Family.config_from_spec`
   for export), with the config sections of each slot for error key paths;
-- the prompt layout of images (:mod:`vlmkit.components.idefics3_layout`) and the turn separator
+- the prompt layout of images (:mod:`vlmkit.components.idefics3_layout`) and of SmolVLM2 videos
+  (:mod:`vlmkit.components.idefics3_video`), and the turn separator
   ``<end_of_utterance>`` as a stop token;
 - the published SmolVLM / SmolVLM2 config files bundled with vlmkit, for offline use.
 
@@ -27,6 +28,7 @@ from ..hookspecs import hookimpl
 from ..hub import read_json
 from .idefics3_connector import tokens_per_image
 from .idefics3_layout import image_layout, layout_token_names
+from .idefics3_video import video_layout, video_sampling
 
 __all__ = ["MODEL_TYPES", "BUNDLED", "Idefics3Family", "spec_dict_from_config"]
 
@@ -194,6 +196,11 @@ class Idefics3Family(Family):
 
     def prompt_layout(self, tokenizer, settings, vocab_rows: int):  # noqa: ANN001 - see Family
         return image_layout(tokenizer, settings, vocab_rows)
+
+    def video_layout(self, tokenizer, image_layout, preprocessor_config, source: str):  # noqa: ANN001 - see Family
+        """SmolVLM2's frames-with-timestamps layout when preprocessor_config.json has ``video_sampling``."""
+        sampling = video_sampling(preprocessor_config, source)
+        return None if sampling is None else video_layout(tokenizer.config, image_layout, sampling)
 
     def stop_tokens(self, tokenizer_config) -> tuple[str, ...]:  # noqa: ANN001 - see Family
         """``<end_of_utterance>`` (or its override in tokenizer_config.json) closes every chat turn."""

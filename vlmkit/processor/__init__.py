@@ -1,4 +1,4 @@
-"""Input side of vlmkit: prompts and images to model inputs (the image layout is the model family's).
+"""Input side of vlmkit: prompts, images and videos to model inputs (the image layout is the model family's).
 
 >>> proc = load_processor("owner/checkpoint")             # doctest: +SKIP
 >>> prompt = proc.apply_chat_template(
@@ -13,6 +13,7 @@ from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings
 from .processor import Processor, ProcessorOutput, PromptCost, load_processor
 from .text import ChatTemplate, SpecWarning, TextTokenizer
+from .video import Video, VideoPlan, VideoSampling
 
 __all__ = [
     "ChatTemplate",
@@ -24,5 +25,8 @@ __all__ = [
     "PromptCost",
     "SpecWarning",
     "TextTokenizer",
+    "Video",
+    "VideoPlan",
+    "VideoSampling",
     "load_processor",
 ]

@@ -66,7 +66,14 @@ def load_processor(
         image_seq_len=image_seq_len,
     )
     template = load_chat_template(folder, tokenizer.config)
-    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens)
+    video = family.video_layout(tokenizer, checked.layout, *_preprocessor(folder))  # None: the checkpoint takes no video
+    return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens,
+                     video_layout=video)  # fmt: skip
+
+
+def _preprocessor(folder: Path) -> tuple[dict[str, Any], str]:
+    """preprocessor_config.json of ``folder`` and its path (for the family's video settings)."""
+    return read_json(folder, "preprocessor_config.json"), str(folder / "preprocessor_config.json")
 
 
 def _family(folder: Path) -> Family:

@@ -38,11 +38,13 @@ class ProcessorOutput(dict):
 class PromptCost:
     """Token count of one prompt with its images: ``total_tokens = text_tokens + visual_tokens``.
 
-    ``text_tokens`` includes the framing tokens around the images; ``images`` holds each
-    image's :class:`ImageCost` in prompt order.
+    ``text_tokens`` includes the framing tokens around the images (and a video's timestamps);
+    ``images`` holds each image's :class:`ImageCost` in prompt order, ``videos`` each video's
+    :class:`~vlmkit.processor.video.VideoPlan` (its frames cost ``image_seq_len`` tokens each).
     """
 
     total_tokens: int
     text_tokens: int
     visual_tokens: int
     images: tuple[ImageCost, ...]
+    videos: tuple[Any, ...] = ()

@@ -23,6 +23,10 @@ from .inputs import as_nested_images, as_texts, check_limit, normalize_messages,
 from .loading import load_processor
 from .outputs import ProcessorOutput, PromptCost
 from .text import ChatTemplate, TextTokenizer
+from .video_prompt import (
+    as_nested_videos, check_rendered_videos, check_video_budget, encode_video, expand_videos, media_order,
+    merge_media, plan_videos, video_template,
+)  # fmt: skip
 
 __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
 
@@ -38,8 +42,10 @@ class Processor:
         *,
         chat_template: ChatTemplate | None = None,
         max_visual_tokens: int | None = None,
+        video_layout: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.video = video_layout  # the family's VideoLayout, or None: the checkpoint takes no video
         self.settings = settings
         self.spec = spec
         self.template = chat_template
@@ -51,6 +57,11 @@ class Processor:
     def image_token(self) -> str:
         """The placeholder string users write in prompts (the family's, e.g. ``<image>``)."""
         return self.spec.layout.image
+
+    @property
+    def video_token(self) -> str | None:
+        """The video placeholder (``<video>``), or ``None`` when the checkpoint takes no video."""
+        return None if self.video is None else self.video.video
 
     @property
     def image_token_id(self) -> int:
@@ -110,16 +121,21 @@ class Processor:
         *,
         do_image_splitting: bool | None = None,
         longest_edge: int | None = None,
+        videos: Any = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
     ) -> PromptCost | list[PromptCost]:
-        """Token count of a prompt (or a list of prompts) with its images, without any pixel work."""
+        """Token count of a prompt (or a list of prompts) with its images and videos, without any
+        pixel work (videos: headers only, no frame decoded)."""
         texts, nested = self._layout_inputs(text, images)
         split, longest = self._options(do_image_splitting, longest_edge)
         costs = self._plan(nested, split, longest, limit=None)
+        clips = self._videos(texts, videos, fps, max_frames, limit=None)
         out = []
-        for prompt, image_costs in zip(texts, costs):
-            total = len(self.tokenizer.encode(self._expand(prompt, image_costs)))
-            visual = sum(c.visual_tokens for c in image_costs)
-            out.append(PromptCost(total, total - visual, visual, tuple(image_costs)))
+        for prompt, image_costs, row in zip(texts, costs, clips):
+            total = len(self.tokenizer.encode(self._expand(prompt, image_costs, row)))
+            visual = sum(c.visual_tokens for c in image_costs) + sum(v.visual_tokens for v in row)
+            out.append(PromptCost(total, total - visual, visual, tuple(image_costs), tuple(v.plan for v in row)))
         return out[0] if isinstance(text, str) else out
 
     # ---------------------------------------------------------------- main call
@@ -135,6 +151,9 @@ class Processor:
         longest_edge: int | None = None,
         max_visual_tokens: int | None = None,
         add_special_tokens: bool = True,
+        videos: Any = None,
+        fps: float | None = None,
+        max_frames: int | None = None,
     ) -> ProcessorOutput:
         """Tokenize ``text`` with its ``images`` expanded; encode the images.
 
@@ -142,6 +161,10 @@ class Processor:
         counts) or one list per prompt. Returns ``input_ids``/``attention_mask`` ``(B, L)`` and
         ``pixel_values`` float32 ``(B, N, 3, H, W)``/``pixel_attention_mask`` int64
         ``(B, N, H, W)``; ``return_tensors=None`` gives lists for the text fields.
+
+        ``videos`` (video file paths or :class:`~vlmkit.processor.video.Video` objects, one per
+        ``<video>`` placeholder) are sampled at ``fps`` frames per second, at most ``max_frames``
+        (default: the checkpoint's); each frame is one tile of ``pixel_values``, in prompt order.
         """
         if return_tensors not in ("pt", None):
             raise ProcessorError(f"return_tensors={return_tensors!r} is not supported", hint="use 'pt' or None")
@@ -150,15 +173,23 @@ class Processor:
         split, longest = self._options(do_image_splitting, longest_edge)
         limit = self.max_visual_tokens if max_visual_tokens is None else check_limit(max_visual_tokens)
         costs = self._plan(nested, split, longest, limit=limit)  # raises before any pixel work
+        clips = self._videos(texts, videos, fps, max_frames, limit=limit)  # headers only
         out = ProcessorOutput()
         if texts is not None:
             ids = self.tokenizer.encode_batch(
-                [self._expand(t, c) for t, c in zip(texts, costs)], add_special_tokens=add_special_tokens
+                [self._expand(t, c, v) for t, c, v in zip(texts, costs, clips)], add_special_tokens=add_special_tokens
             )
             out.update(self._pad_ids(ids, pad, return_tensors))
-        if any(nested):
-            out.update(self._pixels(nested, costs))
+        if any(nested) or any(clips):
+            out.update(self._pixels(nested, costs, clips, texts))
         return out
+
+    def _videos(self, texts: list[str] | None, videos: Any, fps: Any, max_frames: Any, *, limit: int | None) -> list:
+        """Each prompt's videos, opened and sampled (headers only; see :mod:`.video_prompt`)."""
+        nested = as_nested_videos(videos, texts, self.video_token)
+        clips = plan_videos(nested, self.video, self.settings, self.image_seq_len, fps=fps, max_frames=max_frames)
+        check_video_budget(clips, limit)
+        return clips
 
     def _options(self, do_image_splitting: bool | None, longest_edge: int | None) -> tuple[bool, int]:
         split = self.settings.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
@@ -170,7 +201,7 @@ class Processor:
     def _layout_inputs(self, text: Any, images: Any) -> tuple[list[str] | None, list[list[Any]]]:
         """Normalize to a list of prompts and one list of images per prompt; check the counts."""
         if text is None and images is None:
-            raise ProcessorError("nothing to process: pass text=, images= or both")
+            raise ProcessorError("nothing to process: pass text=, images= or both (videos= go with a text= prompt)")
         texts = as_texts(text)
         nested = as_nested_images(images, texts, self.image_token)
         if texts is None:
@@ -248,14 +279,15 @@ class Processor:
                 return edge
         return None
 
-    def _expand(self, prompt: str, costs: list[ImageCost]) -> str:
-        """Replace the i-th placeholder in ``prompt`` with the token layout of ``costs[i]``."""
+    def _expand(self, prompt: str, costs: list[ImageCost], videos: Sequence[Any] = ()) -> str:
+        """Replace the i-th image placeholder in ``prompt`` with the token layout of ``costs[i]``,
+        then the video placeholders with the family's text for ``videos``."""
         parts = prompt.split(self.image_token)
         pieces = [parts[0]]
         for cost, rest in zip(costs, parts[1:]):
             pieces.append(self.spec.layout.expand(cost, self.image_seq_len))
             pieces.append(rest)
-        return "".join(pieces)
+        return expand_videos("".join(pieces), list(videos), self.video, self.image_seq_len)
 
     def _pad_ids(self, ids: list[list[int]], pad: bool, return_tensors: str | None) -> dict[str, Any]:
         """Pad to the longest sequence on the tokenizer's padding side; ``(B, L)`` tensors or lists."""
@@ -285,7 +317,8 @@ class Processor:
             "attention_mask": torch.tensor(masks, dtype=torch.long),
         }
 
-    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]]) -> dict[str, torch.Tensor]:
+    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]], clips: list | None = None,
+                texts: list[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
         encoded = [
             [
                 encode_image(
@@ -295,6 +328,13 @@ class Processor:
             ]
             for i, (imgs, row) in enumerate(zip(nested, costs))
         ]
+        if clips and any(clips):
+            convert = self.settings.do_convert_rgb
+            encoded = [
+                merge_media(media_order(text, self.image_token, self.video_token), images,
+                            [encode_video(v, self.settings, convert=convert) for v in row])
+                for text, images, row in zip(texts or [None] * len(encoded), encoded, clips)
+            ]  # fmt: skip
         values, mask = pad_batch(encoded)
         return {"pixel_values": values, "pixel_attention_mask": mask}
 
@@ -310,23 +350,25 @@ class Processor:
         """Render one conversation (or a list of them) with the checkpoint's chat template.
 
         String contents are turned into ``[{"type": "text", "text": ...}]``; image items
-        (``{"type": "image"}``) become the ``<image>`` placeholder.
+        (``{"type": "image"}``) become the ``<image>`` placeholder, video items
+        (``{"type": "video", "path": ...}``) the ``<video>`` one; a conversation with a video is
+        rendered with the family's video template when it has one (as transformers does).
         """
-        if self.template is None:
+        batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = messages if batch else [messages]
+        template = video_template(self, conversations)
+        if template is None:
             raise ProcessorError(
                 f"the checkpoint has no chat template (no chat_template.jinja, chat_template.json or "
                 f"tokenizer_config.json chat_template in {os.path.dirname(self.tokenizer.source)})",
                 hint="write the prompt yourself, with one image placeholder per image",
             )
-        batch = bool(messages) and not isinstance(messages[0], Mapping)
-        conversations = messages if batch else [messages]
         roles = {k: v for k, v in self.tokenizer.roles.items() if v is not None}
         rendered = [
-            self.template.render(
-                normalize_messages(c), add_generation_prompt=add_generation_prompt, **{**roles, **variables}
-            )
+            template.render(normalize_messages(c), add_generation_prompt=add_generation_prompt, **{**roles, **variables})
             for c in conversations
         ]
+        check_rendered_videos(self, template, conversations, rendered)
         return rendered if batch else rendered[0]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
