@@ -13,16 +13,19 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ProcessorError
+from .call_plan import CallPlan, plan_call
+from .chat import chat_images, render_conversations, split_chat_keywords, template_from_text
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
-from .inputs import as_nested_images, as_texts, check_limit, normalize_messages, padding_mode
+from .inputs import as_nested_images, as_texts, check_limit
 from .loading import load_processor
+from .options import resolve_call_options
 from .outputs import ProcessorOutput, PromptCost
 from .text import ChatTemplate, TextTokenizer
+from .tokens import check_image_tokens, encode_texts, pad_texts
 
 __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
 
@@ -87,10 +90,12 @@ class Processor:
 
     # ---------------------------------------------------------------- cost preflight
 
-    def image_cost(
-        self, image_or_size: Any, *, do_image_splitting: bool | None = None, longest_edge: int | None = None
-    ) -> ImageCost:
-        """Token cost of one image, from a PIL image / array or a ``(height, width)`` tuple. No pixel work."""
+    def image_cost(self, image_or_size: Any, **options: Any) -> ImageCost:
+        """Token cost of one image, from a PIL image / array or a ``(height, width)`` tuple. No pixel work.
+
+        ``options`` are the image keywords of a call (``do_image_splitting``, ``longest_edge``,
+        ``size``, ...); ``.patches`` gives transformers' ``get_number_of_image_patches`` answer.
+        """
         if isinstance(image_or_size, tuple) and len(image_or_size) == 2:
             size = tuple(int(v) for v in image_or_size)
             if min(size) <= 0:
@@ -98,23 +103,22 @@ class Processor:
         else:
             size = image_size(image_or_size, "the image")
             check_format(image_or_size, "the image")
-        split, longest = self._options(do_image_splitting, longest_edge)
-        cost = plan_image(size, self.settings, self.image_seq_len, split=split, longest_edge=longest)
-        self._check_grid(cost, "the image", longest)
+        plan = self._call_plan(options)
+        cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split, longest_edge=plan.longest_edge)
+        self._check_grid(cost, "the image", plan)
         return cost
 
-    def prompt_cost(
-        self,
-        text: str | Sequence[str],
-        images: Any = None,
-        *,
-        do_image_splitting: bool | None = None,
-        longest_edge: int | None = None,
-    ) -> PromptCost | list[PromptCost]:
+    def get_number_of_image_patches(
+        self, height: int, width: int, images_kwargs: Mapping[str, Any] | None = None
+    ) -> tuple[int, int, int]:
+        """transformers' ``(num_patches, num_rows, num_cols)``: ``(0, 0, 0)`` for an image that is one tile."""
+        return self.image_cost((height, width), **dict(images_kwargs or {})).patches
+
+    def prompt_cost(self, text: str | Sequence[str], images: Any = None, **options: Any) -> PromptCost | list[PromptCost]:
         """Token count of a prompt (or a list of prompts) with its images, without any pixel work."""
         texts, nested = self._layout_inputs(text, images)
-        split, longest = self._options(do_image_splitting, longest_edge)
-        costs = self._plan(nested, split, longest, limit=None)
+        plan = self._call_plan(options)
+        costs = self._plan(nested, plan, limit=None)
         out = []
         for prompt, image_costs in zip(texts, costs):
             total = len(self.tokenizer.encode(self._expand(prompt, image_costs)))
@@ -124,48 +128,34 @@ class Processor:
 
     # ---------------------------------------------------------------- main call
 
-    def __call__(
-        self,
-        text: str | Sequence[str] | None = None,
-        images: Any = None,
-        *,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        do_image_splitting: bool | None = None,
-        longest_edge: int | None = None,
-        max_visual_tokens: int | None = None,
-        add_special_tokens: bool = True,
-    ) -> ProcessorOutput:
+    def __call__(self, text: str | Sequence[str] | None = None, images: Any = None, **options: Any) -> ProcessorOutput:
         """Tokenize ``text`` with its ``images`` expanded; encode the images.
 
         ``images`` is an image, a flat list (shared out over the prompts by their ``<image>``
         counts) or one list per prompt. Returns ``input_ids``/``attention_mask`` ``(B, L)`` and
         ``pixel_values`` float32 ``(B, N, 3, H, W)``/``pixel_attention_mask`` int64
-        ``(B, N, H, W)``; ``return_tensors=None`` gives lists for the text fields.
+        ``(B, N, H, W)``; ``return_tensors=None`` gives lists for the text fields. ``options``
+        are transformers' processor keywords, flat or nested (``text_kwargs``, ``images_kwargs``,
+        ``common_kwargs``): see :mod:`vlmkit.processor.options` and :data:`DIFFERENCES`.
         """
-        if return_tensors not in ("pt", None):
-            raise ProcessorError(f"return_tensors={return_tensors!r} is not supported", hint="use 'pt' or None")
-        pad = padding_mode(padding)
+        plan = self._call_plan(options)
         texts, nested = self._layout_inputs(text, images)
-        split, longest = self._options(do_image_splitting, longest_edge)
-        limit = self.max_visual_tokens if max_visual_tokens is None else check_limit(max_visual_tokens)
-        costs = self._plan(nested, split, longest, limit=limit)  # raises before any pixel work
+        costs = self._plan(nested, plan, limit=plan.max_visual_tokens)  # raises before any pixel work
         out = ProcessorOutput()
         if texts is not None:
-            ids = self.tokenizer.encode_batch(
-                [self._expand(t, c) for t, c in zip(texts, costs)], add_special_tokens=add_special_tokens
-            )
-            out.update(self._pad_ids(ids, pad, return_tensors))
+            ids = encode_texts(self.tokenizer, [self._expand(t, c) for t, c in zip(texts, costs)], plan.tokens)
+            if plan.tokens.truncation:
+                check_image_tokens(ids, [sum(c.visual_tokens for c in row) for row in costs], self.image_token_id,
+                                   plan.tokens)  # fmt: skip
+            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors))
         if any(nested):
-            out.update(self._pixels(nested, costs))
-        return out
+            out.update(self._pixels(nested, costs, plan))
+        return out if plan.device is None else out.to(plan.device)
 
-    def _options(self, do_image_splitting: bool | None, longest_edge: int | None) -> tuple[bool, int]:
-        split = self.settings.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
-        longest = self.settings.longest_edge if longest_edge is None else longest_edge
-        if not isinstance(longest, (int, np.integer)) or isinstance(longest, bool) or longest <= 0:
-            raise ProcessorError(f"longest_edge must be a positive number of pixels, got {longest_edge!r}")
-        return split, int(longest)
+    def _call_plan(self, options: Mapping[str, Any]) -> CallPlan:
+        limit = self.max_visual_tokens
+        return plan_call(resolve_call_options(options), self.settings, image_seq_len=self.image_seq_len,
+                         padding_side=self.tokenizer.padding_side, max_visual_tokens=limit)  # fmt: skip
 
     def _layout_inputs(self, text: Any, images: Any) -> tuple[list[str] | None, list[list[Any]]]:
         """Normalize to a list of prompts and one list of images per prompt; check the counts."""
@@ -191,7 +181,7 @@ class Processor:
                 )
         return texts, nested
 
-    def _plan(self, nested: list[list[Any]], split: bool, longest: int, *, limit: int | None) -> list[list[ImageCost]]:
+    def _plan(self, nested: list[list[Any]], plan: CallPlan, *, limit: int | None) -> list[list[ImageCost]]:
         """Each image's plan, checking type, size, mode, tile tokens and the token budget."""
         plans = []
         for i, imgs in enumerate(nested):
@@ -200,16 +190,17 @@ class Processor:
                 where = f"image {j} of sample {i}"
                 size = image_size(img, where)
                 check_format(img, where)
-                cost = plan_image(size, self.settings, self.image_seq_len, split=split, longest_edge=longest)
-                self._check_grid(cost, where, longest)
+                cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split,
+                                  longest_edge=plan.longest_edge)  # fmt: skip
+                self._check_grid(cost, where, plan)
                 if limit is not None and cost.visual_tokens > limit:
-                    msg, fix = self._over_budget(where, cost, limit, split, longest)
+                    msg, fix = self._over_budget(where, cost, limit, plan)
                     raise ProcessorError(msg, hint=fix)
                 row.append(cost)
             plans.append(row)
         return plans
 
-    def _over_budget(self, where: str, cost: ImageCost, limit: int, split: bool, longest: int) -> tuple[str, str]:
+    def _over_budget(self, where: str, cost: ImageCost, limit: int, plan: CallPlan) -> tuple[str, str]:
         """The message and hint of a ProcessorError for an image over ``max_visual_tokens``."""
         rows, cols = cost.tiles
         tiles = f"{rows} x {cols} tiles + 1 global tile" if rows else "1 tile"
@@ -217,7 +208,7 @@ class Processor:
             f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) costs {cost.visual_tokens} "
             f"visual tokens ({tiles} of {self.image_seq_len}), over max_visual_tokens={limit}"
         )
-        edge = self._largest_edge(cost.input_size, longest, lambda c: c.visual_tokens <= limit) if split else None
+        edge = self._largest_edge(cost.input_size, plan, lambda c: c.visual_tokens <= limit) if plan.split else None
         if limit < self.image_seq_len:
             fix = f"one tile costs {self.image_seq_len} tokens, so raise max_visual_tokens to at least that"
         elif edge is not None:
@@ -226,25 +217,25 @@ class Processor:
             fix = f"pass do_image_splitting=False ({self.image_seq_len} tokens), or raise max_visual_tokens"
         return msg, fix
 
-    def _check_grid(self, cost: ImageCost, where: str, longest: int) -> None:
+    def _check_grid(self, cost: ImageCost, where: str, plan: CallPlan) -> None:
         """Raise :class:`ProcessorError` when the tokenizer has no tile tokens for ``cost.tiles``."""
         layout = self.spec.layout
         if layout.fits(cost):
             return
-        edge = self._largest_edge(cost.input_size, longest, layout.fits)
+        edge = self._largest_edge(cost.input_size, plan, layout.fits)
         last = layout.tile_format.format(row=layout.max_rows, col=layout.max_cols) if layout.max_rows else "none"
         raise ProcessorError(
             f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) would be cut into "
-            f"{cost.tiles[0]} x {cost.tiles[1]} tiles at longest_edge={longest}, but the tokenizer only has tile "
-            f"tokens up to {last}",
+            f"{cost.tiles[0]} x {cost.tiles[1]} tiles at longest_edge={plan.longest_edge}, but the tokenizer only "
+            f"has tile tokens up to {last}",
             hint=(f"pass longest_edge={edge} (or less), or " if edge else "pass ") + "do_image_splitting=False",
         )
 
-    def _largest_edge(self, size: tuple[int, int], longest: int, fits: Any) -> int | None:
-        """The largest whole-tile ``longest_edge`` below ``longest`` whose plan satisfies ``fits``."""
-        tile = self.settings.tile
-        for edge in range((longest - 1) // tile * tile, 0, -tile):
-            if fits(plan_image(size, self.settings, self.image_seq_len, split=True, longest_edge=edge)):
+    def _largest_edge(self, size: tuple[int, int], plan: CallPlan, fits: Any) -> int | None:
+        """The largest whole-tile ``longest_edge`` below this call's whose plan satisfies ``fits``."""
+        tile = plan.settings.tile
+        for edge in range((plan.longest_edge - 1) // tile * tile, 0, -tile):
+            if fits(plan_image(size, plan.settings, self.image_seq_len, split=True, longest_edge=edge)):
                 return edge
         return None
 
@@ -257,45 +248,18 @@ class Processor:
             pieces.append(rest)
         return "".join(pieces)
 
-    def _pad_ids(self, ids: list[list[int]], pad: bool, return_tensors: str | None) -> dict[str, Any]:
-        """Pad to the longest sequence on the tokenizer's padding side; ``(B, L)`` tensors or lists."""
-        longest = max(len(seq) for seq in ids)
-        masks = [[1] * len(seq) for seq in ids]
-        if pad and any(len(seq) != longest for seq in ids):
-            pad_id = self.pad_token_id
-            if pad_id is None:
-                raise ProcessorError(
-                    "the prompts have different lengths and the checkpoint names no pad token",
-                    hint="pass padding=False and process the prompts one at a time",
-                )
-            left = self.tokenizer.padding_side == "left"
-            for k, seq in enumerate(ids):
-                fill = longest - len(seq)
-                ids[k] = [pad_id] * fill + seq if left else seq + [pad_id] * fill
-                masks[k] = [0] * fill + masks[k] if left else masks[k] + [0] * fill
-        if return_tensors is None:
-            return {"input_ids": ids, "attention_mask": masks}
-        if any(len(seq) != len(ids[0]) for seq in ids):
-            raise ProcessorError(
-                f"padding=False gave prompts of lengths {[len(s) for s in ids]}, which cannot form one tensor",
-                hint="pass padding=True, or return_tensors=None for lists",
-            )
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": torch.tensor(masks, dtype=torch.long),
-        }
-
-    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]]) -> dict[str, torch.Tensor]:
+    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]], plan: CallPlan) -> dict[str, Any]:
+        settings = plan.settings
         encoded = [
             [
-                encode_image(
-                    to_rgb(img, f"image {j} of sample {i}", convert=self.settings.do_convert_rgb), cost, self.settings
-                )
+                encode_image(to_rgb(img, f"image {j} of sample {i}", convert=settings.do_convert_rgb), cost, settings)
                 for j, (img, cost) in enumerate(zip(imgs, row))
             ]
             for i, (imgs, row) in enumerate(zip(nested, costs))
         ]
         values, mask = pad_batch(encoded)
+        if plan.return_tensors == "np":
+            return {"pixel_values": values.numpy(), "pixel_attention_mask": mask.numpy()}
         return {"pixel_values": values, "pixel_attention_mask": mask}
 
     # ---------------------------------------------------------------- chat and decoding
@@ -304,30 +268,64 @@ class Processor:
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         *,
-        add_generation_prompt: bool = True,
-        **variables: Any,
-    ) -> str | list[str]:
-        """Render one conversation (or a list of them) with the checkpoint's chat template.
+        chat_template: str | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool | str = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        processor_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Render one conversation (or a list of them) with the checkpoint's chat template, or ``chat_template``.
 
         String contents are turned into ``[{"type": "text", "text": ...}]``; image items
-        (``{"type": "image"}``) become the ``<image>`` placeholder.
+        (``{"type": "image"}``) become the ``<image>`` placeholder. ``add_generation_prompt``
+        defaults to True (False with ``continue_final_message``). Keywords the template reads
+        (``tools``, ``documents``, custom variables) are template variables; the others are
+        processor keywords, used with ``tokenize=True``: then the prompts (with the images of
+        ``{"type": "image", "image": img}`` items, or ``images=``) go through ``self(...)``, which
+        returns ``input_ids`` ``(B, L)`` (or the whole output with ``return_dict=True``).
         """
+        template = self._template_for(chat_template)
+        batch = bool(messages) and not isinstance(messages[0], Mapping)
+        conversations = messages if batch else [messages]
+        variables, call_kwargs = split_chat_keywords(template, kwargs)
+        roles = {k: v for k, v in self.tokenizer.roles.items() if v is not None}
+        add = not continue_final_message if add_generation_prompt is None else add_generation_prompt
+        rendered = render_conversations(template, conversations, add_generation_prompt=add,
+                                        continue_final_message=continue_final_message,
+                                        variables={**roles, **variables})  # fmt: skip
+        call_kwargs = {**call_kwargs, **dict(processor_kwargs or {})}
+        if not tokenize:
+            if call_kwargs or return_dict:
+                names = sorted(call_kwargs) + (["return_dict"] if return_dict else [])
+                raise ProcessorError(f"{', '.join(names)} only apply with tokenize=True, and the template reads none of "
+                                     "them", hint="pass tokenize=True, or drop them")  # fmt: skip
+            return rendered if batch else rendered[0]
+        return self._tokenize_chat(rendered, conversations, call_kwargs, return_dict)
+
+    def _template_for(self, chat_template: str | None) -> ChatTemplate:
+        if chat_template is not None:
+            return template_from_text(chat_template)
         if self.template is None:
             raise ProcessorError(
                 f"the checkpoint has no chat template (no chat_template.jinja, chat_template.json or "
                 f"tokenizer_config.json chat_template in {os.path.dirname(self.tokenizer.source)})",
-                hint="write the prompt yourself, with one image placeholder per image",
+                hint="write the prompt yourself, with one image placeholder per image, or pass chat_template=",
             )
-        batch = bool(messages) and not isinstance(messages[0], Mapping)
-        conversations = messages if batch else [messages]
-        roles = {k: v for k, v in self.tokenizer.roles.items() if v is not None}
-        rendered = [
-            self.template.render(
-                normalize_messages(c), add_generation_prompt=add_generation_prompt, **{**roles, **variables}
-            )
-            for c in conversations
-        ]
-        return rendered if batch else rendered[0]
+        return self.template
+
+    def _tokenize_chat(self, prompts: list[str], conversations: Any, call_kwargs: dict[str, Any], return_dict: bool):
+        images = call_kwargs.pop("images", None)
+        carried = chat_images(conversations)
+        if images is not None and any(carried):
+            raise ProcessorError("images were given both in the messages and as images=", hint="pass them one way")
+        images = images if images is not None else (carried if any(carried) else None)
+        bos = self.tokenizer.roles.get("bos_token")
+        if bos is not None and prompts[0].startswith(bos):
+            call_kwargs.setdefault("add_special_tokens", False)  # the template wrote it already (as transformers)
+        out = self(text=prompts, images=images, **call_kwargs)
+        return out if return_dict else out["input_ids"]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
         """Text of one sequence of ids."""

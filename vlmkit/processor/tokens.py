@@ -1,0 +1,127 @@
+"""Token side of a processor call: truncation, padding and the text fields of the output.
+
+Truncation follows transformers' fast tokenizers: the text is tokenized without special tokens,
+cut to ``max_length`` minus the special tokens the post-processor adds, on the tokenizer's
+``truncation_side`` (tokenizer_config.json), then the special tokens are added. A cut that
+would remove an image's tokens is refused (transformers' ``special_mm_token_truncation`` check).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ProcessorError
+
+__all__ = ["TokenOptions", "check_image_tokens", "encode_texts", "pad_texts"]
+
+#: tokenizer_config.json's "no limit" model_max_length (transformers' VERY_LARGE_INTEGER is 1e30).
+_NO_LIMIT = 10**18
+
+
+@dataclass(frozen=True)
+class TokenOptions:
+    """The resolved text keywords of one call (see :mod:`vlmkit.processor.options`)."""
+
+    padding: str = "longest"  # 'longest' | 'max_length' | 'none'
+    truncation: bool = False
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+    add_special_tokens: bool = True
+    return_attention_mask: bool = True
+    return_token_type_ids: bool = False
+    return_length: bool = False
+
+
+def _limit(tokenizer: Any, opts: TokenOptions) -> int:
+    if opts.max_length is not None:
+        return opts.max_length
+    value = tokenizer.config.get("model_max_length")
+    if isinstance(value, (int, float)) and 0 < value < _NO_LIMIT:
+        return int(value)
+    raise ProcessorError(
+        "truncation / padding='max_length' need a length, and tokenizer_config.json sets no model_max_length",
+        hint="pass max_length=N",
+    )
+
+
+def encode_texts(tokenizer: Any, texts: Sequence[str], opts: TokenOptions) -> list[list[int]]:
+    """Token ids of each text, truncated to ``max_length`` when ``opts.truncation``."""
+    if not opts.truncation:
+        return tokenizer.encode_batch(texts, add_special_tokens=opts.add_special_tokens)
+    limit = _limit(tokenizer, opts)
+    backend = tokenizer.backend
+    added = backend.num_special_tokens_to_add(False) if opts.add_special_tokens else 0
+    if limit < added:
+        raise ProcessorError(f"max_length={limit} is shorter than the {added} special tokens every prompt gets")
+    side = tokenizer.config.get("truncation_side", "right")
+    if side not in ("left", "right"):
+        raise ProcessorError(f"tokenizer_config.json truncation_side={side!r}; expected 'left' or 'right'")
+    out = []
+    for enc in backend.encode_batch(list(texts), add_special_tokens=False):
+        if len(enc.ids) + added > limit:
+            enc.truncate(limit - added, direction=side)
+        out.append(backend.post_process(enc, None, opts.add_special_tokens).ids)
+    return out
+
+
+def check_image_tokens(ids: list[list[int]], expected: list[int], image_token_id: int, opts: TokenOptions) -> None:
+    """Refuse a truncation that cut image tokens: the model needs every one of them."""
+    for i, (seq, want) in enumerate(zip(ids, expected)):
+        got = sum(1 for t in seq if t == image_token_id)
+        if got != want:
+            raise ProcessorError(
+                f"sample {i}: truncating to max_length={opts.max_length} would cut its image tokens "
+                f"({got} of {want} left); the model needs all of them",
+                hint="raise max_length, pass truncation=False, or use fewer / cheaper images "
+                "(do_image_splitting=False, a smaller longest_edge)",
+            )
+
+
+def _target(lengths: list[int], tokenizer: Any, opts: TokenOptions) -> int | None:
+    if opts.padding == "none":
+        return None
+    target = _limit(tokenizer, opts) if opts.padding == "max_length" else max(lengths)
+    if opts.pad_to_multiple_of:
+        target = -(-target // opts.pad_to_multiple_of) * opts.pad_to_multiple_of
+    return target
+
+
+def pad_texts(
+    ids: list[list[int]], tokenizer: Any, pad_id: int | None, opts: TokenOptions, return_tensors: str | None
+) -> dict[str, Any]:
+    """Pad to the target length on ``opts.padding_side``; ``(B, L)`` tensors/arrays or lists."""
+    target = _target([len(s) for s in ids], tokenizer, opts)
+    masks = [[1] * len(seq) for seq in ids]
+    if target is not None and any(len(seq) < target for seq in ids):
+        if pad_id is None:
+            raise ProcessorError(
+                "padding needs a pad token and the checkpoint names none",
+                hint="pass padding=False and process the prompts one at a time",
+            )
+        left = opts.padding_side == "left"
+        for k, seq in enumerate(ids):
+            fill = max(target - len(seq), 0)
+            ids[k] = [pad_id] * fill + seq if left else seq + [pad_id] * fill
+            masks[k] = [0] * fill + masks[k] if left else masks[k] + [0] * fill
+    fields: dict[str, Any] = {"input_ids": ids}
+    if opts.return_token_type_ids:
+        fields["token_type_ids"] = [[0] * len(seq) for seq in ids]
+    if opts.return_attention_mask:
+        fields["attention_mask"] = masks
+    if opts.return_length:
+        fields["length"] = [len(seq) for seq in ids]
+    if return_tensors is None:
+        return fields
+    if any(len(seq) != len(ids[0]) for seq in ids):
+        raise ProcessorError(
+            f"padding=False gave prompts of lengths {[len(s) for s in ids]}, which cannot form one tensor",
+            hint="pass padding=True, or return_tensors=None for lists",
+        )
+    make = torch.tensor if return_tensors == "pt" else np.array
+    return {k: make(v, dtype=torch.long if return_tensors == "pt" else np.int64) for k, v in fields.items()}
