@@ -15,10 +15,13 @@ from ..errors import ProcessorError, short_repr
 from .inputs import IMAGE_TYPES, normalize_messages
 from .text import ChatTemplate
 
-__all__ = ["CONTINUE_TAG", "chat_images", "render_conversations", "split_chat_keywords", "template_from_text"]
+__all__ = ["CONTINUE_TAG", "REFUSED_CHAT", "TEMPLATE_ONLY", "chat_images", "render_conversations", "split_chat_keywords", "template_from_text"]
 
 #: Marker appended to the final message's last text, so the render can be cut right after it.
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+#: apply_chat_template keywords that only ever go to the template (never to the processor call).
+TEMPLATE_ONLY = ("tools", "documents", "reasoning_effort")
 
 #: apply_chat_template keywords refused, with the reason.
 REFUSED_CHAT = {
@@ -43,7 +46,14 @@ def split_chat_keywords(template: ChatTemplate, kwargs: Mapping[str, Any]) -> tu
         if kwargs.get(name) not in (None, False):
             raise ProcessorError(f"{name}={short_repr(kwargs[name])} is not supported: {why}")
     rest = {k: v for k, v in kwargs.items() if k not in REFUSED_CHAT}
-    variables = {k: v for k, v in rest.items() if k in template.variables}
+    for name in TEMPLATE_ONLY:
+        if rest.get(name) is not None and name not in template.variables:
+            raise ProcessorError(
+                f"{name}= was passed but the chat template ({template.origin}) never reads {name!r}, so it would "
+                "be ignored",
+                hint=f"drop {name}, or pass a chat_template= that uses it",
+            )
+    variables = {k: v for k, v in rest.items() if k in template.variables or (k in TEMPLATE_ONLY and v is None)}
     return variables, {k: v for k, v in rest.items() if k not in variables}
 
 

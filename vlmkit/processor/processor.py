@@ -31,7 +31,27 @@ __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
 
 
 class Processor:
-    """Turns prompts and images into model inputs. Build with :func:`load_processor`."""
+    """Turns prompts and images into model inputs. Build with :func:`load_processor`.
+
+    Takes transformers' processor, image-processor and ``apply_chat_template`` keywords (flat or
+    nested in ``text_kwargs`` / ``images_kwargs`` / ``common_kwargs``); each either gives
+    transformers' result or raises a :class:`ProcessorError` saying why (the table is
+    :data:`vlmkit.processor.options.CALL_KEYWORDS`). Deliberate differences from transformers:
+
+    ==========================================  ==========================  =========================
+    what                                        vlmkit                      transformers
+    ==========================================  ==========================  =========================
+    message ``content`` given as a string       rendered as one text item   rendered as nothing
+    ``padding`` default (a batch of prompts)    ``True`` (pad to longest)   ``False``
+    ``return_tensors`` default                  ``'pt'``                    ``None`` (lists)
+    ``add_generation_prompt`` default           ``True`` (``False`` with    ``False``
+                                                ``continue_final_message``)
+    a flat image list with several prompts      shared out by each          the same in transformers
+                                                prompt's ``<image>`` count  5; a count mismatch is
+                                                (a mismatch is an error)    an error after the split
+    a keyword that changes nothing              an error naming it          ignored with a warning
+    ==========================================  ==========================  =========================
+    """
 
     def __init__(
         self,
