@@ -277,3 +277,42 @@ def test_difference_defaults_return_tensors_and_generation_prompt(ours, ref):
     chat = CHAT[:1]
     assert ours.apply_chat_template(chat) == ref.apply_chat_template(chat, add_generation_prompt=True)
     assert ours.apply_chat_template(chat) != ref.apply_chat_template(chat)
+
+
+# ----------------------------------------------------------------------------- coverage of transformers' keywords
+
+#: Video keywords are handled on their own (the video processor); not this table's.
+VIDEO = {"videos_kwargs"}
+
+
+def test_every_transformers_call_keyword_is_in_the_table():
+    from typing import get_type_hints
+
+    from transformers.models.idefics3.image_processing_idefics3 import Idefics3ImageProcessorKwargs
+    from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, TextKwargs
+
+    from vlmkit.processor.options import CALL_KEYWORDS, GROUPS
+
+    names = set()
+    for typed in (TextKwargs, ImagesKwargs, Idefics3ImageProcessorKwargs, ProcessingKwargs):
+        names |= set(get_type_hints(typed, include_extras=False))
+    missing = sorted(names - set(CALL_KEYWORDS) - set(GROUPS) - VIDEO)
+    assert not missing, missing
+
+
+def test_every_transformers_chat_keyword_is_handled():
+    import inspect
+    from typing import get_type_hints
+
+    from transformers.processing_utils import ProcessorChatTemplateKwargs
+
+    from vlmkit.processor import Processor
+    from vlmkit.processor.chat import REFUSED_CHAT, TEMPLATE_ONLY
+
+    params = set(inspect.signature(Processor.apply_chat_template).parameters)
+    names = set(get_type_hints(ProcessorChatTemplateKwargs)) | set(
+        inspect.signature(transformers.ProcessorMixin.apply_chat_template).parameters
+    )
+    passed_on = {"self", "conversation", "kwargs", "return_tensors"}  # return_tensors goes to the processor call
+    missing = sorted(names - params - set(REFUSED_CHAT) - set(TEMPLATE_ONLY) - passed_on)
+    assert not missing, missing

@@ -248,6 +248,11 @@ class ChatTemplate:
                 hint="messages are dicts with 'role' and 'content'; content is a list of "
                 "{'type': 'text', 'text': ...} / {'type': 'image'} items",
             ) from exc
+        except OverflowError as exc:  # the sandbox's bound on range() and on repeated strings
+            raise ProcessorError(
+                f"the chat template ({self.origin}) went past the sandbox's limits: {exc}",
+                hint="check the template for runaway loops",
+            ) from exc
 
 
 def _template_from_tokenizer_config(value: Any) -> str | None:
