@@ -316,3 +316,34 @@ def test_every_transformers_chat_keyword_is_handled():
     passed_on = {"self", "conversation", "kwargs", "return_tensors"}  # return_tensors goes to the processor call
     missing = sorted(names - params - set(REFUSED_CHAT) - set(TEMPLATE_ONLY) - passed_on)
     assert not missing, missing
+
+
+def test_smolvlm2_chat_and_call_keywords():
+    """SmolVLM2-500M's own template and tokenizer: the chat keywords and a few call keywords."""
+    import json
+
+    folder = published_folder("SmolVLM2-500M-Video-Instruct")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its config.json has an out-of-vocab top-level pad_token_id
+        v2 = load_processor(folder)
+    try:
+        from transformers.models.smolvlm import SmolVLMImageProcessorPil
+
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        image_processor = SmolVLMImageProcessorPil(**json.loads((folder / "preprocessor_config.json").read_text()))
+        # SmolVLMProcessor needs num2words (video prompts); its image prompts are Idefics3's.
+        ref2 = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64,
+                                              chat_template=v2.chat_template)  # fmt: skip
+    except (ImportError, OSError, ValueError, TypeError) as exc:  # pragma: no cover - depends on transformers
+        pytest.skip(f"transformers cannot build a SmolVLM2 processor from {folder}: {exc}")
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(v2.pad_token_id)
+    for kwargs in ({"continue_final_message": True}, {"add_generation_prompt": True}, {"add_generation_prompt": False}):
+        assert v2.apply_chat_template(CHAT, **kwargs) == ref2.apply_chat_template(CHAT, **kwargs)
+    image = _image(100, 150, 13)
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    kw = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    _same(v2.apply_chat_template(chat, processor_kwargs={"size": {"longest_edge": 1024}}, **kw),
+          ref2.apply_chat_template(chat, processor_kwargs={"size": {"longest_edge": 1024}}, **kw))  # fmt: skip
+    texts = ["<image>x", "a longer prompt without any image"]
+    call = {"padding": True, "padding_side": "left", "do_image_splitting": False}
+    _same(v2(text=texts, images=[[image], []], **call), ref2(text=texts, images=[[image], []], return_tensors="pt", **call))
