@@ -54,77 +54,75 @@ _NO_AUDIO = "this processor has no audio input"
 _CROP = "the tiled image processor never crops: it resizes to the longest edge and cuts whole tiles"
 
 
-def _table() -> dict[str, Keyword]:
-    pos, opt_bool = oc.optional(oc.as_positive_int), oc.optional(oc.as_bool)
-    rows = [
-        # text
-        Keyword("add_special_tokens", "text", oc.as_bool),
-        Keyword("padding", "text", oc.as_padding),
-        Keyword("truncation", "text", oc.optional(oc.as_truncation)),
-        Keyword("max_length", "text", pos),
-        Keyword("pad_to_multiple_of", "text", pos),
-        Keyword("padding_side", "text", oc.optional(oc.as_padding_side)),
-        Keyword("return_attention_mask", "text", opt_bool),
-        Keyword("return_token_type_ids", "text", opt_bool),
-        Keyword("return_length", "text", opt_bool),
-        Keyword("verbose", "text", opt_bool),  # only decides whether transformers logs; no effect on the output
-        Keyword("stride", "text", refused="stride only applies to return_overflowing_tokens", no_op=(None, 0)),
-        Keyword("return_overflowing_tokens", "text", refused="overflowing windows would cut image tokens apart",
-                no_op=(None, False)),  # fmt: skip
-        Keyword("return_special_tokens_mask", "text", refused="not implemented; compare input_ids with "
-                "the special ids yourself", no_op=(None, False)),  # fmt: skip
-        Keyword("return_offsets_mapping", "text", refused="not implemented; character offsets of expanded "
-                "image tokens point into text the user never wrote", no_op=(None, False)),  # fmt: skip
-        Keyword("return_mm_token_type_ids", "text", refused="not implemented; image positions are "
-                "input_ids == processor.image_token_id", no_op=(None, False)),  # fmt: skip
-        Keyword("return_text_replacement_offsets", "text", refused="not implemented; the image spans are "
-                "given by processor.prompt_cost()", no_op=(None, False)),  # fmt: skip
-        Keyword("sanitize_control_tokens", "text", refused="not implemented: control tokens in user text are "
-                "tokenized as control tokens", no_op=(None, False)),  # fmt: skip
-        Keyword("is_split_into_words", "text", refused="pre-tokenized input is not taken; pass strings",
-                no_op=(None, False)),  # fmt: skip
-        Keyword("text_pair", "text", refused=_PAIRS),
-        Keyword("text_target", "text", refused=_PAIRS),
-        Keyword("text_pair_target", "text", refused=_PAIRS),
-        # images
-        Keyword("do_image_splitting", "images", opt_bool),
-        Keyword("longest_edge", "images", pos),  # vlmkit's own spelling of size={'longest_edge': N}
-        Keyword("size", "images", oc.optional(oc.as_longest_edge)),
-        Keyword("max_image_size", "images", oc.optional(oc.as_longest_edge)),
-        Keyword("max_visual_tokens", "images", pos),
-        Keyword("do_convert_rgb", "images", opt_bool),
-        Keyword("do_resize", "images", opt_bool),
-        Keyword("resample", "images", oc.optional(oc.as_resample)),
-        Keyword("do_rescale", "images", opt_bool),
-        Keyword("rescale_factor", "images", oc.optional(oc.as_factor)),
-        Keyword("do_normalize", "images", opt_bool),
-        Keyword("image_mean", "images", oc.optional(oc.as_triple)),
-        Keyword("image_std", "images", oc.optional(oc.as_triple)),
-        Keyword("return_row_col_info", "images", opt_bool),
-        Keyword("image_seq_len", "images", pos),
-        Keyword("image_seq_length", "images", pos),
-        Keyword("disable_grouping", "images", opt_bool),  # transformers' torch-backend batching; no effect on values
-        Keyword("device", "images"),  # checked by ProcessorOutput.to
-        Keyword("do_pad", "images", refused="the processor always pads a batch into one (B, N, 3, H, W) tensor "
-                "with pixel_attention_mask", no_op=(None, True)),  # fmt: skip
-        Keyword("pad_size", "images", refused=_CROP),
-        Keyword("do_center_crop", "images", refused=_CROP, no_op=(None, False)),
-        Keyword("crop_size", "images", refused=_CROP),
-        Keyword("default_to_square", "images", refused=_CROP, no_op=(None, False)),
-        Keyword("data_format", "images", refused="pixel_values are always channels first (B, N, 3, H, W)",
-                no_op=(None, "channels_first")),  # fmt: skip
-        Keyword("input_data_format", "images", refused="the channel axis is read from the input: last for numpy "
-                "arrays and PIL images, first for torch tensors; convert the array to that layout"),  # fmt: skip
-        # common
-        Keyword("return_tensors", "common", oc.as_return_tensors),
-        Keyword("audio", "common", refused=_NO_AUDIO),
-        Keyword("audio_kwargs", "common", refused=_NO_AUDIO, no_op=(None, {})),
-    ]
-    return {row.name: row for row in rows}
+_pos, _opt_bool = oc.optional(oc.as_positive_int), oc.optional(oc.as_bool)
 
+_ROWS = [
+    # text
+    Keyword("add_special_tokens", "text", oc.as_bool),
+    Keyword("padding", "text", oc.as_padding),
+    Keyword("truncation", "text", oc.optional(oc.as_truncation)),
+    Keyword("max_length", "text", _pos),
+    Keyword("pad_to_multiple_of", "text", _pos),
+    Keyword("padding_side", "text", oc.optional(oc.as_padding_side)),
+    Keyword("return_attention_mask", "text", _opt_bool),
+    Keyword("return_token_type_ids", "text", _opt_bool),
+    Keyword("return_length", "text", _opt_bool),
+    Keyword("verbose", "text", _opt_bool),  # only decides whether transformers logs; no effect on the output
+    Keyword("stride", "text", refused="stride only applies to return_overflowing_tokens", no_op=(None, 0)),
+    Keyword("return_overflowing_tokens", "text", refused="overflowing windows would cut image tokens apart",
+            no_op=(None, False)),  # fmt: skip
+    Keyword("return_special_tokens_mask", "text", refused="not implemented; compare input_ids with "
+            "the special ids yourself", no_op=(None, False)),  # fmt: skip
+    Keyword("return_offsets_mapping", "text", refused="not implemented; character offsets of expanded "
+            "image tokens point into text the user never wrote", no_op=(None, False)),  # fmt: skip
+    Keyword("return_mm_token_type_ids", "text", refused="not implemented; image positions are "
+            "input_ids == processor.image_token_id", no_op=(None, False)),  # fmt: skip
+    Keyword("return_text_replacement_offsets", "text", refused="not implemented; the image spans are "
+            "given by processor.prompt_cost()", no_op=(None, False)),  # fmt: skip
+    Keyword("sanitize_control_tokens", "text", refused="not implemented: control tokens in user text are "
+            "tokenized as control tokens", no_op=(None, False)),  # fmt: skip
+    Keyword("is_split_into_words", "text", refused="pre-tokenized input is not taken; pass strings",
+            no_op=(None, False)),  # fmt: skip
+    Keyword("text_pair", "text", refused=_PAIRS),
+    Keyword("text_target", "text", refused=_PAIRS),
+    Keyword("text_pair_target", "text", refused=_PAIRS),
+    # images
+    Keyword("do_image_splitting", "images", _opt_bool),
+    Keyword("longest_edge", "images", _pos),  # vlmkit's own spelling of size={'longest_edge': N}
+    Keyword("size", "images", oc.optional(oc.as_longest_edge)),
+    Keyword("max_image_size", "images", oc.optional(oc.as_longest_edge)),
+    Keyword("max_visual_tokens", "images", _pos),
+    Keyword("do_convert_rgb", "images", _opt_bool),
+    Keyword("do_resize", "images", _opt_bool),
+    Keyword("resample", "images", oc.optional(oc.as_resample)),
+    Keyword("do_rescale", "images", _opt_bool),
+    Keyword("rescale_factor", "images", oc.optional(oc.as_factor)),
+    Keyword("do_normalize", "images", _opt_bool),
+    Keyword("image_mean", "images", oc.optional(oc.as_triple)),
+    Keyword("image_std", "images", oc.optional(oc.as_triple)),
+    Keyword("return_row_col_info", "images", _opt_bool),
+    Keyword("image_seq_len", "images", _pos),
+    Keyword("image_seq_length", "images", _pos),
+    Keyword("disable_grouping", "images", _opt_bool),  # transformers' torch-backend batching; no effect on values
+    Keyword("device", "images"),  # checked by ProcessorOutput.to
+    Keyword("do_pad", "images", refused="the processor always pads a batch into one (B, N, 3, H, W) tensor "
+            "with pixel_attention_mask", no_op=(None, True)),  # fmt: skip
+    Keyword("pad_size", "images", refused=_CROP),
+    Keyword("do_center_crop", "images", refused=_CROP, no_op=(None, False)),
+    Keyword("crop_size", "images", refused=_CROP),
+    Keyword("default_to_square", "images", refused=_CROP, no_op=(None, False)),
+    Keyword("data_format", "images", refused="pixel_values are always channels first (B, N, 3, H, W)",
+            no_op=(None, "channels_first")),  # fmt: skip
+    Keyword("input_data_format", "images", refused="the channel axis is read from the input: last for numpy "
+            "arrays and PIL images, first for torch tensors; convert the array to that layout"),  # fmt: skip
+    # common
+    Keyword("return_tensors", "common", oc.as_return_tensors),
+    Keyword("audio", "common", refused=_NO_AUDIO),
+    Keyword("audio_kwargs", "common", refused=_NO_AUDIO, no_op=(None, {})),
+]
 
 #: Every keyword ``Processor.__call__`` takes besides ``text`` and ``images``.
-CALL_KEYWORDS: dict[str, Keyword] = _table()
+CALL_KEYWORDS: dict[str, Keyword] = {row.name: row for row in _ROWS}
 
 
 def add_keywords(*keywords: Keyword, nesting: Mapping[str, str | None] | None = None) -> None:
