@@ -98,7 +98,7 @@ def test_image_keywords(ours, ref, kwargs):
     [
         ((300, 400), {"size": {"longest_edge": 512}}, (0, 0)),  # one tile
         ((256, 256), {"size": {"longest_edge": 1024}}, (2, 2)),
-        ((480, 640), {}, (3, 4)),
+        ((480, 640), {"return_mm_token_type_ids": True}, (3, 4)),
         ((64, 64), {}, (4, 4)),
     ],
     ids=["1x1", "2x2", "3x4", "4x4"],
@@ -127,9 +127,11 @@ BATCH = ["<image><image>Compare these two.", "<image>One image and a much longer
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_with_different_image_counts(ours, ref, side):
     images = [[_image(40, 60, 3), _image(70, 50, 4)], [_image(50, 50, 5)], []]
-    kwargs = {"do_image_splitting": False, "padding": True, "padding_side": side}
+    kwargs = {"do_image_splitting": False, "padding": True, "padding_side": side, "return_mm_token_type_ids": True}
     mine = ours(text=BATCH, images=images, **kwargs)
-    _same(mine, ref(text=BATCH, images=images, return_tensors="pt", **kwargs))
+    theirs = ref(text=BATCH, images=images, return_tensors="pt", **kwargs)
+    assert theirs["mm_token_type_ids"].sum(1).tolist() == [2 * 67, 67, 0]  # <fake><global-img>64 x <image><fake>
+    _same(mine, theirs)
     assert mine["attention_mask"][2, 0 if side == "left" else -1] == 0
 
 

@@ -44,7 +44,6 @@ IMAGE = Image.new("RGB", (40, 30))
         ({"stride": 4}, r"stride=4 is not supported: stride only applies to return_overflowing_tokens"),
         ({"return_overflowing_tokens": True}, r"return_overflowing_tokens=True is not supported"),
         ({"return_offsets_mapping": True}, r"return_offsets_mapping=True is not supported"),
-        ({"return_mm_token_type_ids": True}, r"return_mm_token_type_ids=True is not supported"),
         ({"text_pair": "b"}, r"text_pair='b' is not supported: the processor takes single prompts"),
         ({"audio": [1.0]}, r"audio=.* is not supported: this processor has no audio input"),
         ({"size": {"height": 10, "width": 10}}, r"size=.* is not valid: expected \{'longest_edge'"),

@@ -98,6 +98,7 @@ def plan_call(
         return_attention_mask=opts.get("return_attention_mask") is not False,
         return_token_type_ids=bool(opts.get("return_token_type_ids")),
         return_length=bool(opts.get("return_length")),
+        return_mm_token_type_ids=bool(opts.get("return_mm_token_type_ids")),
     )
     call_settings, split, longest = image_plan(opts, settings, image_seq_len)
     limit = opts.get("max_visual_tokens", max_visual_tokens)

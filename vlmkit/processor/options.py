@@ -75,8 +75,7 @@ _ROWS = [
             "the special ids yourself", no_op=(None, False)),  # fmt: skip
     Keyword("return_offsets_mapping", "text", refused="not implemented; character offsets of expanded "
             "image tokens point into text the user never wrote", no_op=(None, False)),  # fmt: skip
-    Keyword("return_mm_token_type_ids", "text", refused="not implemented; image positions are "
-            "input_ids == processor.image_token_id", no_op=(None, False)),  # fmt: skip
+    Keyword("return_mm_token_type_ids", "text", _opt_bool),
     Keyword("return_text_replacement_offsets", "text", refused="not implemented; the image spans are "
             "given by processor.prompt_cost()", no_op=(None, False)),  # fmt: skip
     Keyword("sanitize_control_tokens", "text", refused="not implemented: control tokens in user text are "

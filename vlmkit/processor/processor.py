@@ -167,7 +167,11 @@ class Processor:
             if plan.tokens.truncation:
                 check_image_tokens(ids, [sum(c.visual_tokens for c in row) for row in costs], self.image_token_id,
                                    plan.tokens)  # fmt: skip
-            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors))
+            spans = None
+            if plan.tokens.return_mm_token_type_ids:
+                spans = [[self.tokenizer.encode(self.spec.layout.expand(c, self.image_seq_len), add_special_tokens=False)
+                          for c in row] for row in costs]  # fmt: skip
+            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans))
         if any(nested):
             out.update(self._pixels(nested, costs, plan))
         return out if plan.device is None else out.to(plan.device)

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ProcessorError
 
-__all__ = ["TokenOptions", "check_image_tokens", "encode_texts", "pad_texts"]
+__all__ = ["TokenOptions", "check_image_tokens", "encode_texts", "mm_token_type_ids", "pad_texts"]
 
 #: tokenizer_config.json's "no limit" model_max_length (transformers' VERY_LARGE_INTEGER is 1e30).
 _NO_LIMIT = 10**18
@@ -36,6 +36,7 @@ class TokenOptions:
     return_attention_mask: bool = True
     return_token_type_ids: bool = False
     return_length: bool = False
+    return_mm_token_type_ids: bool = False
 
 
 def _limit(tokenizer: Any, opts: TokenOptions) -> int:
@@ -92,10 +93,36 @@ def _target(lengths: list[int], tokenizer: Any, opts: TokenOptions) -> int | Non
     return target
 
 
+def mm_token_type_ids(ids: list[list[int]], spans: list[list[list[int]]]) -> list[list[int]]:
+    """1 on every token of each image's expansion (``spans[b][k]`` is image ``k``'s ids), else 0.
+
+    The expansions are found in order in each row of ``ids``, as transformers' processor marks them.
+    """
+    out = []
+    for b, (seq, images) in enumerate(zip(ids, spans)):
+        marks, at = [0] * len(seq), 0
+        for k, span in enumerate(images):
+            start = next((i for i in range(at, len(seq) - len(span) + 1) if seq[i : i + len(span)] == span), None)
+            if start is None:
+                raise ProcessorError(f"internal: image {k} of sample {b} is not whole in input_ids")
+            marks[start : start + len(span)] = [1] * len(span)
+            at = start + len(span)
+        out.append(marks)
+    return out
+
+
 def pad_texts(
-    ids: list[list[int]], tokenizer: Any, pad_id: int | None, opts: TokenOptions, return_tensors: str | None
+    ids: list[list[int]],
+    tokenizer: Any,
+    pad_id: int | None,
+    opts: TokenOptions,
+    return_tensors: str | None,
+    image_spans: list[list[list[int]]] | None = None,
 ) -> dict[str, Any]:
-    """Pad to the target length on ``opts.padding_side``; ``(B, L)`` tensors/arrays or lists."""
+    """Pad to the target length on ``opts.padding_side``; ``(B, L)`` tensors/arrays or lists.
+
+    ``image_spans`` (each image's expanded ids, per sample) give ``mm_token_type_ids`` when asked for.
+    """
     target = _target([len(s) for s in ids], tokenizer, opts)
     masks = [[1] * len(seq) for seq in ids]
     if target is not None and any(len(seq) < target for seq in ids):
@@ -114,6 +141,8 @@ def pad_texts(
         fields["token_type_ids"] = [[0] * len(seq) for seq in ids]
     if opts.return_attention_mask:
         fields["attention_mask"] = masks
+    if opts.return_mm_token_type_ids:
+        fields["mm_token_type_ids"] = mm_token_type_ids(ids, image_spans or [[] for _ in ids])
     if opts.return_length:
         fields["length"] = [len(seq) for seq in ids]
     if return_tensors is None:
