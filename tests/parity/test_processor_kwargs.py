@@ -349,3 +349,16 @@ def test_smolvlm2_chat_and_call_keywords():
     texts = ["<image>x", "a longer prompt without any image"]
     call = {"padding": True, "padding_side": "left", "do_image_splitting": False}
     _same(v2(text=texts, images=[[image], []], **call), ref2(text=texts, images=[[image], []], return_tensors="pt", **call))
+
+
+def test_difference_a_keyword_that_changes_nothing_is_an_error(ours, ref):
+    ref(text="hi", max_lenght=5)  # transformers logs a warning and goes on
+    with pytest.raises(ProcessorError, match="did you mean 'max_length'"):
+        ours(text="hi", max_lenght=5)
+
+
+def test_batched_tokenize_is_padded(ours, ref):
+    batch = [[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
+             [{"role": "user", "content": [{"type": "text", "text": "A longer question, this one?"}]}]]  # fmt: skip
+    kw = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
+    _same(ours.apply_chat_template(batch, **kw), ref.apply_chat_template(batch, processor_kwargs={"padding": True}, **kw))

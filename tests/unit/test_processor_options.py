@@ -117,6 +117,8 @@ CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel
         ({"tools": [{"name": "f"}]}, "never reads 'tools'"),
         ({"padding": True}, "padding only apply with tokenize=True"),
         ({"return_dict": True}, "return_dict only apply with tokenize=True"),
+        ({"add_generaton_prompt": True}, "unknown apply_chat_template keyword 'add_generaton_prompt'.*did you mean "
+                                         "'add_generation_prompt'"),
         ({"tokenize": True, "paddin": True}, "did you mean 'padding'"),
         ({"chat_template": ""}, "not a Jinja template string"),
         ({"continue_final_message": "reasoning"}, "has no 'reasoning'"),

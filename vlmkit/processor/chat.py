@@ -11,11 +11,11 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import ProcessorError, short_repr
+from ..errors import ProcessorError, closest, short_repr
 from .inputs import IMAGE_TYPES, normalize_messages
 from .text import ChatTemplate
 
-__all__ = ["CONTINUE_TAG", "REFUSED_CHAT", "TEMPLATE_ONLY", "chat_images", "render_conversations", "split_chat_keywords", "template_from_text"]
+__all__ = ["CHAT_KEYWORDS", "CONTINUE_TAG", "REFUSED_CHAT", "TEMPLATE_ONLY", "refuse_untokenized", "chat_images", "render_conversations", "split_chat_keywords", "template_from_text"]
 
 #: Marker appended to the final message's last text, so the render can be cut right after it.
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
@@ -55,6 +55,34 @@ def split_chat_keywords(template: ChatTemplate, kwargs: Mapping[str, Any]) -> tu
             )
     variables = {k: v for k, v in rest.items() if k in template.variables or (k in TEMPLATE_ONLY and v is None)}
     return variables, {k: v for k, v in rest.items() if k not in variables}
+
+
+#: apply_chat_template's own keywords (for "did you mean" suggestions).
+CHAT_KEYWORDS = ("chat_template", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict",
+                 "processor_kwargs", *TEMPLATE_ONLY)  # fmt: skip
+
+
+def refuse_untokenized(template: ChatTemplate, call_kwargs: Mapping[str, Any], return_dict: bool) -> None:
+    """Without ``tokenize=True`` every keyword must be the template's or apply_chat_template's own."""
+    from .options import CALL_KEYWORDS
+
+    names = sorted(call_kwargs) + (["return_dict"] if return_dict else [])
+    if not names:
+        return
+    known = [n for n in names if n in CALL_KEYWORDS or n in ("return_dict", "images")]
+    if len(known) < len(names):
+        name = next(n for n in names if n not in known)
+        choices = [*CHAT_KEYWORDS, *sorted(template.variables), *CALL_KEYWORDS]
+        near = closest(name, choices)
+        raise ProcessorError(
+            f"unknown apply_chat_template keyword {name!r}: neither the chat template ({template.origin}) nor the "
+            "processor reads it" + (f"; did you mean {near!r}?" if near else ""),
+            hint=f"the template reads: {', '.join(sorted(template.variables)) or '(nothing)'}",
+        )
+    raise ProcessorError(
+        f"{', '.join(names)} only apply with tokenize=True, and the template reads none of them",
+        hint="pass tokenize=True, or drop them",
+    )
 
 
 def _continue_field(continue_final_message: bool | str) -> str:

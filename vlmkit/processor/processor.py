@@ -17,7 +17,7 @@ import torch
 
 from ..errors import ProcessorError
 from .call_plan import CallPlan, plan_call
-from .chat import chat_images, render_conversations, split_chat_keywords, template_from_text
+from .chat import chat_images, refuse_untokenized, render_conversations, split_chat_keywords, template_from_text
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
 from .inputs import as_nested_images, as_texts, check_limit
@@ -321,10 +321,7 @@ class Processor:
                                         variables={**roles, **variables})  # fmt: skip
         call_kwargs = {**call_kwargs, **dict(processor_kwargs or {})}
         if not tokenize:
-            if call_kwargs or return_dict:
-                names = sorted(call_kwargs) + (["return_dict"] if return_dict else [])
-                raise ProcessorError(f"{', '.join(names)} only apply with tokenize=True, and the template reads none of "
-                                     "them", hint="pass tokenize=True, or drop them")  # fmt: skip
+            refuse_untokenized(template, call_kwargs, return_dict)
             return rendered if batch else rendered[0]
         return self._tokenize_chat(rendered, conversations, call_kwargs, return_dict)
 
