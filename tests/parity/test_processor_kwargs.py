@@ -146,6 +146,8 @@ def test_batch_with_different_image_counts(ours, ref, side):
         {"padding": True, "return_attention_mask": False},
         {"padding": True, "return_token_type_ids": True},
         {"padding": True, "return_length": True},
+        {"padding": True, "return_special_tokens_mask": True},
+        {"padding": True, "return_special_tokens_mask": True, "padding_side": "left", "truncation": True, "max_length": 7},
         {"padding": True, "add_special_tokens": False},
     ],
     ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()),

@@ -71,8 +71,7 @@ _ROWS = [
     Keyword("stride", "text", refused="stride only applies to return_overflowing_tokens", no_op=(None, 0)),
     Keyword("return_overflowing_tokens", "text", refused="overflowing windows would cut image tokens apart",
             no_op=(None, False)),  # fmt: skip
-    Keyword("return_special_tokens_mask", "text", refused="not implemented; compare input_ids with "
-            "the special ids yourself", no_op=(None, False)),  # fmt: skip
+    Keyword("return_special_tokens_mask", "text", _opt_bool),
     Keyword("return_offsets_mapping", "text", refused="not implemented; character offsets of expanded "
             "image tokens point into text the user never wrote", no_op=(None, False)),  # fmt: skip
     Keyword("return_mm_token_type_ids", "text", _opt_bool),

@@ -163,7 +163,8 @@ class Processor:
         costs = self._plan(nested, plan, limit=plan.max_visual_tokens)  # raises before any pixel work
         out = ProcessorOutput()
         if texts is not None:
-            ids = encode_texts(self.tokenizer, [self._expand(t, c) for t, c in zip(texts, costs)], plan.tokens)
+            encodings = encode_texts(self.tokenizer, [self._expand(t, c) for t, c in zip(texts, costs)], plan.tokens)
+            ids = [enc.ids for enc in encodings]
             if plan.tokens.truncation:
                 check_image_tokens(ids, [sum(c.visual_tokens for c in row) for row in costs], self.image_token_id,
                                    plan.tokens)  # fmt: skip
@@ -171,7 +172,8 @@ class Processor:
             if plan.tokens.return_mm_token_type_ids:
                 spans = [[self.tokenizer.encode(self.spec.layout.expand(c, self.image_seq_len), add_special_tokens=False)
                           for c in row] for row in costs]  # fmt: skip
-            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans))
+            special = [enc.special_tokens_mask for enc in encodings]
+            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans, special))
         if any(nested):
             out.update(self._pixels(nested, costs, plan))
         return out if plan.device is None else out.to(plan.device)

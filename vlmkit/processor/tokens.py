@@ -37,6 +37,7 @@ class TokenOptions:
     return_token_type_ids: bool = False
     return_length: bool = False
     return_mm_token_type_ids: bool = False
+    return_special_tokens_mask: bool = False
 
 
 def _limit(tokenizer: Any, opts: TokenOptions) -> int:
@@ -51,10 +52,11 @@ def _limit(tokenizer: Any, opts: TokenOptions) -> int:
     )
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str], opts: TokenOptions) -> list[list[int]]:
-    """Token ids of each text, truncated to ``max_length`` when ``opts.truncation``."""
+def encode_texts(tokenizer: Any, texts: Sequence[str], opts: TokenOptions) -> list[Any]:
+    """``tokenizers.Encoding`` of each text (``.ids``, ``.special_tokens_mask``), truncated to
+    ``max_length`` when ``opts.truncation``."""
     if not opts.truncation:
-        return tokenizer.encode_batch(texts, add_special_tokens=opts.add_special_tokens)
+        return tokenizer.backend.encode_batch(list(texts), add_special_tokens=opts.add_special_tokens)
     limit = _limit(tokenizer, opts)
     backend = tokenizer.backend
     added = backend.num_special_tokens_to_add(False) if opts.add_special_tokens else 0
@@ -67,7 +69,7 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], opts: TokenOptions) -> li
     for enc in backend.encode_batch(list(texts), add_special_tokens=False):
         if len(enc.ids) + added > limit:
             enc.truncate(limit - added, direction=side)
-        out.append(backend.post_process(enc, None, opts.add_special_tokens).ids)
+        out.append(backend.post_process(enc, None, opts.add_special_tokens))
     return out
 
 
@@ -118,13 +120,16 @@ def pad_texts(
     opts: TokenOptions,
     return_tensors: str | None,
     image_spans: list[list[list[int]]] | None = None,
+    special_masks: list[list[int]] | None = None,
 ) -> dict[str, Any]:
     """Pad to the target length on ``opts.padding_side``; ``(B, L)`` tensors/arrays or lists.
 
-    ``image_spans`` (each image's expanded ids, per sample) give ``mm_token_type_ids`` when asked for.
+    ``image_spans`` (each image's expanded ids, per sample) give ``mm_token_type_ids`` and
+    ``special_masks`` (1 on tokens the post-processor added) ``special_tokens_mask``, when asked for.
     """
     target = _target([len(s) for s in ids], tokenizer, opts)
     masks = [[1] * len(seq) for seq in ids]
+    special = [list(m) for m in special_masks] if special_masks is not None else [[0] * len(s) for s in ids]
     if target is not None and any(len(seq) < target for seq in ids):
         if pad_id is None:
             raise ProcessorError(
@@ -136,11 +141,14 @@ def pad_texts(
             fill = max(target - len(seq), 0)
             ids[k] = [pad_id] * fill + seq if left else seq + [pad_id] * fill
             masks[k] = [0] * fill + masks[k] if left else masks[k] + [0] * fill
+            special[k] = [1] * fill + special[k] if left else special[k] + [1] * fill  # padding is special
     fields: dict[str, Any] = {"input_ids": ids}
     if opts.return_token_type_ids:
         fields["token_type_ids"] = [[0] * len(seq) for seq in ids]
     if opts.return_attention_mask:
         fields["attention_mask"] = masks
+    if opts.return_special_tokens_mask:
+        fields["special_tokens_mask"] = special
     if opts.return_mm_token_type_ids:
         fields["mm_token_type_ids"] = mm_token_type_ids(ids, image_spans or [[] for _ in ids])
     if opts.return_length:
