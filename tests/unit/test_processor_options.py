@@ -173,3 +173,11 @@ def test_every_table_entry_is_checked_or_refused():
     for kw in CALL_KEYWORDS.values():
         assert kw.group in ("text", "images", "common"), kw
         assert kw.check is not None or kw.refused is not None or kw.name == "device", kw
+
+
+def test_unpadded_batch_cannot_be_one_tensor(proc):
+    with pytest.raises(ProcessorError, match=r"lengths \[1, 4\] after padding, which cannot form one tensor"):
+        proc(text=["a", "a b c d"], padding=False)
+    assert [len(r) for r in proc(text=["a", "a b c d"], padding=False, return_tensors=None)["input_ids"]] == [1, 4]
+    with pytest.raises(ProcessorError, match="cannot form one tensor"):  # longer than max_length, not truncated
+        proc(text=["a", "a b c d"], padding="max_length", max_length=2)

@@ -113,6 +113,25 @@ def mm_token_type_ids(ids: list[list[int]], spans: list[list[list[int]]]) -> lis
     return out
 
 
+def _pad(rows: list[list[int]], target: int, value: int, left: bool) -> list[list[int]]:
+    return [[value] * (target - len(r)) + r if left else r + [value] * (target - len(r)) for r in rows]
+
+
+def _as_tensors(fields: dict[str, Any], return_tensors: str | None) -> dict[str, Any]:
+    """``(B, L)`` int64 tensors (``'pt'``) or arrays (``'np'``); lists for ``None``."""
+    if return_tensors is None:
+        return fields
+    lengths = [len(s) for s in fields["input_ids"]]
+    if len(set(lengths)) > 1:
+        raise ProcessorError(
+            f"the prompts have lengths {lengths} after padding, which cannot form one tensor",
+            hint="pass padding=True (or truncation=True with padding='max_length'), or return_tensors=None for lists",
+        )
+    if return_tensors == "pt":
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in fields.items()}
+    return {k: np.array(v, dtype=np.int64) for k, v in fields.items()}
+
+
 def pad_texts(
     ids: list[list[int]],
     tokenizer: Any,
@@ -137,11 +156,8 @@ def pad_texts(
                 hint="pass padding=False and process the prompts one at a time",
             )
         left = opts.padding_side == "left"
-        for k, seq in enumerate(ids):
-            fill = max(target - len(seq), 0)
-            ids[k] = [pad_id] * fill + seq if left else seq + [pad_id] * fill
-            masks[k] = [0] * fill + masks[k] if left else masks[k] + [0] * fill
-            special[k] = [1] * fill + special[k] if left else special[k] + [1] * fill  # padding is special
+        ids, masks = _pad(ids, target, pad_id, left), _pad(masks, target, 0, left)
+        special = _pad(special, target, 1, left)  # padding counts as special, as in transformers
     fields: dict[str, Any] = {"input_ids": ids}
     if opts.return_token_type_ids:
         fields["token_type_ids"] = [[0] * len(seq) for seq in ids]
@@ -153,12 +169,4 @@ def pad_texts(
         fields["mm_token_type_ids"] = mm_token_type_ids(ids, image_spans or [[] for _ in ids])
     if opts.return_length:
         fields["length"] = [len(seq) for seq in ids]
-    if return_tensors is None:
-        return fields
-    if any(len(seq) != len(ids[0]) for seq in ids):
-        raise ProcessorError(
-            f"padding=False gave prompts of lengths {[len(s) for s in ids]}, which cannot form one tensor",
-            hint="pass padding=True, or return_tensors=None for lists",
-        )
-    make = torch.tensor if return_tensors == "pt" else np.array
-    return {k: make(v, dtype=torch.long if return_tensors == "pt" else np.int64) for k, v in fields.items()}
+    return _as_tensors(fields, return_tensors)
