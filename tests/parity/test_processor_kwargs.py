@@ -71,6 +71,8 @@ IMAGE_CASES = [
     {"do_rescale": False},
     {"rescale_factor": 1 / 127.5},
     {"do_normalize": False},
+    {"do_resize": False},
+    {"do_resize": False, "do_image_splitting": True, "size": {"longest_edge": 2048}},
     {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1]},
     {"resample": Image.Resampling.BILINEAR},
     {"resample": 3},
@@ -364,3 +366,10 @@ def test_batched_tokenize_is_padded(ours, ref):
              [{"role": "user", "content": [{"type": "text", "text": "A longer question, this one?"}]}]]  # fmt: skip
     kw = {"add_generation_prompt": True, "tokenize": True, "return_dict": True, "return_tensors": "pt"}
     _same(ours.apply_chat_template(batch, **kw), ref.apply_chat_template(batch, processor_kwargs={"padding": True}, **kw))
+
+
+def test_do_resize_false_still_splits_a_large_image(ours, ref):
+    image = _image(700, 1100, 14)  # kept at its size: rounded up to 2 x 3 tiles of 512
+    mine = ours(text="<image>", images=image, do_resize=False)
+    _same(mine, ref(text="<image>", images=image, return_tensors="pt", do_resize=False))
+    assert ours.image_cost(image, do_resize=False).tiles == (2, 3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 from PIL import Image
 
 from vlmkit.errors import ProcessorError
@@ -61,6 +62,7 @@ IMAGE = Image.new("RGB", (40, 30))
         ({"data_format": "channels_last"}, r"data_format='channels_last' is not supported"),
         ({"input_data_format": "channels_last"}, r"input_data_format='channels_last' is not supported"),
         ({"do_normalize": "yes"}, r"do_normalize='yes' is not valid: expected True or False"),
+        ({"device": "gpu7"}, r"device='gpu7' is not valid: expected a torch device"),
     ],
     ids=lambda v: str(v)[:40] if isinstance(v, dict) else "",
 )
@@ -172,7 +174,7 @@ def test_table_is_extensible_and_refuses_duplicates():
 def test_every_table_entry_is_checked_or_refused():
     for kw in CALL_KEYWORDS.values():
         assert kw.group in ("text", "images", "common"), kw
-        assert kw.check is not None or kw.refused is not None or kw.name == "device", kw
+        assert kw.check is not None or kw.refused is not None, kw
 
 
 def test_unpadded_batch_cannot_be_one_tensor(proc):
@@ -181,3 +183,11 @@ def test_unpadded_batch_cannot_be_one_tensor(proc):
     assert [len(r) for r in proc(text=["a", "a b c d"], padding=False, return_tensors=None)["input_ids"]] == [1, 4]
     with pytest.raises(ProcessorError, match="cannot form one tensor"):  # longer than max_length, not truncated
         proc(text=["a", "a b c d"], padding="max_length", max_length=2)
+
+
+def test_accepted_values_equal_to_the_checkpoint(proc):
+    base = proc(text="<image>hi", images=IMAGE)
+    same = proc(text="<image>hi", images=IMAGE, image_seq_len=64, max_image_size={"longest_edge": 512}, device="cpu",
+                return_row_col_info=True, verbose=False, disable_grouping=True)  # fmt: skip
+    assert set(same) == set(base)
+    assert all(torch.equal(same[k], base[k]) for k in base)

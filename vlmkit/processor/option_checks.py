@@ -16,6 +16,7 @@ from ..errors import ProcessorError, short_repr
 
 __all__ = [
     "as_bool",
+    "as_device",
     "as_factor",
     "as_longest_edge",
     "as_padding",
@@ -90,6 +91,16 @@ def as_longest_edge(name: str, value: Any) -> int:
         "{'longest_edge': <positive int>}",
         hint="tiled image processors size images by their longest edge; height/width or shortest_edge sizes do not apply",
     )
+
+
+def as_device(name: str, value: Any) -> Any:
+    """A ``torch.device`` or a string torch accepts (``'cpu'``, ``'cuda:0'``)."""
+    import torch
+
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise _bad(name, value, "a torch device such as 'cpu' or 'cuda:0'") from exc
 
 
 def as_return_tensors(name: str, value: Any) -> str | None:

@@ -102,7 +102,7 @@ _ROWS = [
     Keyword("image_seq_len", "images", _pos),
     Keyword("image_seq_length", "images", _pos),
     Keyword("disable_grouping", "images", _opt_bool),  # transformers' torch-backend batching; no effect on values
-    Keyword("device", "images"),  # checked by ProcessorOutput.to
+    Keyword("device", "images", oc.optional(oc.as_device)),  # the output tensors are moved there
     Keyword("do_pad", "images", refused="the processor always pads a batch into one (B, N, 3, H, W) tensor "
             "with pixel_attention_mask", no_op=(None, True)),  # fmt: skip
     Keyword("pad_size", "images", refused=_CROP),
