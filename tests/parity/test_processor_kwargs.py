@@ -149,6 +149,8 @@ def test_batch_with_different_image_counts(ours, ref, side):
         {"padding": True, "return_token_type_ids": True},
         {"padding": True, "return_length": True},
         {"padding": True, "return_special_tokens_mask": True},
+        {"padding": True, "return_offsets_mapping": True, "padding_side": "left"},
+        {"padding": True, "return_offsets_mapping": True, "truncation": True, "max_length": 5},
         {"padding": True, "return_special_tokens_mask": True, "padding_side": "left", "truncation": True, "max_length": 7},
         {"padding": True, "add_special_tokens": False},
     ],
@@ -179,10 +181,11 @@ def test_truncation_that_cuts_image_tokens_is_refused(ours, ref):
 @pytest.mark.parametrize("tensors", ["np", None])
 def test_return_tensors(ours, ref, tensors):
     image = _image(40, 40, 8)
-    kwargs = {"do_image_splitting": False, "return_tensors": tensors}
+    kwargs = {"do_image_splitting": False, "return_tensors": tensors, "return_offsets_mapping": True}
     mine = ours(text=["<image>a", "<image>b c"], images=[image, image], padding=True, **kwargs)
     theirs = ref(text=["<image>a", "<image>b c"], images=[image, image], padding=True, **kwargs)
     if tensors is None:  # transformers' image processor returns arrays or lists; compare the text fields
+        assert mine["offset_mapping"] == theirs["offset_mapping"]
         assert isinstance(mine["input_ids"], list)
         assert mine["input_ids"] == theirs["input_ids"] and mine["attention_mask"] == theirs["attention_mask"]
         assert np.array_equal(np.asarray(mine["pixel_values"]), np.asarray(theirs["pixel_values"]))

@@ -44,7 +44,6 @@ IMAGE = Image.new("RGB", (40, 30))
         ({"return_tensors": "tf"}, r"return_tensors='tf' is not valid"),
         ({"stride": 4}, r"stride=4 is not supported: stride only applies to return_overflowing_tokens"),
         ({"return_overflowing_tokens": True}, r"return_overflowing_tokens=True is not supported"),
-        ({"return_offsets_mapping": True}, r"return_offsets_mapping=True is not supported"),
         ({"return_special_tokens_mask": "yes"}, r"return_special_tokens_mask='yes' is not valid"),
         ({"text_pair": "b"}, r"text_pair='b' is not supported: the processor takes single prompts"),
         ({"audio": [1.0]}, r"audio=.* is not supported: this processor has no audio input"),

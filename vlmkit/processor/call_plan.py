@@ -100,6 +100,7 @@ def plan_call(
         return_length=bool(opts.get("return_length")),
         return_mm_token_type_ids=bool(opts.get("return_mm_token_type_ids")),
         return_special_tokens_mask=bool(opts.get("return_special_tokens_mask")),
+        return_offsets_mapping=bool(opts.get("return_offsets_mapping")),
     )
     call_settings, split, longest = image_plan(opts, settings, image_seq_len)
     limit = opts.get("max_visual_tokens", max_visual_tokens)

@@ -72,8 +72,7 @@ _ROWS = [
     Keyword("return_overflowing_tokens", "text", refused="overflowing windows would cut image tokens apart",
             no_op=(None, False)),  # fmt: skip
     Keyword("return_special_tokens_mask", "text", _opt_bool),
-    Keyword("return_offsets_mapping", "text", refused="not implemented; character offsets of expanded "
-            "image tokens point into text the user never wrote", no_op=(None, False)),  # fmt: skip
+    Keyword("return_offsets_mapping", "text", _opt_bool),  # offsets into the expanded prompt, as transformers
     Keyword("return_mm_token_type_ids", "text", _opt_bool),
     Keyword("return_text_replacement_offsets", "text", refused="not implemented; the image spans are "
             "given by processor.prompt_cost()", no_op=(None, False)),  # fmt: skip

@@ -172,8 +172,9 @@ class Processor:
             if plan.tokens.return_mm_token_type_ids:
                 spans = [[self.tokenizer.encode(self.spec.layout.expand(c, self.image_seq_len), add_special_tokens=False)
                           for c in row] for row in costs]  # fmt: skip
-            special = [enc.special_tokens_mask for enc in encodings]
-            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans, special))
+            special, offsets = [e.special_tokens_mask for e in encodings], [e.offsets for e in encodings]
+            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans,
+                                 special, offsets))  # fmt: skip
         if any(nested):
             out.update(self._pixels(nested, costs, plan))
         return out if plan.device is None else out.to(plan.device)

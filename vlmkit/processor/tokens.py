@@ -38,6 +38,7 @@ class TokenOptions:
     return_length: bool = False
     return_mm_token_type_ids: bool = False
     return_special_tokens_mask: bool = False
+    return_offsets_mapping: bool = False
 
 
 def _limit(tokenizer: Any, opts: TokenOptions) -> int:
@@ -113,7 +114,7 @@ def mm_token_type_ids(ids: list[list[int]], spans: list[list[list[int]]]) -> lis
     return out
 
 
-def _pad(rows: list[list[int]], target: int, value: int, left: bool) -> list[list[int]]:
+def _pad(rows: list[list[Any]], target: int, value: Any, left: bool) -> list[list[Any]]:
     return [[value] * (target - len(r)) + r if left else r + [value] * (target - len(r)) for r in rows]
 
 
@@ -140,15 +141,18 @@ def pad_texts(
     return_tensors: str | None,
     image_spans: list[list[list[int]]] | None = None,
     special_masks: list[list[int]] | None = None,
+    offsets: list[list[tuple[int, int]]] | None = None,
 ) -> dict[str, Any]:
     """Pad to the target length on ``opts.padding_side``; ``(B, L)`` tensors/arrays or lists.
 
     ``image_spans`` (each image's expanded ids, per sample) give ``mm_token_type_ids`` and
-    ``special_masks`` (1 on tokens the post-processor added) ``special_tokens_mask``, when asked for.
+    ``special_masks`` (1 on tokens the post-processor added) ``special_tokens_mask`` and ``offsets``
+    (character spans in the expanded prompt) ``offset_mapping`` ``(B, L, 2)``, when asked for.
     """
     target = _target([len(s) for s in ids], tokenizer, opts)
     masks = [[1] * len(seq) for seq in ids]
     special = [list(m) for m in special_masks] if special_masks is not None else [[0] * len(s) for s in ids]
+    spans = [list(o) for o in offsets] if offsets is not None else [[(0, 0)] * len(s) for s in ids]
     if target is not None and any(len(seq) < target for seq in ids):
         if pad_id is None:
             raise ProcessorError(
@@ -158,6 +162,7 @@ def pad_texts(
         left = opts.padding_side == "left"
         ids, masks = _pad(ids, target, pad_id, left), _pad(masks, target, 0, left)
         special = _pad(special, target, 1, left)  # padding counts as special, as in transformers
+        spans = _pad(spans, target, (0, 0), left)
     fields: dict[str, Any] = {"input_ids": ids}
     if opts.return_token_type_ids:
         fields["token_type_ids"] = [[0] * len(seq) for seq in ids]
@@ -165,6 +170,8 @@ def pad_texts(
         fields["attention_mask"] = masks
     if opts.return_special_tokens_mask:
         fields["special_tokens_mask"] = special
+    if opts.return_offsets_mapping:
+        fields["offset_mapping"] = spans
     if opts.return_mm_token_type_ids:
         fields["mm_token_type_ids"] = mm_token_type_ids(ids, image_spans or [[] for _ in ids])
     if opts.return_length:
