@@ -190,3 +190,11 @@ def test_accepted_values_equal_to_the_checkpoint(proc):
                 return_row_col_info=True, verbose=False, disable_grouping=True)  # fmt: skip
     assert set(same) == set(base)
     assert all(torch.equal(same[k], base[k]) for k in base)
+
+
+def test_check_options_validates_without_input(proc):
+    proc.check_options(do_image_splitting=False, padding="max_length", max_length=8)
+    with pytest.raises(ProcessorError, match="did you mean 'do_image_splitting'"):
+        proc.check_options(do_image_split=False)
+    with pytest.raises(ProcessorError, match="processor_kwargs must be a dict"):
+        proc.apply_chat_template(CHAT, tokenize=True, processor_kwargs=["padding"])

@@ -179,6 +179,10 @@ class Processor:
             out.update(self._pixels(nested, costs, plan))
         return out if plan.device is None else out.to(plan.device)
 
+    def check_options(self, **options: Any) -> None:
+        """Check call keywords now (e.g. options stored for later calls); raises :class:`ProcessorError`."""
+        self._call_plan(options)
+
     def _call_plan(self, options: Mapping[str, Any]) -> CallPlan:
         limit = self.max_visual_tokens
         return plan_call(resolve_call_options(options), self.settings, image_seq_len=self.image_seq_len,
@@ -322,6 +326,8 @@ class Processor:
         rendered = render_conversations(template, conversations, add_generation_prompt=add,
                                         continue_final_message=continue_final_message,
                                         variables={**roles, **variables})  # fmt: skip
+        if processor_kwargs is not None and not isinstance(processor_kwargs, Mapping):
+            raise ProcessorError(f"processor_kwargs must be a dict of processor keywords, got {type(processor_kwargs).__name__}")
         call_kwargs = {**call_kwargs, **dict(processor_kwargs or {})}
         if not tokenize:
             refuse_untokenized(template, call_kwargs, return_dict)
