@@ -15,7 +15,17 @@ from ..errors import ProcessorError, closest, short_repr
 from .inputs import IMAGE_TYPES, normalize_messages
 from .text import ChatTemplate
 
-__all__ = ["CHAT_KEYWORDS", "CONTINUE_TAG", "REFUSED_CHAT", "TEMPLATE_ONLY", "refuse_untokenized", "chat_images", "render_conversations", "split_chat_keywords", "template_from_text"]
+__all__ = [
+    "CHAT_KEYWORDS",
+    "CONTINUE_TAG",
+    "REFUSED_CHAT",
+    "TEMPLATE_ONLY",
+    "refuse_untokenized",
+    "chat_images",
+    "render_conversations",
+    "split_chat_keywords",
+    "template_from_text",
+]
 
 #: Marker appended to the final message's last text, so the render can be cut right after it.
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "

@@ -66,9 +66,11 @@ def as_triple(name: str, value: Any) -> tuple[float, float, float]:
     if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
         value = [value] * 3
     ok = isinstance(value, Sequence) and len(value) == 3
-    ok = ok and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+    number = (int, float, np.number)
+    ok = ok and all(isinstance(v, number) and not isinstance(v, bool) and np.isfinite(v) for v in value)
     if not ok or (name == "image_std" and any(v <= 0 for v in value)):
-        raise _bad(name, value, "one finite number or three (one per RGB channel)" + (", all > 0" if name == "image_std" else ""))
+        positive = ", all > 0" if name == "image_std" else ""
+        raise _bad(name, value, f"one finite number or three (one per RGB channel){positive}")
     return (float(value[0]), float(value[1]), float(value[2]))
 
 

@@ -327,7 +327,8 @@ class Processor:
                                         continue_final_message=continue_final_message,
                                         variables={**roles, **variables})  # fmt: skip
         if processor_kwargs is not None and not isinstance(processor_kwargs, Mapping):
-            raise ProcessorError(f"processor_kwargs must be a dict of processor keywords, got {type(processor_kwargs).__name__}")
+            kind = type(processor_kwargs).__name__
+            raise ProcessorError(f"processor_kwargs must be a dict of processor keywords, got a {kind}")
         call_kwargs = {**call_kwargs, **dict(processor_kwargs or {})}
         if not tokenize:
             refuse_untokenized(template, call_kwargs, return_dict)
