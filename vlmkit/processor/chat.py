@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ProcessorError, closest, short_repr
 from .inputs import IMAGE_TYPES, normalize_messages
+from .options import CALL_KEYWORDS
 from .text import ChatTemplate
 
 __all__ = [
@@ -74,8 +75,6 @@ CHAT_KEYWORDS = ("chat_template", "add_generation_prompt", "continue_final_messa
 
 def refuse_untokenized(template: ChatTemplate, call_kwargs: Mapping[str, Any], return_dict: bool) -> None:
     """Without ``tokenize=True`` every keyword must be the template's or apply_chat_template's own."""
-    from .options import CALL_KEYWORDS
-
     names = sorted(call_kwargs) + (["return_dict"] if return_dict else [])
     if not names:
         return
