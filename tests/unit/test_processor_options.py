@@ -198,3 +198,16 @@ def test_check_options_validates_without_input(proc):
         proc.check_options(do_image_split=False)
     with pytest.raises(ProcessorError, match="processor_kwargs must be a dict"):
         proc.apply_chat_template(CHAT, tokenize=True, processor_kwargs=["padding"])
+
+
+def test_truncation_cutting_only_framing_tokens_is_refused(proc):
+    """Left truncation (SmolVLM's truncation_side) that removes just the tokens before an image's
+    placeholders leaves every <image> id but breaks the layout the model reads: refused too."""
+    plain = proc(text="<image>x", images=IMAGE, do_image_splitting=False)
+    n = plain.input_ids.shape[1]
+    first_image = int((plain.input_ids[0] == proc.image_token_id).nonzero()[0])
+    assert first_image >= 1  # framing tokens come first
+    with pytest.raises(ProcessorError, match=r"would cut its image tokens \(64 of 64 left\)"):
+        proc(text="<image>x", images=IMAGE, do_image_splitting=False, truncation=True, max_length=n - first_image)
+    kept = proc(text="<image>x", images=IMAGE, do_image_splitting=False, truncation=True, max_length=n)
+    assert torch.equal(kept.input_ids, plain.input_ids)

@@ -165,13 +165,12 @@ class Processor:
         if texts is not None:
             encodings = encode_texts(self.tokenizer, [self._expand(t, c) for t, c in zip(texts, costs)], plan.tokens)
             ids = [enc.ids for enc in encodings]
-            if plan.tokens.truncation:
-                check_image_tokens(ids, [sum(c.visual_tokens for c in row) for row in costs], self.image_token_id,
-                                   plan.tokens)  # fmt: skip
             spans = None
-            if plan.tokens.return_mm_token_type_ids:
+            if plan.tokens.truncation or plan.tokens.return_mm_token_type_ids:
                 spans = [[self.tokenizer.encode(self.spec.layout.expand(c, self.image_seq_len), add_special_tokens=False)
                           for c in row] for row in costs]  # fmt: skip
+            if plan.tokens.truncation:
+                check_image_tokens(ids, spans, self.image_token_id, plan.tokens)
             special, offsets = [e.special_tokens_mask for e in encodings], [e.offsets for e in encodings]
             out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans,
                                  special, offsets))  # fmt: skip

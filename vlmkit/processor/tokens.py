@@ -74,11 +74,27 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], opts: TokenOptions) -> li
     return out
 
 
-def check_image_tokens(ids: list[list[int]], expected: list[int], image_token_id: int, opts: TokenOptions) -> None:
-    """Refuse a truncation that cut image tokens: the model needs every one of them."""
-    for i, (seq, want) in enumerate(zip(ids, expected)):
-        got = sum(1 for t in seq if t == image_token_id)
-        if got != want:
+def _find_spans(seq: list[int], spans: list[list[int]]) -> list[int] | None:
+    """Start of each span in ``seq``, found in order; ``None`` when one is not there whole."""
+    starts, at = [], 0
+    for span in spans:
+        start = next((i for i in range(at, len(seq) - len(span) + 1) if seq[i : i + len(span)] == span), None)
+        if start is None:
+            return None
+        starts.append(start)
+        at = start + len(span)
+    return starts
+
+
+def check_image_tokens(
+    ids: list[list[int]], spans: list[list[list[int]]], image_token_id: int, opts: TokenOptions
+) -> None:
+    """Refuse a truncation that cut into an image's tokens (its placeholders or its framing tokens):
+    the model needs each image's expansion (``spans[b][k]``, ids) whole."""
+    for i, (seq, images) in enumerate(zip(ids, spans)):
+        if _find_spans(seq, images) is None:
+            want = sum(t == image_token_id for span in images for t in span)
+            got = sum(t == image_token_id for t in seq)
             raise ProcessorError(
                 f"sample {i}: truncating to max_length={opts.max_length} would cut its image tokens "
                 f"({got} of {want} left); the model needs all of them",
@@ -103,13 +119,12 @@ def mm_token_type_ids(ids: list[list[int]], spans: list[list[list[int]]]) -> lis
     """
     out = []
     for b, (seq, images) in enumerate(zip(ids, spans)):
-        marks, at = [0] * len(seq), 0
-        for k, span in enumerate(images):
-            start = next((i for i in range(at, len(seq) - len(span) + 1) if seq[i : i + len(span)] == span), None)
-            if start is None:
-                raise ProcessorError(f"internal: image {k} of sample {b} is not whole in input_ids")
+        starts = _find_spans(seq, images)
+        if starts is None:
+            raise ProcessorError(f"internal: an image of sample {b} is not whole in input_ids")
+        marks = [0] * len(seq)
+        for start, span in zip(starts, images):
             marks[start : start + len(span)] = [1] * len(span)
-            at = start + len(span)
         out.append(marks)
     return out
 
