@@ -255,7 +255,7 @@ def test_bad_options(proc):
     with pytest.raises(ProcessorError, match="longest_edge"):
         proc(text="<image>", images=Image.new("RGB", (4, 4)), longest_edge=0)
     with pytest.raises(ProcessorError, match="padding"):
-        proc(text="hi", padding="max_length")
+        proc(text="hi", padding="maximal")
     with pytest.raises(ProcessorError, match="return_tensors"):
         proc(text="hi", return_tensors="tf")
     with pytest.raises(ProcessorError, match="nothing to process"):

@@ -63,6 +63,13 @@ class ImageCost:
     input_size: tuple[int, int]
     scaled_size: tuple[int, int]
 
+    @property
+    def patches(self) -> tuple[int, int, int]:
+        """``(num_patches, num_rows, num_cols)`` in transformers' ``get_number_of_image_patches`` terms:
+        ``(0, 0, 0)`` for an image that stays one tile, else ``(rows * cols + 1, rows, cols)``."""
+        rows, cols = self.tiles
+        return (self.n_tiles, rows, cols) if rows else (0, 0, 0)
+
 
 @dataclass(frozen=True)
 class ImageSettings:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..errors import ProcessorError
 
-__all__ = ["as_nested_images", "as_texts", "check_limit", "normalize_messages", "padding_mode"]
+__all__ = ["as_nested_images", "as_texts", "check_limit", "normalize_messages"]
 
 IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor)
 
@@ -23,16 +23,6 @@ def check_limit(limit: Any) -> int | None:
     if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit <= 0:
         raise ProcessorError(f"max_visual_tokens must be a positive integer or None, got {limit!r}")
     return int(limit)
-
-
-def padding_mode(padding: Any) -> bool:
-    if padding in (True, "longest"):
-        return True
-    if padding in (False, None, "do_not_pad"):
-        return False
-    raise ProcessorError(
-        f"padding={padding!r} is not supported", hint="use True / 'longest' (pad to the longest prompt) or False"
-    )
 
 
 def as_texts(text: Any) -> list[str] | None:

@@ -13,16 +13,20 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ProcessorError
+from .call_plan import CallPlan, plan_call
+from .chat import chat_images, refuse_untokenized, render_conversations, split_chat_keywords, template_from_text
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
-from .inputs import as_nested_images, as_texts, check_limit, normalize_messages, padding_mode
+from .inputs import as_nested_images, as_texts, check_limit
 from .loading import load_processor
+from .options import resolve_call_options
 from .outputs import ProcessorOutput, PromptCost
 from .text import ChatTemplate, TextTokenizer
+from .tokens import check_image_tokens, encode_texts, pad_texts
+from .video import videos_in_messages
 from .video_prompt import (
     as_nested_videos, check_rendered_videos, check_video_budget, encode_video, expand_videos, media_order,
     merge_media, plan_videos, video_template,
@@ -32,7 +36,27 @@ __all__ = ["Processor", "ProcessorOutput", "PromptCost", "load_processor"]
 
 
 class Processor:
-    """Turns prompts and images into model inputs. Build with :func:`load_processor`."""
+    """Turns prompts and images into model inputs. Build with :func:`load_processor`.
+
+    Takes transformers' processor, image-processor and ``apply_chat_template`` keywords (flat or
+    nested in ``text_kwargs`` / ``images_kwargs`` / ``common_kwargs``); each either gives
+    transformers' result or raises a :class:`ProcessorError` saying why (the table is
+    :data:`vlmkit.processor.options.CALL_KEYWORDS`). Deliberate differences from transformers:
+
+    ==========================================  ==========================  =========================
+    what                                        vlmkit                      transformers
+    ==========================================  ==========================  =========================
+    message ``content`` given as a string       rendered as one text item   rendered as nothing
+    ``padding`` default (a batch of prompts)    ``True`` (pad to longest)   ``False``
+    ``return_tensors`` default                  ``'pt'``                    ``None`` (lists)
+    ``add_generation_prompt`` default           ``True`` (``False`` with    ``False``
+                                                ``continue_final_message``)
+    a flat image list with several prompts      shared out by each          the same in transformers
+                                                prompt's ``<image>`` count  5; a count mismatch is
+                                                (a mismatch is an error)    an error after the split
+    a keyword that changes nothing              an error naming it          ignored with a warning
+    ==========================================  ==========================  =========================
+    """
 
     def __init__(
         self,
@@ -45,11 +69,11 @@ class Processor:
         video_layout: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.video = video_layout  # the family's VideoLayout, or None: the checkpoint takes no video
         self.settings = settings
         self.spec = spec
         self.template = chat_template
         self.max_visual_tokens = check_limit(max_visual_tokens)
+        self.video = video_layout  # the family's VideoLayout, or None: the checkpoint takes no video
 
     # ---------------------------------------------------------------- facts
 
@@ -98,10 +122,12 @@ class Processor:
 
     # ---------------------------------------------------------------- cost preflight
 
-    def image_cost(
-        self, image_or_size: Any, *, do_image_splitting: bool | None = None, longest_edge: int | None = None
-    ) -> ImageCost:
-        """Token cost of one image, from a PIL image / array or a ``(height, width)`` tuple. No pixel work."""
+    def image_cost(self, image_or_size: Any, **options: Any) -> ImageCost:
+        """Token cost of one image, from a PIL image / array or a ``(height, width)`` tuple. No pixel work.
+
+        ``options`` are the image keywords of a call (``do_image_splitting``, ``longest_edge``,
+        ``size``, ...); ``.patches`` gives transformers' ``get_number_of_image_patches`` answer.
+        """
         if isinstance(image_or_size, tuple) and len(image_or_size) == 2:
             size = tuple(int(v) for v in image_or_size)
             if min(size) <= 0:
@@ -109,27 +135,24 @@ class Processor:
         else:
             size = image_size(image_or_size, "the image")
             check_format(image_or_size, "the image")
-        split, longest = self._options(do_image_splitting, longest_edge)
-        cost = plan_image(size, self.settings, self.image_seq_len, split=split, longest_edge=longest)
-        self._check_grid(cost, "the image", longest)
+        plan = self._call_plan(options)
+        cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split, longest_edge=plan.longest_edge)
+        self._check_grid(cost, "the image", plan)
         return cost
 
-    def prompt_cost(
-        self,
-        text: str | Sequence[str],
-        images: Any = None,
-        *,
-        do_image_splitting: bool | None = None,
-        longest_edge: int | None = None,
-        videos: Any = None,
-        fps: float | None = None,
-        max_frames: int | None = None,
-    ) -> PromptCost | list[PromptCost]:
+    def get_number_of_image_patches(
+        self, height: int, width: int, images_kwargs: Mapping[str, Any] | None = None
+    ) -> tuple[int, int, int]:
+        """transformers' ``(num_patches, num_rows, num_cols)``: ``(0, 0, 0)`` for an image that is one tile."""
+        return self.image_cost((height, width), **dict(images_kwargs or {})).patches
+
+    def prompt_cost(self, text: str | Sequence[str], images: Any = None, *, videos: Any = None, fps: float | None = None,
+                    max_frames: int | None = None, **options: Any) -> PromptCost | list[PromptCost]:  # fmt: skip
         """Token count of a prompt (or a list of prompts) with its images and videos, without any
         pixel work (videos: headers only, no frame decoded)."""
         texts, nested = self._layout_inputs(text, images)
-        split, longest = self._options(do_image_splitting, longest_edge)
-        costs = self._plan(nested, split, longest, limit=None)
+        plan = self._call_plan(options)
+        costs = self._plan(nested, plan, limit=None)
         clips = self._videos(texts, videos, fps, max_frames, limit=None)
         out = []
         for prompt, image_costs, row in zip(texts, costs, clips):
@@ -140,49 +163,45 @@ class Processor:
 
     # ---------------------------------------------------------------- main call
 
-    def __call__(
-        self,
-        text: str | Sequence[str] | None = None,
-        images: Any = None,
-        *,
-        return_tensors: str | None = "pt",
-        padding: bool | str = True,
-        do_image_splitting: bool | None = None,
-        longest_edge: int | None = None,
-        max_visual_tokens: int | None = None,
-        add_special_tokens: bool = True,
-        videos: Any = None,
-        fps: float | None = None,
-        max_frames: int | None = None,
-    ) -> ProcessorOutput:
+    def __call__(self, text: str | Sequence[str] | None = None, images: Any = None, *, videos: Any = None,
+                 fps: float | None = None, max_frames: int | None = None, **options: Any) -> ProcessorOutput:  # fmt: skip
         """Tokenize ``text`` with its ``images`` expanded; encode the images.
 
         ``images`` is an image, a flat list (shared out over the prompts by their ``<image>``
         counts) or one list per prompt. Returns ``input_ids``/``attention_mask`` ``(B, L)`` and
         ``pixel_values`` float32 ``(B, N, 3, H, W)``/``pixel_attention_mask`` int64
-        ``(B, N, H, W)``; ``return_tensors=None`` gives lists for the text fields.
+        ``(B, N, H, W)``; ``return_tensors=None`` gives lists for the text fields. ``options``
+        are transformers' processor keywords, flat or nested (``text_kwargs``, ``images_kwargs``,
+        ``common_kwargs``): see :mod:`vlmkit.processor.options` and :data:`DIFFERENCES`.
 
         ``videos`` (video file paths or :class:`~vlmkit.processor.video.Video` objects, one per
         ``<video>`` placeholder) are sampled at ``fps`` frames per second, at most ``max_frames``
         (default: the checkpoint's); each frame is one tile of ``pixel_values``, in prompt order.
         """
-        if return_tensors not in ("pt", None):
-            raise ProcessorError(f"return_tensors={return_tensors!r} is not supported", hint="use 'pt' or None")
-        pad = padding_mode(padding)
+        plan = self._call_plan(options)
         texts, nested = self._layout_inputs(text, images)
-        split, longest = self._options(do_image_splitting, longest_edge)
-        limit = self.max_visual_tokens if max_visual_tokens is None else check_limit(max_visual_tokens)
-        costs = self._plan(nested, split, longest, limit=limit)  # raises before any pixel work
-        clips = self._videos(texts, videos, fps, max_frames, limit=limit)  # headers only
+        costs = self._plan(nested, plan, limit=plan.max_visual_tokens)  # raises before any pixel work
+        clips = self._videos(texts, videos, fps, max_frames, limit=plan.max_visual_tokens)  # headers only
+        if plan.tokens.truncation and any(clips):
+            raise ProcessorError("truncation with videos is not supported: it could cut a video's frame tokens",
+                                 hint="drop truncation=, or pass fewer frames (max_frames=)")  # fmt: skip
         out = ProcessorOutput()
         if texts is not None:
-            ids = self.tokenizer.encode_batch(
-                [self._expand(t, c, v) for t, c, v in zip(texts, costs, clips)], add_special_tokens=add_special_tokens
-            )
-            out.update(self._pad_ids(ids, pad, return_tensors))
+            expanded = [self._expand(t, c, v) for t, c, v in zip(texts, costs, clips)]
+            encodings = encode_texts(self.tokenizer, expanded, plan.tokens)
+            ids = [enc.ids for enc in encodings]
+            spans = None
+            if plan.tokens.truncation or plan.tokens.return_mm_token_type_ids:
+                spans = [[self.tokenizer.encode(self.spec.layout.expand(c, self.image_seq_len), add_special_tokens=False)
+                          for c in row] for row in costs]  # fmt: skip
+            if plan.tokens.truncation:
+                check_image_tokens(ids, spans, self.image_token_id, plan.tokens)
+            special, offsets = [e.special_tokens_mask for e in encodings], [e.offsets for e in encodings]
+            out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans,
+                                 special, offsets))  # fmt: skip
         if any(nested) or any(clips):
-            out.update(self._pixels(nested, costs, clips, texts))
-        return out
+            out.update(self._pixels(nested, costs, plan, clips, texts))
+        return out if plan.device is None else out.to(plan.device)
 
     def _videos(self, texts: list[str] | None, videos: Any, fps: Any, max_frames: Any, *, limit: int | None) -> list:
         """Each prompt's videos, opened and sampled (headers only; see :mod:`.video_prompt`)."""
@@ -191,12 +210,14 @@ class Processor:
         check_video_budget(clips, limit)
         return clips
 
-    def _options(self, do_image_splitting: bool | None, longest_edge: int | None) -> tuple[bool, int]:
-        split = self.settings.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
-        longest = self.settings.longest_edge if longest_edge is None else longest_edge
-        if not isinstance(longest, (int, np.integer)) or isinstance(longest, bool) or longest <= 0:
-            raise ProcessorError(f"longest_edge must be a positive number of pixels, got {longest_edge!r}")
-        return split, int(longest)
+    def check_options(self, **options: Any) -> None:
+        """Check call keywords now (e.g. options stored for later calls); raises :class:`ProcessorError`."""
+        self._call_plan(options)
+
+    def _call_plan(self, options: Mapping[str, Any]) -> CallPlan:
+        limit = self.max_visual_tokens
+        return plan_call(resolve_call_options(options), self.settings, image_seq_len=self.image_seq_len,
+                         padding_side=self.tokenizer.padding_side, max_visual_tokens=limit)  # fmt: skip
 
     def _layout_inputs(self, text: Any, images: Any) -> tuple[list[str] | None, list[list[Any]]]:
         """Normalize to a list of prompts and one list of images per prompt; check the counts."""
@@ -222,7 +243,7 @@ class Processor:
                 )
         return texts, nested
 
-    def _plan(self, nested: list[list[Any]], split: bool, longest: int, *, limit: int | None) -> list[list[ImageCost]]:
+    def _plan(self, nested: list[list[Any]], plan: CallPlan, *, limit: int | None) -> list[list[ImageCost]]:
         """Each image's plan, checking type, size, mode, tile tokens and the token budget."""
         plans = []
         for i, imgs in enumerate(nested):
@@ -231,16 +252,17 @@ class Processor:
                 where = f"image {j} of sample {i}"
                 size = image_size(img, where)
                 check_format(img, where)
-                cost = plan_image(size, self.settings, self.image_seq_len, split=split, longest_edge=longest)
-                self._check_grid(cost, where, longest)
+                cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split,
+                                  longest_edge=plan.longest_edge)  # fmt: skip
+                self._check_grid(cost, where, plan)
                 if limit is not None and cost.visual_tokens > limit:
-                    msg, fix = self._over_budget(where, cost, limit, split, longest)
+                    msg, fix = self._over_budget(where, cost, limit, plan)
                     raise ProcessorError(msg, hint=fix)
                 row.append(cost)
             plans.append(row)
         return plans
 
-    def _over_budget(self, where: str, cost: ImageCost, limit: int, split: bool, longest: int) -> tuple[str, str]:
+    def _over_budget(self, where: str, cost: ImageCost, limit: int, plan: CallPlan) -> tuple[str, str]:
         """The message and hint of a ProcessorError for an image over ``max_visual_tokens``."""
         rows, cols = cost.tiles
         tiles = f"{rows} x {cols} tiles + 1 global tile" if rows else "1 tile"
@@ -248,7 +270,7 @@ class Processor:
             f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) costs {cost.visual_tokens} "
             f"visual tokens ({tiles} of {self.image_seq_len}), over max_visual_tokens={limit}"
         )
-        edge = self._largest_edge(cost.input_size, longest, lambda c: c.visual_tokens <= limit) if split else None
+        edge = self._largest_edge(cost.input_size, plan, lambda c: c.visual_tokens <= limit) if plan.split else None
         if limit < self.image_seq_len:
             fix = f"one tile costs {self.image_seq_len} tokens, so raise max_visual_tokens to at least that"
         elif edge is not None:
@@ -257,25 +279,25 @@ class Processor:
             fix = f"pass do_image_splitting=False ({self.image_seq_len} tokens), or raise max_visual_tokens"
         return msg, fix
 
-    def _check_grid(self, cost: ImageCost, where: str, longest: int) -> None:
+    def _check_grid(self, cost: ImageCost, where: str, plan: CallPlan) -> None:
         """Raise :class:`ProcessorError` when the tokenizer has no tile tokens for ``cost.tiles``."""
         layout = self.spec.layout
         if layout.fits(cost):
             return
-        edge = self._largest_edge(cost.input_size, longest, layout.fits)
+        edge = self._largest_edge(cost.input_size, plan, layout.fits)
         last = layout.tile_format.format(row=layout.max_rows, col=layout.max_cols) if layout.max_rows else "none"
         raise ProcessorError(
             f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) would be cut into "
-            f"{cost.tiles[0]} x {cost.tiles[1]} tiles at longest_edge={longest}, but the tokenizer only has tile "
-            f"tokens up to {last}",
+            f"{cost.tiles[0]} x {cost.tiles[1]} tiles at longest_edge={plan.longest_edge}, but the tokenizer only "
+            f"has tile tokens up to {last}",
             hint=(f"pass longest_edge={edge} (or less), or " if edge else "pass ") + "do_image_splitting=False",
         )
 
-    def _largest_edge(self, size: tuple[int, int], longest: int, fits: Any) -> int | None:
-        """The largest whole-tile ``longest_edge`` below ``longest`` whose plan satisfies ``fits``."""
-        tile = self.settings.tile
-        for edge in range((longest - 1) // tile * tile, 0, -tile):
-            if fits(plan_image(size, self.settings, self.image_seq_len, split=True, longest_edge=edge)):
+    def _largest_edge(self, size: tuple[int, int], plan: CallPlan, fits: Any) -> int | None:
+        """The largest whole-tile ``longest_edge`` below this call's whose plan satisfies ``fits``."""
+        tile = plan.settings.tile
+        for edge in range((plan.longest_edge - 1) // tile * tile, 0, -tile):
+            if fits(plan_image(size, plan.settings, self.image_seq_len, split=True, longest_edge=edge)):
                 return edge
         return None
 
@@ -289,46 +311,18 @@ class Processor:
             pieces.append(rest)
         return expand_videos("".join(pieces), list(videos), self.video, self.image_seq_len)
 
-    def _pad_ids(self, ids: list[list[int]], pad: bool, return_tensors: str | None) -> dict[str, Any]:
-        """Pad to the longest sequence on the tokenizer's padding side; ``(B, L)`` tensors or lists."""
-        longest = max(len(seq) for seq in ids)
-        masks = [[1] * len(seq) for seq in ids]
-        if pad and any(len(seq) != longest for seq in ids):
-            pad_id = self.pad_token_id
-            if pad_id is None:
-                raise ProcessorError(
-                    "the prompts have different lengths and the checkpoint names no pad token",
-                    hint="pass padding=False and process the prompts one at a time",
-                )
-            left = self.tokenizer.padding_side == "left"
-            for k, seq in enumerate(ids):
-                fill = longest - len(seq)
-                ids[k] = [pad_id] * fill + seq if left else seq + [pad_id] * fill
-                masks[k] = [0] * fill + masks[k] if left else masks[k] + [0] * fill
-        if return_tensors is None:
-            return {"input_ids": ids, "attention_mask": masks}
-        if any(len(seq) != len(ids[0]) for seq in ids):
-            raise ProcessorError(
-                f"padding=False gave prompts of lengths {[len(s) for s in ids]}, which cannot form one tensor",
-                hint="pass padding=True, or return_tensors=None for lists",
-            )
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": torch.tensor(masks, dtype=torch.long),
-        }
-
-    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]], clips: list | None = None,
-                texts: list[str] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]], plan: CallPlan, clips: list,
+                texts: list[str] | None) -> dict[str, Any]:  # fmt: skip
+        """Each prompt's image tiles, and video frames in prompt order, padded into one batch."""
+        settings = plan.settings
         encoded = [
             [
-                encode_image(
-                    to_rgb(img, f"image {j} of sample {i}", convert=self.settings.do_convert_rgb), cost, self.settings
-                )
+                encode_image(to_rgb(img, f"image {j} of sample {i}", convert=settings.do_convert_rgb), cost, settings)
                 for j, (img, cost) in enumerate(zip(imgs, row))
             ]
             for i, (imgs, row) in enumerate(zip(nested, costs))
         ]
-        if clips and any(clips):
+        if any(clips):
             convert = self.settings.do_convert_rgb
             encoded = [
                 merge_media(media_order(text, self.image_token, self.video_token), images,
@@ -336,6 +330,8 @@ class Processor:
                 for text, images, row in zip(texts or [None] * len(encoded), encoded, clips)
             ]  # fmt: skip
         values, mask = pad_batch(encoded)
+        if plan.return_tensors == "np":
+            return {"pixel_values": values.numpy(), "pixel_attention_mask": mask.numpy()}
         return {"pixel_values": values, "pixel_attention_mask": mask}
 
     # ---------------------------------------------------------------- chat and decoding
@@ -344,32 +340,71 @@ class Processor:
         self,
         messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
         *,
-        add_generation_prompt: bool = True,
-        **variables: Any,
-    ) -> str | list[str]:
-        """Render one conversation (or a list of them) with the checkpoint's chat template.
+        chat_template: str | None = None,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool | str = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        processor_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Render one conversation (or a list of them) with the checkpoint's chat template, or ``chat_template``.
 
         String contents are turned into ``[{"type": "text", "text": ...}]``; image items
         (``{"type": "image"}``) become the ``<image>`` placeholder, video items
-        (``{"type": "video", "path": ...}``) the ``<video>`` one; a conversation with a video is
-        rendered with the family's video template when it has one (as transformers does).
+        (``{"type": "video", "path": ...}``) the ``<video>`` one (a conversation with a video is
+        rendered with the family's video template when it has one, as transformers does). ``add_generation_prompt``
+        defaults to True (False with ``continue_final_message``). Keywords the template reads
+        (``tools``, ``documents``, custom variables) are template variables; the others are
+        processor keywords, used with ``tokenize=True``: then the prompts (with the images of
+        ``{"type": "image", "image": img}`` items, or ``images=``) go through ``self(...)``, which
+        returns ``input_ids`` ``(B, L)`` (or the whole output with ``return_dict=True``).
         """
         batch = bool(messages) and not isinstance(messages[0], Mapping)
         conversations = messages if batch else [messages]
+        template = self._template_for(chat_template, conversations)
+        variables, call_kwargs = split_chat_keywords(template, kwargs)
+        roles = {k: v for k, v in self.tokenizer.roles.items() if v is not None}
+        add = not continue_final_message if add_generation_prompt is None else add_generation_prompt
+        rendered = render_conversations(template, conversations, add_generation_prompt=add,
+                                        continue_final_message=continue_final_message,
+                                        variables={**roles, **variables})  # fmt: skip
+        check_rendered_videos(self, template, conversations, rendered)
+        if processor_kwargs is not None and not isinstance(processor_kwargs, Mapping):
+            kind = type(processor_kwargs).__name__
+            raise ProcessorError(f"processor_kwargs must be a dict of processor keywords, got a {kind}")
+        call_kwargs = {**call_kwargs, **dict(processor_kwargs or {})}
+        if not tokenize:
+            refuse_untokenized(template, call_kwargs, return_dict)
+            return rendered if batch else rendered[0]
+        return self._tokenize_chat(rendered, conversations, call_kwargs, return_dict)
+
+    def _template_for(self, chat_template: str | None, conversations: Any) -> ChatTemplate:
+        if chat_template is not None:
+            return template_from_text(chat_template)
         template = video_template(self, conversations)
         if template is None:
             raise ProcessorError(
                 f"the checkpoint has no chat template (no chat_template.jinja, chat_template.json or "
                 f"tokenizer_config.json chat_template in {os.path.dirname(self.tokenizer.source)})",
-                hint="write the prompt yourself, with one image placeholder per image",
+                hint="write the prompt yourself, with one image placeholder per image, or pass chat_template=",
             )
-        roles = {k: v for k, v in self.tokenizer.roles.items() if v is not None}
-        rendered = [
-            template.render(normalize_messages(c), add_generation_prompt=add_generation_prompt, **{**roles, **variables})
-            for c in conversations
-        ]
-        check_rendered_videos(self, template, conversations, rendered)
-        return rendered if batch else rendered[0]
+        return template
+
+    def _tokenize_chat(self, prompts: list[str], conversations: Any, call_kwargs: dict[str, Any], return_dict: bool):
+        images = call_kwargs.pop("images", None)
+        carried = chat_images(conversations)
+        if images is not None and any(carried):
+            raise ProcessorError("images were given both in the messages and as images=", hint="pass them one way")
+        images = images if images is not None else (carried if any(carried) else None)
+        carried_videos = [videos_in_messages(c) for c in conversations]
+        if call_kwargs.get("videos") is None and any(carried_videos):
+            call_kwargs["videos"] = carried_videos  # one list per prompt, as the images
+        bos = self.tokenizer.roles.get("bos_token")
+        if bos is not None and prompts[0].startswith(bos):
+            call_kwargs.setdefault("add_special_tokens", False)  # the template wrote it already (as transformers)
+        out = self(text=prompts, images=images, **call_kwargs)
+        return out if return_dict else out["input_ids"]
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
         """Text of one sequence of ids."""

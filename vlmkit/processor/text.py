@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..errors import ProcessorError, SpecError
 from ..hub import read_json
 
-__all__ = ["ChatTemplate", "SpecWarning", "TextTokenizer", "load_chat_template", "token_text"]
+__all__ = ["MAX_RENDERED_CHARS", "ChatTemplate", "SpecWarning", "TextTokenizer", "load_chat_template", "token_text"]
 
 
 class SpecWarning(UserWarning):
@@ -198,11 +198,18 @@ def _generation_extension():
     return GenerationTag
 
 
+#: Upper bound on one rendered conversation (characters); a template that writes more is stopped.
+MAX_RENDERED_CHARS = 8 * 1024 * 1024
+
+
 class ChatTemplate:
-    """A checkpoint's Jinja chat template, compiled in an immutable sandbox."""
+    """A checkpoint's Jinja chat template, compiled in an immutable sandbox.
+
+    ``variables`` are the names the template reads (``messages``, ``add_generation_prompt``, ...).
+    """
 
     def __init__(self, source_text: str, *, origin: str) -> None:
-        from jinja2 import TemplateSyntaxError
+        from jinja2 import TemplateSyntaxError, meta
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -216,6 +223,7 @@ class ChatTemplate:
         env.globals["strftime_now"] = _strftime_now
         try:
             self._template = env.from_string(source_text)
+            self.variables = frozenset(meta.find_undeclared_variables(env.parse(source_text)))
         except TemplateSyntaxError as exc:
             raise SpecError(f"chat template is not valid Jinja: {exc}", source=origin) from exc
 
@@ -224,12 +232,26 @@ class ChatTemplate:
         from jinja2.exceptions import TemplateError
 
         try:
-            return self._template.render(messages=list(messages), **variables)
+            pieces, size = [], 0
+            for piece in self._template.generate(messages=list(messages), **variables):
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise ProcessorError(
+                        f"the chat template ({self.origin}) rendered more than {MAX_RENDERED_CHARS} characters",
+                        hint="check the template for runaway loops, or send a shorter conversation",
+                    )
+                pieces.append(piece)
+            return "".join(pieces)
         except TemplateError as exc:
             raise ProcessorError(
                 f"the chat template ({self.origin}) rejected the messages: {exc}",
                 hint="messages are dicts with 'role' and 'content'; content is a list of "
                 "{'type': 'text', 'text': ...} / {'type': 'image'} items",
+            ) from exc
+        except OverflowError as exc:  # the sandbox's bound on range() and on repeated strings
+            raise ProcessorError(
+                f"the chat template ({self.origin}) went past the sandbox's limits: {exc}",
+                hint="check the template for runaway loops",
             ) from exc
 
 
