@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import PluginError, SourceNotFoundError, SpecError, VlmkitError, WeightLoadError, short_repr
 from .family import Family, checkpoint_key_map
+from .limits import available_memory
 from .model import VLM
 from .protocols import SLOTS
 from .spec import VLMSpec, load_yaml, validate_spec
@@ -246,7 +247,9 @@ def _as_spec(path_or_spec) -> VLMSpec:
             f"build() takes a YAML path, a VLMSpec or its dict form; got {type(path_or_spec).__name__} {short_repr(path_or_spec)}",
             hint="for a Hugging Face checkpoint folder or repo id use build_from_hf()",
         )
-    if Path(path_or_spec).is_dir():
+    from .limits import check_path
+
+    if check_path(path_or_spec).is_dir():
         from .run_folder import is_run_folder, load_run_spec
 
         if is_run_folder(path_or_spec):  # an output_dir of `vlmkit train`
@@ -256,14 +259,6 @@ def _as_spec(path_or_spec) -> VLMSpec:
             hint="for a Hugging Face checkpoint folder use build_from_hf(folder)",
         )
     return load_yaml(path_or_spec)
-
-
-def _memory_bytes() -> int | None:
-    """Physical memory of this machine, or ``None`` when unknown."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _origin(path_or_spec) -> Origin:
@@ -281,11 +276,11 @@ def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: O
         _check_depths(spec)
         shapes = assemble(spec, meta_slots=frozenset(SLOTS))
         n = sum(p.numel() for p in shapes.parameters()) + sum(b.numel() for b in shapes.buffers())
-        limit = _memory_bytes()
-        if limit is not None and n * 4 > limit:
+        room = available_memory()  # MemAvailable, the cgroup limit, ulimit -v: not total RAM
+        if room is not None and n * 4 > room[0]:
             raise SpecError(
-                f"this spec makes a model of {n:,} parameters ({n * 4 / 2**30:,.1f} GiB in float32) but this "
-                f"machine has {limit / 2**30:,.1f} GiB of memory",
+                f"this spec makes a model of {n:,} parameters ({n * 4 / 2**30:,.1f} GiB in float32) but only "
+                f"{room[0] / 2**30:,.1f} GiB are left ({room[1]})",
                 hint="check the sizes: hidden_size, intermediate_size, num_hidden_layers, vocab_size, image_size / patch_size",
             )
     except SpecError as exc:
@@ -296,6 +291,8 @@ def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: O
 #: The most layers one component may have: more is a typo or a hostile config (each layer is a
 #: Python object, so even the meta-device size check would take minutes and gigabytes).
 MAX_LAYERS = 1024
+#: The largest integer param (a width, a vocabulary, a token id): more overflows torch's sizes.
+MAX_INT_PARAM = 2**31 - 1
 
 
 def _check_depths(spec: VLMSpec) -> None:
@@ -304,6 +301,11 @@ def _check_depths(spec: VLMSpec) -> None:
     for slot in SLOTS:
         for path, value in _int_items(dict(getattr(spec, slot).params), slot):
             key = path.rsplit(".", 1)[-1]
+            if abs(value) > MAX_INT_PARAM:  # torch would fail deep inside with an overflow
+                raise SpecError(
+                    f"{value:,} is not a plausible size: vlmkit takes integer params up to {MAX_INT_PARAM:,} (2**31 - 1)",
+                    key_path=path, hint="check the number; published models' widths and vocabularies are far smaller",
+                )
             if key.startswith("num_") and key.endswith("layers") and value > MAX_LAYERS:
                 raise SpecError(
                     f"{value:,} layers is not a plausible depth (vlmkit builds at most {MAX_LAYERS} per component)",
