@@ -30,6 +30,8 @@ __all__ = [
     "loads_json",
     "check_json_depth",
     "available_memory",
+    "read_image_file",
+    "raise_hint",
     "MiB",
 ]
 
@@ -278,3 +280,48 @@ def _rlimit_room() -> tuple[int, str] | None:
     except (OSError, ValueError, IndexError):
         pass
     return max(soft - used, 0), "room under the address-space limit (ulimit -v)"
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def read_image_file(path: str | os.PathLike):
+    """A fully decoded PIL image from the regular file ``path``, within the byte and pixel bounds.
+
+    The size is checked from the header before any pixel is decoded (a decompression bomb never
+    expands); a truncated or corrupt file is a :class:`~vlmkit.errors.ProcessorError` naming it.
+    """
+    import io
+    import warnings
+
+    from PIL import Image
+
+    from .errors import ProcessorError
+
+    try:
+        data = read_bytes(path, kind="image", bound="image_bytes")
+    except SpecError as exc:
+        raise ProcessorError(f"cannot read image {os.fspath(path)!r}: {exc.detail}", hint=exc.hint) from None
+    except SourceNotFoundError as exc:
+        raise ProcessorError(f"cannot read image {os.fspath(path)!r}: {exc.message}", hint=exc.hint) from None
+    where = f"image {os.fspath(path)!r}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own bound decides below
+            img = Image.open(io.BytesIO(data))
+            pixels = img.width * img.height
+            if pixels > limit("image_pixels"):
+                raise ProcessorError(
+                    f"{where} is {img.width}x{img.height} = {pixels:,} pixels, over the bound of "
+                    f"{limit('image_pixels'):,.0f} pixels per image (a decompression bomb, or a huge scan)",
+                    hint="downscale the image first; " + raise_hint("image_pixels"),
+                )
+            img.load()
+            return img
+    except ProcessorError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ProcessorError(f"{where} is a decompression bomb ({exc})", hint=raise_hint("image_pixels")) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ProcessorError(f"cannot read {where}: {type(exc).__name__}: {exc}",
+                             hint="the file is truncated, corrupt or not an image; pass a PNG/JPEG/... file") from None  # fmt: skip

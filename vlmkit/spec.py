@@ -131,7 +131,9 @@ def _component(slot: str, raw: Any) -> ComponentSpec:
     try:
         entry = get_registry().get(slot, name)
     except UnknownComponentError as exc:  # not a ValueError: pydantic lets it through
-        raise UnknownComponentError(exc.kind, exc.name, exc.choices, where=f"{slot}.name") from None
+        from .plugins import unknown_name_error
+
+        raise unknown_name_error(UnknownComponentError(exc.kind, exc.name, exc.choices, where=f"{slot}.name")) from None
     try:
         params = entry.cls.Params.model_validate(raw)
     except pydantic.ValidationError as exc:

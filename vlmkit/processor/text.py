@@ -204,11 +204,11 @@ class ChatTemplate:
     def __init__(self, source_text: str, *, origin: str) -> None:
         from jinja2 import TemplateSyntaxError
         from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .sandbox import BoundedSandbox
 
         self.text = source_text
         self.origin = origin
-        env = ImmutableSandboxedEnvironment(
+        env = BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()]
         )
         env.filters["tojson"] = _tojson
@@ -223,8 +223,17 @@ class ChatTemplate:
         """Render one conversation; ``variables`` (add_generation_prompt, bos_token, ...) are visible."""
         from jinja2.exceptions import TemplateError
 
+        from ..limits import LIMITS
+        from .sandbox import TemplateBoundError, render_bounded
+
         try:
-            return self._template.render(messages=list(messages), **variables)
+            return render_bounded(self._template, messages=list(messages), **variables)
+        except TemplateBoundError as exc:
+            names = ", ".join(LIMITS[n].env for n in ("template_output", "template_steps", "template_seconds"))
+            raise ProcessorError(
+                f"the chat template ({self.origin}) was stopped: {exc}",
+                hint=f"use the checkpoint's published chat template; if this one is trusted, raise {names} (docs/limits.md)",
+            ) from None
         except TemplateError as exc:
             raise ProcessorError(
                 f"the chat template ({self.origin}) rejected the messages: {exc}",
@@ -251,7 +260,9 @@ def load_chat_template(folder: Path, tokenizer_config: Mapping[str, Any]) -> Cha
     found: list[tuple[str, str]] = []
     jinja_path = Path(folder) / "chat_template.jinja"
     if jinja_path.is_file():
-        found.append((str(jinja_path), jinja_path.read_text(encoding="utf-8")))
+        from ..limits import read_text
+
+        found.append((str(jinja_path), read_text(jinja_path, kind="chat template", bound="template_bytes")))
     json_cfg = read_json(folder, "chat_template.json", required=False) or {}
     if isinstance(json_cfg.get("chat_template"), str):
         found.append((str(Path(folder) / "chat_template.json"), json_cfg["chat_template"]))
