@@ -180,6 +180,7 @@ def build(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    check_finite: bool = False,
 ) -> VLM:
     """Build a model from a YAML file, a :class:`VLMSpec` or its dict form.
 
@@ -189,9 +190,11 @@ def build(
     ``model.load_report``. Slots without a source are fresh (see ``model.untrained_parameters()``).
 
     Bad input of any kind (spec, dtype, device, weights) raises a :class:`~vlmkit.errors.VlmkitError`.
+    ``check_finite=True`` also reads every loaded tensor and refuses NaN/inf values, naming them.
     """
     spec = _as_spec(path_or_spec)
-    return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+    return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict,
+                  check_finite=check_finite)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,7 @@ class Origin:
         return SpecError(exc.detail, key_path=exc.key_path, source=self.path, hint=exc.hint)
 
 
-def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, strict: bool) -> VLM:
+def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, strict: bool, check_finite: bool = False) -> VLM:
     """:func:`build` of a validated spec; ``origin`` (the YAML or config.json) is named in errors."""
     device = resolve_device(device)
     sources = {slot: spec.weights_for(slot) for slot in SLOTS} if load_weights else {}
@@ -232,6 +235,10 @@ def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, 
     _materialize(model, report, sources)
     model.load_report = report
     _move(model, device, target)
+    if check_finite:
+        from .finite import check_finite as refuse_nonfinite
+
+        refuse_nonfinite(model, origin.path)
     if spec.freeze:
         model.freeze(*spec.freeze)
     return model.eval()
@@ -433,10 +440,12 @@ def build_from_hf(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    check_finite: bool = False,
 ) -> VLM:
     """Build a model from a Hugging Face checkpoint (folder or Hub repo id).
 
-    ``load_weights=False`` builds the architecture with fresh init (config files only).
+    ``load_weights=False`` builds the architecture with fresh init (config files only);
+    ``check_finite=True`` refuses weights holding NaN/inf, naming the tensors.
     """
     from .hf import family_of_folder, resolve_config_folder, spec_from_hf
     from .run_folder import RUN_SPEC_NAME, is_run_folder, load_run_spec
@@ -447,4 +456,4 @@ def build_from_hf(
         spec = spec_from_hf(source)
         folder, _ = resolve_config_folder(source)
         origin = Origin(f"{os.fspath(source)}/config.json", family_of_folder(folder))
-    return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+    return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict, check_finite=check_finite)
