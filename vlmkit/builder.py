@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -339,8 +338,10 @@ def _weights_config(sources: dict[str, str]) -> dict | None:
     for src in sources.values():
         path = Path(src) / "config.json"
         if path.is_file():
-            with contextlib.suppress(ValueError, OSError, RecursionError):
-                data = json.loads(path.read_text(encoding="utf-8"))
+            from .limits import read_json_file
+
+            with contextlib.suppress(VlmkitError):  # a bad config.json is reported where it is read for the spec
+                data = read_json_file(path, kind="config.json")
                 return data if isinstance(data, dict) else None
     return None
 

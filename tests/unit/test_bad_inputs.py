@@ -221,7 +221,7 @@ CASES = [
     Case("config-absurdly-large-model", _config(lambda c: c["text_config"].update(intermediate_size=10**9, hidden_size=8192), build=True),
          SpecError, ("config.json", "GiB", "memory", "intermediate_size"), key_path=None),
     Case("config-size-overflow", _config(lambda c: c["text_config"].update(intermediate_size=10**18, hidden_size=10**6), build=True),
-         SpecError, ("config.json", "cannot be built"), key_path="text_config"),
+         SpecError, ("config.json", "not a plausible size"), key_path="text_config.intermediate_size"),
     # -- YAML ------------------------------------------------------------------------------
     Case("yaml-not-yaml", _yaml("vision_tower: [unclosed"), SpecError, ("bad.yaml", "not valid YAML")),
     Case("yaml-python-tag-never-runs", _yaml("vision_tower: !!python/object/apply:os.system ['touch PWNED']\n"),
