@@ -22,6 +22,9 @@ def coercion_problem(raw: dict[str, Any], params: BaseModel) -> tuple[str, str] 
     """``(key path, message)`` for the first value of ``raw`` that pydantic coerced across types
     (bool or str -> number, float -> int) or that is not finite; ``None`` when all are as written.
     Nested lists/tuples are compared item by item; free-form dict params are checked for NaN only."""
+    found = _nonfinite_in(raw, "")  # also in keys a validator folds into others (rope_parameters)
+    if found:
+        return found
     for key, value in raw.items():
         if key not in type(params).model_fields:
             continue
@@ -47,17 +50,20 @@ def _compare(written: Any, made: Any, path: str) -> tuple[str, str] | None:
             found = _compare(w, m, f"{path}.{i}")
             if found:
                 return found
-    if isinstance(written, dict):
-        return _nonfinite_in(written, path)
     return None
 
 
 def _nonfinite_in(mapping: dict, path: str, depth: int = 0) -> tuple[str, str] | None:
     for key, value in mapping.items():
+        where = f"{path}.{key}" if path else str(key)
         if isinstance(value, float) and not math.isfinite(value):
-            return f"{path}.{key}", f"{value!r} is not a usable number (NaN/infinity)"
+            return where, f"{value!r} is not a usable number (NaN/infinity)"
+        if isinstance(value, (list, tuple)) and depth < 8:
+            found = _nonfinite_in(dict(enumerate(value)), where, depth + 1)
+            if found:
+                return found
         if isinstance(value, dict) and depth < 8:
-            found = _nonfinite_in(value, f"{path}.{key}", depth + 1)
+            found = _nonfinite_in(value, where, depth + 1)
             if found:
                 return found
     return None

@@ -90,8 +90,11 @@ def _drain(fd: int, buf: bytearray) -> None:
 
 
 def main() -> None:
+    from tests.hostile.cases import warm_up
+
     args = json.loads(sys.argv[1])
     root, ckpt = Path(args["root"]), Path(args["ckpt"])
+    warm_up(ckpt)
     pending = list(args["cases"])
     running: dict[int, tuple[str, int, float, bytearray]] = {}
     while pending or running:

@@ -196,4 +196,19 @@ def _entry_point_plugin(ctx: Ctx, module: str, body: str) -> None:
     plugins.reset()
 
 
+def warm_up(ckpt: Path) -> None:
+    """Run once in the worker before any fork: the registry, torch's first-use costs, transformers'
+    config classes and the processor files, so each forked case starts warm."""
+    import warnings
+
+    import vlmkit
+    from transformers import AutoConfig  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _tiny_model()
+        vlmkit.build_from_hf(ckpt)
+        vlmkit.load_processor(PUBLISHED)
+
+
 from . import cases_files, cases_runtime  # noqa: E402,F401 - the cases themselves register here

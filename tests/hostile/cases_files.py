@@ -125,7 +125,9 @@ def _(ctx: Ctx):
     laugh: object = ["backbone"]
     for _ in range(30):
         laugh = [laugh, laugh]
-    return vlmkit.validate_spec({**TINY, "freeze": laugh})
+    from vlmkit.spec import validate_spec
+
+    return validate_spec({**TINY, "freeze": laugh})
 
 
 @case("yaml-python-tag", error="SpecError", words=("python/object", "never run"))
