@@ -112,8 +112,8 @@ class _SlotError(ValueError):
 class _KeyPathError(ValueError):
     """A validator's complaint about one key (pydantic would otherwise lose the key path)."""
 
-    def __init__(self, key_path: str, message: str) -> None:
-        self.key_path, self.message = key_path, message
+    def __init__(self, key_path: str, message: str, hint: str | None = None) -> None:
+        self.key_path, self.message, self.hint = key_path, message, hint
         super().__init__(message)
 
 
@@ -150,7 +150,8 @@ def _component(slot: str, raw: Any) -> ComponentSpec:
         ) from exc
     problem = coercion_problem(raw, params)
     if problem is not None:
-        raise _KeyPathError(f"{slot}.{problem[0]}", problem[1])
+        raise _KeyPathError(f"{slot}.{problem[0]}", problem[1], hint="write the value as the type the key takes "
+                            "(`vlmkit schema` lists them): numbers unquoted, integers without a decimal point")
     return ComponentSpec(name=name, params=params)
 
 
@@ -185,7 +186,7 @@ def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: st
     if isinstance(ctx_exc, _SlotError):
         return _to_spec_error(ctx_exc.exc, source, prefix=f"{ctx_exc.slot}.")  # type: ignore[arg-type]
     if isinstance(ctx_exc, _KeyPathError):
-        hint = f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
+        hint = ctx_exc.hint or f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
         return SpecError(_clip(ctx_exc.message), key_path=prefix + ctx_exc.key_path, source=source, hint=hint)
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     key_path = prefix + loc if loc else prefix.rstrip(".") or None
