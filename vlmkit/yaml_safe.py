@@ -105,9 +105,10 @@ def load(text: str, *, source: str) -> Any:
     Raises :class:`SpecError` for duplicate keys, over-expanding aliases, recursion, undue depth
     and malformed YAML; YAML tags that would build Python objects are refused, never run.
     """
-    loader = BoundedLoader(text)
-    loader.source = source
+    loader = None
     try:
+        loader = BoundedLoader(text)  # the reader checks the characters here already
+        loader.source = source
         return loader.get_single_data()
     except yaml.constructor.ConstructorError as exc:
         raise SpecError(f"not valid YAML: {exc}", source=source,
@@ -117,7 +118,8 @@ def load(text: str, *, source: str) -> Any:
     except RecursionError:
         raise SpecError("nested too deeply to parse", source=source, hint="flatten the file; " + raise_hint("yaml_depth")) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def check_expansion(data: Any, *, source: str | None = None) -> None:

@@ -137,7 +137,7 @@ def _triple(cfg: Mapping[str, Any], key: str, source: str, default: float) -> tu
         raise SpecError(f"expected 3 numbers (one per RGB channel), got {value!r}", key_path=key, source=source)
     if any(isinstance(v, bool) or not math.isfinite(v) for v in value):
         raise SpecError(f"expected 3 finite numbers (one per RGB channel), got {list(value)!r}", key_path=key, source=source,
-                        hint="the published SmolVLM files use 0.5 for each channel")  # fmt: skip
+                        hint="one finite number per channel, as in the published preprocessor_config.json")  # fmt: skip
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
