@@ -10,7 +10,6 @@ and vlmkit's ``error:`` line, never ``internal error``.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -211,4 +210,4 @@ def warm_up(ckpt: Path) -> None:
         vlmkit.load_processor(PUBLISHED)
 
 
-from . import cases_files, cases_runtime  # noqa: E402,F401 - the cases themselves register here
+from . import cases_files, cases_runtime, cases_weights  # noqa: E402,F401 - the cases themselves register here
