@@ -126,6 +126,31 @@ def _(ctx: Ctx):
     return _template(ctx, "{{ ((range(10000)|list) * 100000)|length }}")
 
 
+@case("template-filter-center-huge", error="ProcessorError", words=("output bound",))
+def _(ctx: Ctx):
+    return _template(ctx, "{{ 'a'|center(10**10) }}")
+
+
+@case("template-filter-replace-explodes", error="ProcessorError", words=("output bound",))
+def _(ctx: Ctx):
+    return _template(ctx, "{{ ('a' * 100000)|replace('a', 'b' * 100000) }}")
+
+
+@case("template-method-replace-explodes", error="ProcessorError", words=("output bound",))
+def _(ctx: Ctx):
+    return _template(ctx, "{{ ('a' * 100000).replace('a', 'b' * 1000) }}")
+
+
+@case("template-format-width-huge", error="ProcessorError", words=("output bound",))
+def _(ctx: Ctx):
+    return _template(ctx, "{{ '%*d'|format(10**10, 1) }}")
+
+
+@case("template-type-error", error="ProcessorError", words=("rejected the messages", "TypeError"))
+def _(ctx: Ctx):
+    return _template(ctx, "{{ 1 ** 'a' }}")
+
+
 @case("template-recursive-macro", error="ProcessorError", words=("RecursionError",))
 def _(ctx: Ctx):
     return _template(ctx, "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")

@@ -62,6 +62,40 @@ def _check_size(size: int) -> None:
         )
 
 
+def _check_args(args: tuple, kwargs: dict) -> None:
+    """Refuse an integer argument above the output bound (a width, a count, a padding)."""
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, int) and not isinstance(arg, bool):
+            _check_size(arg)
+
+
+def _check_replace(value: Any, old: Any = None, new: Any = None) -> None:
+    """Refuse a ``replace`` whose result would pass the output bound, before it is built."""
+    if isinstance(value, str) and isinstance(old, str) and isinstance(new, str):
+        hits = value.count(old) if old else len(value) + 1
+        _check_size(len(value) + hits * max(len(new) - len(old), 0))
+
+
+def _bounded_filter(name: str, func: Any) -> Any:
+    """``func`` (a jinja filter) with its integer arguments, ``replace``'s result and its output
+    bounded, and each call counted as a step. Keeps jinja's pass-context/environment marker."""
+    import functools
+
+    skip = 2 if getattr(func, "jinja_pass_arg", None) is not None else 1  # (env/context,) value, *args
+
+    @functools.wraps(func)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _tick()
+        _check_args(args[skip:], kwargs)
+        if name == "replace" and len(args) > skip + 1:
+            _check_replace(*args[skip - 1 : skip + 2])
+        out = func(*args, **kwargs)
+        _check_size(_size(out))
+        return out
+
+    return bounded
+
+
 class _BoundedNamespace(Namespace):
     """``namespace()`` whose attributes cannot grow past the output bound (``ns.s = ns.s ~ ns.s``)."""
 
@@ -93,6 +127,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(**options)
         self.globals["range"] = _bounded_range
         self.globals["namespace"] = _BoundedNamespace
+        self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+
+    def add_filter(self, name: str, func: Any) -> None:
+        """Register a filter of the caller's (``tojson``...) with the same bounds as the built-ins."""
+        self.filters[name] = _bounded_filter(name, func)
 
     def call_binop(self, context, operator_name: str, left: Any, right: Any) -> Any:  # noqa: ANN001
         _tick()
@@ -111,9 +150,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         _tick()
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, (str, bytes, list, tuple)):  # 'a'.ljust(10**10), 'a'.zfill(...)
-            for arg in (*args, *kwargs.values()):
-                if isinstance(arg, int) and not isinstance(arg, bool):
-                    _check_size(arg)
+            _check_args(args, kwargs)
+            if getattr(__obj, "__name__", "") == "replace":
+                _check_replace(owner, *args[:2])
         return super().call(__context, __obj, *args, **kwargs)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -147,6 +186,10 @@ def render_bounded(template: Any, **variables: Any) -> str:
         raise TemplateBoundError("the template ran out of memory") from None
     except (OverflowError, RecursionError) as exc:
         raise TemplateBoundError(f"the template failed: {type(exc).__name__}: {exc}") from None
+    except TemplateError:
+        raise
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as exc:  # e.g. 1 ** 'a', 1 / 0
+        raise TemplateError(f"{type(exc).__name__}: {exc}") from None
     finally:
         _budget.deadline, _budget.steps, _budget.max_steps, _budget.max_output = saved
     return "".join(parts)

@@ -211,7 +211,7 @@ class ChatTemplate:
         env = BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()]
         )
-        env.filters["tojson"] = _tojson
+        env.add_filter("tojson", _tojson)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         try:
