@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from torch import nn
 
 from .errors import PluginError, SourceNotFoundError, SpecError, VlmkitError, WeightLoadError, short_repr
 from .family import Family, checkpoint_key_map
+from .limits import available_memory
 from .model import VLM
 from .protocols import SLOTS
 from .spec import VLMSpec, load_yaml, validate_spec
@@ -179,6 +179,7 @@ def build(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    check_finite: bool = False,
 ) -> VLM:
     """Build a model from a YAML file, a :class:`VLMSpec` or its dict form.
 
@@ -188,9 +189,11 @@ def build(
     ``model.load_report``. Slots without a source are fresh (see ``model.untrained_parameters()``).
 
     Bad input of any kind (spec, dtype, device, weights) raises a :class:`~vlmkit.errors.VlmkitError`.
+    ``check_finite=True`` also reads every loaded tensor and refuses NaN/inf values, naming them.
     """
     spec = _as_spec(path_or_spec)
-    return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+    return _build(spec, _origin(path_or_spec), load_weights=load_weights, dtype=dtype, device=device, strict=strict,
+                  check_finite=check_finite)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ class Origin:
         return SpecError(exc.detail, key_path=exc.key_path, source=self.path, hint=exc.hint)
 
 
-def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, strict: bool) -> VLM:
+def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, strict: bool, check_finite: bool = False) -> VLM:
     """:func:`build` of a validated spec; ``origin`` (the YAML or config.json) is named in errors."""
     device = resolve_device(device)
     sources = {slot: spec.weights_for(slot) for slot in SLOTS} if load_weights else {}
@@ -231,6 +234,10 @@ def _build(spec: VLMSpec, origin: Origin, *, load_weights: bool, dtype, device, 
     _materialize(model, report, sources)
     model.load_report = report
     _move(model, device, target)
+    if check_finite:
+        from .finite import check_finite as refuse_nonfinite
+
+        refuse_nonfinite(model, origin.path)
     if spec.freeze:
         model.freeze(*spec.freeze)
     return model.eval()
@@ -246,7 +253,9 @@ def _as_spec(path_or_spec) -> VLMSpec:
             f"build() takes a YAML path, a VLMSpec or its dict form; got {type(path_or_spec).__name__} {short_repr(path_or_spec)}",
             hint="for a Hugging Face checkpoint folder or repo id use build_from_hf()",
         )
-    if Path(path_or_spec).is_dir():
+    from .limits import check_path
+
+    if check_path(path_or_spec).is_dir():
         from .run_folder import is_run_folder, load_run_spec
 
         if is_run_folder(path_or_spec):  # an output_dir of `vlmkit train`
@@ -256,14 +265,6 @@ def _as_spec(path_or_spec) -> VLMSpec:
             hint="for a Hugging Face checkpoint folder use build_from_hf(folder)",
         )
     return load_yaml(path_or_spec)
-
-
-def _memory_bytes() -> int | None:
-    """Physical memory of this machine, or ``None`` when unknown."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
 
 
 def _origin(path_or_spec) -> Origin:
@@ -281,11 +282,11 @@ def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: O
         _check_depths(spec)
         shapes = assemble(spec, meta_slots=frozenset(SLOTS))
         n = sum(p.numel() for p in shapes.parameters()) + sum(b.numel() for b in shapes.buffers())
-        limit = _memory_bytes()
-        if limit is not None and n * 4 > limit:
+        room = available_memory()  # MemAvailable, the cgroup limit, ulimit -v: not total RAM
+        if room is not None and n * 4 > room[0]:
             raise SpecError(
-                f"this spec makes a model of {n:,} parameters ({n * 4 / 2**30:,.1f} GiB in float32) but this "
-                f"machine has {limit / 2**30:,.1f} GiB of memory",
+                f"this spec makes a model of {n:,} parameters ({n * 4 / 2**30:,.1f} GiB in float32) but only "
+                f"{room[0] / 2**30:,.1f} GiB are left ({room[1]})",
                 hint="check the sizes: hidden_size, intermediate_size, num_hidden_layers, vocab_size, image_size / patch_size",
             )
     except SpecError as exc:
@@ -296,6 +297,8 @@ def _assemble_within_memory(spec: VLMSpec, meta_slots: frozenset[str], origin: O
 #: The most layers one component may have: more is a typo or a hostile config (each layer is a
 #: Python object, so even the meta-device size check would take minutes and gigabytes).
 MAX_LAYERS = 1024
+#: The largest integer param (a width, a vocabulary, a token id): more overflows torch's sizes.
+MAX_INT_PARAM = 2**31 - 1
 
 
 def _check_depths(spec: VLMSpec) -> None:
@@ -304,6 +307,11 @@ def _check_depths(spec: VLMSpec) -> None:
     for slot in SLOTS:
         for path, value in _int_items(dict(getattr(spec, slot).params), slot):
             key = path.rsplit(".", 1)[-1]
+            if abs(value) > MAX_INT_PARAM:  # torch would fail deep inside with an overflow
+                raise SpecError(
+                    f"{value:,} is not a plausible size: vlmkit takes integer params up to {MAX_INT_PARAM:,} (2**31 - 1)",
+                    key_path=path, hint="check the number; published models' widths and vocabularies are far smaller",
+                )
             if key.startswith("num_") and key.endswith("layers") and value > MAX_LAYERS:
                 raise SpecError(
                     f"{value:,} layers is not a plausible depth (vlmkit builds at most {MAX_LAYERS} per component)",
@@ -330,8 +338,10 @@ def _weights_config(sources: dict[str, str]) -> dict | None:
     for src in sources.values():
         path = Path(src) / "config.json"
         if path.is_file():
-            with contextlib.suppress(ValueError, OSError, RecursionError):
-                data = json.loads(path.read_text(encoding="utf-8"))
+            from .limits import read_json_file
+
+            with contextlib.suppress(VlmkitError):  # a bad config.json is reported where it is read for the spec
+                data = read_json_file(path, kind="config.json")
                 return data if isinstance(data, dict) else None
     return None
 
@@ -431,10 +441,12 @@ def build_from_hf(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     strict: bool = True,
+    check_finite: bool = False,
 ) -> VLM:
     """Build a model from a Hugging Face checkpoint (folder or Hub repo id).
 
-    ``load_weights=False`` builds the architecture with fresh init (config files only).
+    ``load_weights=False`` builds the architecture with fresh init (config files only);
+    ``check_finite=True`` refuses weights holding NaN/inf, naming the tensors.
     """
     from .hf import family_of_folder, resolve_config_folder, spec_from_hf
     from .run_folder import RUN_SPEC_NAME, is_run_folder, load_run_spec
@@ -445,4 +457,4 @@ def build_from_hf(
         spec = spec_from_hf(source)
         folder, _ = resolve_config_folder(source)
         origin = Origin(f"{os.fspath(source)}/config.json", family_of_folder(folder))
-    return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict)
+    return _build(spec, origin, load_weights=load_weights, dtype=dtype, device=device, strict=strict, check_finite=check_finite)

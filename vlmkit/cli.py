@@ -85,11 +85,12 @@ Seed = Annotated[Optional[int], typer.Option("--seed", help="Make sampling repro
 def inspect(
     source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
     weights: Optional[bool] = typer.Option(None, "--weights/--no-weights", help="Load weights (default: when the source has them)."),
+    check: bool = typer.Option(False, "--check", help="Read every weight and refuse NaN/inf values, naming the tensors."),
 ) -> None:
     """Print the assembled model: slots, plugins, params, parameter counts and one image's shapes."""
     from .inspect import describe
 
-    describe(source, load_weights=weights, console=rich_console())
+    describe(source, load_weights=weights, console=rich_console(), check=check)
 
 
 @app.command()
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `vlmkit schema | head`
         return 0
+    except MemoryError:  # not a bug: the input asked for more memory than this machine (or its limits) gives
+        _report(MemoryError(), "error", "out of memory", "use a smaller input or model; docs/limits.md lists vlmkit's bounds")
+        return 1
     except Exception as exc:
         if isinstance(exc, _usage_errors()):
             exc.show()

@@ -139,20 +139,11 @@ def read_line(prompt: str) -> str:
 
 
 def read_images(paths: list[Path]) -> list:
-    """Open and fully load each image file; a :class:`~vlmkit.errors.ProcessorError` names an unreadable one."""
-    from PIL import Image
+    """Open and fully load each image file (within the bounds of docs/limits.md); a
+    :class:`~vlmkit.errors.ProcessorError` names an unreadable, truncated or oversized one."""
+    from .limits import read_image_file
 
-    from .errors import ProcessorError
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(img.copy())
-        except (OSError, ValueError) as exc:
-            raise ProcessorError(f"cannot read image {str(path)!r}: {exc}", hint="pass a PNG/JPEG/... file") from None
-    return images
+    return [read_image_file(path) for path in paths]
 
 
 def load_model_and_processor(source: str):

@@ -6,7 +6,6 @@ honour ``HF_HUB_OFFLINE``. A repo id already in the cache resolves without netwo
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -65,6 +64,9 @@ def _source_text(source: object) -> str:
             "the checkpoint source is an empty string",
             hint="pass a checkpoint folder path or a Hub repo id (owner/name)",
         )
+    from .limits import check_path
+
+    check_path(text)
     return text
 
 
@@ -116,7 +118,9 @@ def read_json(folder: Path, name: str, *, required: bool = True) -> dict[str, An
 
     Raises :class:`SpecError` naming the file when it is not JSON or not an object.
     """
-    path = Path(folder) / name
+    from .limits import check_path
+
+    path = check_path(Path(folder) / name)
     if path.exists() and not path.is_file():
         raise SourceNotFoundError(f"{path} is not a file", hint=f"{name} must be a JSON file; restore it from the checkpoint")
     if not path.is_file():
@@ -126,12 +130,9 @@ def read_json(folder: Path, name: str, *, required: bool = True) -> dict[str, An
                 hint=f"a checkpoint folder needs {name}; pass the folder that holds it",
             )
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SpecError(f"not valid JSON ({exc})", source=str(path), hint="restore the file from the checkpoint") from None
-    except OSError as exc:
-        raise SourceNotFoundError(f"cannot read {path}: {exc.strerror or exc}", hint="check the file's permissions") from None
+    from .limits import read_json_file
+
+    data = read_json_file(path, kind=name)
     if not isinstance(data, dict):
         raise SpecError(
             f"expected a JSON object at the top level, got {type(data).__name__}",

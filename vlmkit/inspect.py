@@ -139,15 +139,18 @@ def _fmt_shape(name: str, shape: tuple[int, ...]) -> str:
     return f"{shape[0]} {unit} x {shape[1]}"
 
 
-def describe(source: str, *, load_weights: bool | None, console) -> None:
-    """Print the assembled model of ``source`` to a rich ``console``."""
+def describe(source: str, *, load_weights: bool | None, console, check: bool = False) -> None:
+    """Print the assembled model of ``source`` to a rich ``console``; ``check`` also reads every
+    weight and refuses NaN/inf values (a :class:`~vlmkit.errors.WeightLoadError` naming them)."""
     from rich.table import Table
 
     from .plugins import plugin_sources
 
     from rich.markup import escape
 
-    model, note = load_for_inspect(source, load_weights)
+    model, note = load_for_inspect(source, True if check and load_weights is None else load_weights)
+    if check:
+        _check_weights(model, source, console)
     console.print(f"[bold]{escape(source)}[/bold]  ({escape(note)})")
     counts = model.parameter_counts()
     dists = plugin_sources()
@@ -184,3 +187,16 @@ def _print_weights(model, console) -> None:
     if fresh:
         for slot, names in fresh.items():
             console.print(f"  no pretrained weights ({slot}): {len(names)} parameters, e.g. {', '.join(names[:4])}", markup=False)
+
+
+def _check_weights(model, source: str, console) -> None:
+    """``inspect --check``: every loaded tensor finite, or a WeightLoadError naming those that are not."""
+    from .errors import VlmkitError
+    from .finite import check_finite
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        raise VlmkitError(f"--check reads the weights, but {source} was assembled without them",
+                          hint="drop --no-weights, or pass a source that has weights")  # fmt: skip
+    check_finite(model, source)
+    console.print(f"check: all {len(tensors):,} tensors are finite (no NaN/inf)", markup=False)

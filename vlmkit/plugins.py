@@ -33,6 +33,7 @@ __all__ = [
     "register_plugin",
     "failures",
     "plugin_sources",
+    "unknown_name_error",
     "reset",
 ]
 
@@ -97,7 +98,9 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
-        except Exception as exc:  # a broken third-party plugin must not break vlmkit
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin (even one calling sys.exit) must not end the host
             _fail(ep.name, dist, exc)
             continue
         _state.sources[ep.name] = dist
@@ -117,9 +120,14 @@ def _run_registration(pm: pluggy.PluginManager, registry: Registry, only: Any = 
         dist = _state.sources.get(impl.plugin_name, "?")
         try:
             impl.function(registry=registry)
-        except Exception as exc:
-            if dist == "vlmkit" or only is not None:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - sys.exit in a hook is a failed plugin, not the host's exit
+            if dist == "vlmkit" or (only is not None and isinstance(exc, Exception)):
                 raise
+            if only is not None:
+                raise PluginError(f"plugin {impl.plugin_name!r} tried to end the process while registering "
+                                  f"({type(exc).__name__}: {exc})", hint="fix the plugin's vlmkit_register_components hook") from exc  # fmt: skip
             _fail(impl.plugin_name, dist, exc)
             pm.unregister(impl.plugin)
             _drop_entries(impl.plugin_name, registry)  # nothing half-registered stays behind
@@ -199,6 +207,19 @@ def failures() -> list[PluginFailure]:
     """Plugins that were skipped because they failed to import or register."""
     get_plugin_manager()
     return list(_state.failures)
+
+
+def unknown_name_error(exc: Exception) -> Exception:
+    """``exc`` (an unknown component name) as a :class:`PluginError` naming the plugins that failed
+    to load, when some did (the name may well be theirs); else ``exc`` unchanged."""
+    failed = failures()
+    if not failed:
+        return exc
+    names = "; ".join(f"{f.name!r} from {f.distribution} ({f.error})" for f in failed)
+    return PluginError(
+        f"{exc}; note that plugin(s) failed to load and may provide it: {names}",
+        hint="fix or reinstall the failed plugin (`vlmkit plugins` lists it), or block it with VLMKIT_BLOCK_PLUGINS",
+    )
 
 
 def plugin_sources() -> dict[str, str]:

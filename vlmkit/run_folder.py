@@ -47,19 +47,14 @@ def resolve_relative(value: Any, folder: Path) -> Any:
 
 def load_run_spec(folder: str | os.PathLike):
     """The validated :class:`~vlmkit.spec.VLMSpec` of a run folder, its sources made absolute."""
-    import yaml
-
-    from .errors import SourceNotFoundError, SpecError
+    from .errors import SpecError
+    from .limits import read_text
     from .spec import validate_spec
+    from .yaml_safe import load
 
     folder = Path(folder)
     path = folder / RUN_SPEC_NAME
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SourceNotFoundError(f"cannot read {path}: {exc.strerror or exc}", hint="check the run folder") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SpecError(f"not valid YAML: {exc}", source=str(path), hint="restore the file from the run") from None
+    data = load(read_text(path, kind="run-folder spec", bound="yaml_bytes"), source=str(path))
     if not isinstance(data, dict):
         raise SpecError("a run folder's spec is a mapping of the model slots", source=str(path),
                         hint="restore the file from the run (vlmkit train writes it)")  # fmt: skip

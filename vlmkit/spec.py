@@ -25,8 +25,9 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import SourceNotFoundError, SpecError, UnknownComponentError, short_repr
+from .errors import PluginError, SourceNotFoundError, SpecError, UnknownComponentError, VlmkitError, short_repr
 from .protocols import SLOTS
+from .strict import coercion_problem
 
 __all__ = ["ComponentSpec", "VLMSpec", "validate_spec", "load_yaml", "dump_yaml", "json_schema", "DEFAULT_ALIGNER"]
 
@@ -111,8 +112,8 @@ class _SlotError(ValueError):
 class _KeyPathError(ValueError):
     """A validator's complaint about one key (pydantic would otherwise lose the key path)."""
 
-    def __init__(self, key_path: str, message: str) -> None:
-        self.key_path, self.message = key_path, message
+    def __init__(self, key_path: str, message: str, hint: str | None = None) -> None:
+        self.key_path, self.message, self.hint = key_path, message, hint
         super().__init__(message)
 
 
@@ -130,18 +131,35 @@ def _component(slot: str, raw: Any) -> ComponentSpec:
     try:
         entry = get_registry().get(slot, name)
     except UnknownComponentError as exc:  # not a ValueError: pydantic lets it through
-        raise UnknownComponentError(exc.kind, exc.name, exc.choices, where=f"{slot}.name") from None
+        from .plugins import unknown_name_error
+
+        raise unknown_name_error(UnknownComponentError(exc.kind, exc.name, exc.choices, where=f"{slot}.name")) from None
     try:
         params = entry.cls.Params.model_validate(raw)
     except pydantic.ValidationError as exc:
         raise _SlotError(slot, exc) from exc
     except (TypeError, KeyError, AttributeError, IndexError, ArithmeticError) as exc:  # a validator that choked
         raise _KeyPathError(slot, f"{name!r} cannot take these params ({type(exc).__name__}: {short_repr(str(exc), 200)})") from exc
+    except (VlmkitError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a plugin's validator may not take the host down (even sys.exit)
+        raise PluginError(
+            f"{slot} {name!r} (plugin {entry.plugin!r}) crashed while validating its params: "
+            f"{type(exc).__name__}: {short_repr(str(exc), 200)}",
+            hint=f"this is a bug in the plugin {entry.plugin!r}; report it, or block it with VLMKIT_BLOCK_PLUGINS",
+        ) from exc
+    problem = coercion_problem(raw, params)
+    if problem is not None:
+        raise _KeyPathError(f"{slot}.{problem[0]}", problem[1], hint="write the value as the type the key takes "
+                            "(`vlmkit schema` lists them): numbers unquoted, integers without a decimal point")
     return ComponentSpec(name=name, params=params)
 
 
 def validate_spec(data: Any, *, source: str | None = None) -> VLMSpec:
     """Validate a YAML-form mapping into a :class:`VLMSpec`; errors become :class:`SpecError`."""
+    from .yaml_safe import check_expansion
+
+    check_expansion(data, source=source)
     try:
         return VLMSpec.model_validate(data)
     except pydantic.ValidationError as exc:
@@ -168,7 +186,7 @@ def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: st
     if isinstance(ctx_exc, _SlotError):
         return _to_spec_error(ctx_exc.exc, source, prefix=f"{ctx_exc.slot}.")  # type: ignore[arg-type]
     if isinstance(ctx_exc, _KeyPathError):
-        hint = f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
+        hint = ctx_exc.hint or f"slots are {', '.join(SLOTS)}; `vlmkit schema` prints every valid key"
         return SpecError(_clip(ctx_exc.message), key_path=prefix + ctx_exc.key_path, source=source, hint=hint)
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p)))
     key_path = prefix + loc if loc else prefix.rstrip(".") or None
@@ -183,31 +201,25 @@ def _to_spec_error(exc: pydantic.ValidationError, source: str | None, prefix: st
 
 
 def load_yaml(path: str | Path) -> VLMSpec:
-    """Read and validate a YAML model file (``yaml.safe_load``: YAML tags never run code)."""
-    import yaml
+    """Read and validate a YAML model file: a regular file within the size bound, parsed by
+    :func:`vlmkit.yaml_safe.load` (YAML tags never run code; duplicate keys and over-expanding
+    aliases are refused; see docs/limits.md)."""
+    from .limits import read_text
+    from .yaml_safe import load
 
     if not isinstance(path, (str, os.PathLike)):
         raise SourceNotFoundError(
             f"expected the path of a model YAML file, got {type(path).__name__} {short_repr(path)}",
             hint="pass the path of a model YAML file (see configs/), a VLMSpec or its dict form",
         )
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SourceNotFoundError(f"no YAML file {str(path)!r}", hint="check the path") from None
-    except IsADirectoryError:
+    if os.path.isdir(path) if len(os.fspath(path)) < 4096 else False:
         raise SourceNotFoundError(
-            f"{str(path)!r} is a folder, not a model YAML file",
+            f"{os.fspath(path)!r} is a folder, not a model YAML file",
             hint="for a checkpoint folder use build_from_hf(folder) (or `vlmkit inspect FOLDER`)",
-        ) from None
-    except yaml.constructor.ConstructorError as exc:
-        raise SpecError(f"not valid YAML: {exc}", source=str(path),
-                        hint="model YAML is plain data: tags such as !!python/... are refused, never run") from None  # fmt: skip
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        raise SpecError(f"not valid YAML: {exc}", source=str(path), hint="check the indentation and quoting") from None
-    except OSError as exc:
-        raise SourceNotFoundError(f"cannot read {str(path)!r}: {exc.strerror or exc}", hint="check the path and permissions") from None
+        )
+    text = read_text(path, kind="YAML", bound="yaml_bytes")
+    path = Path(path)
+    data = load(text, source=str(path))
     if not isinstance(data, dict):
         got = "an empty file" if data is None else type(data).__name__
         raise SpecError(
@@ -221,6 +233,9 @@ def dump_yaml(spec: VLMSpec, path: str | Path | None = None) -> str:
     """The YAML text of ``spec`` (written to ``path`` when given); ``load_yaml`` reads it back equal."""
     import yaml
 
+    from .yaml_safe import check_expansion
+
+    check_expansion({slot: dict(getattr(spec, slot).params) for slot in SLOTS})  # before to_dict() copies it out
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")

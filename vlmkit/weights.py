@@ -24,7 +24,7 @@ from torch import nn
 from .errors import WeightLoadError
 from .keymap import KeyMap
 
-__all__ = ["Checkpoint", "LoadReport", "find_weight_files", "load_component", "PICKLE_SUFFIXES"]
+__all__ = ["Checkpoint", "LoadReport", "find_weight_files", "load_component", "dtype_problem", "PICKLE_SUFFIXES"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
@@ -54,9 +54,14 @@ def find_weight_files(folder: Path) -> list[Path]:
 
 
 def _shards_from_index(index: Path) -> list[Path]:
+    from .errors import SpecError
+    from .limits import read_json_file
+
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = read_json_file(index, kind="safetensors index")["weight_map"]
         names = sorted(set(weight_map.values()))
+    except SpecError as exc:
+        raise WeightLoadError(f"{index} is not a valid safetensors index: {exc.detail}", hint=exc.hint) from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise WeightLoadError(
             f"{index} is not a valid safetensors index ({type(exc).__name__}: {exc}); expected "
@@ -118,6 +123,12 @@ class Checkpoint:
                 ) from None
             self._handles[path] = handle
             for key in keys:
+                if key in self._path_of:
+                    raise WeightLoadError(
+                        f"tensor {key!r} is stored twice: in {self._path_of[key].name} and in {path.name} "
+                        f"({self.folder}); which one is meant is ambiguous",
+                        hint="the shards come from different saves; download the checkpoint again",
+                    )
                 self._where[key] = handle
                 self._path_of[key] = path
 
@@ -278,6 +289,14 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def dtype_problem(name: str, tensor: torch.Tensor) -> str | None:
+    """The one dtype check of every checkpoint tensor, alone or as a part of a fused one: ``None``
+    when it is a float (or bool) tensor, else the line :class:`LoadReport` lists."""
+    if tensor.is_floating_point() or tensor.dtype == torch.bool:
+        return None
+    return f"{name} {str(tensor.dtype).removeprefix('torch.')} (model expects a float)"
+
+
 def _gather(rule_sources: Iterable[str], ckpt: Checkpoint) -> list[str]:
     return [s for s in rule_sources if s not in ckpt._where]  # noqa: SLF001
 
@@ -300,6 +319,10 @@ def load_component(
         tensor = _read_fused(ckpt, rule, dtype) if len(rule.sources) > 1 else None
         if tensor is None:
             parts = [ckpt.get(s) for s in rule.sources]
+            problems = [x for x in map(dtype_problem, rule.sources, parts) if x]
+            if problems:  # a part is checked before fusing (torch.cat would promote int8 to float)
+                report.wrong_dtype.setdefault(slot, []).extend(problems)
+                continue
             tensor = parts[0] if len(parts) == 1 else _fuse(parts, rule.rows, rule.local, slot, report)
         if tensor is None:
             continue
@@ -309,10 +332,9 @@ def load_component(
                 f"{'/'.join(rule.sources)} {tuple(tensor.shape)} (model expects {want})"
             )
             continue
-        if not (tensor.is_floating_point() or tensor.dtype == torch.bool):
-            report.wrong_dtype.setdefault(slot, []).append(
-                f"{'/'.join(rule.sources)} {str(tensor.dtype).removeprefix('torch.')} (model expects a float)"
-            )
+        problem = dtype_problem("/".join(rule.sources), tensor)
+        if problem:
+            report.wrong_dtype.setdefault(slot, []).append(problem)
             continue
         state[rule.local] = tensor.to(dtype)
         n_read += len(rule.sources)

@@ -221,7 +221,7 @@ CASES = [
     Case("config-absurdly-large-model", _config(lambda c: c["text_config"].update(intermediate_size=10**9, hidden_size=8192), build=True),
          SpecError, ("config.json", "GiB", "memory", "intermediate_size"), key_path=None),
     Case("config-size-overflow", _config(lambda c: c["text_config"].update(intermediate_size=10**18, hidden_size=10**6), build=True),
-         SpecError, ("config.json", "cannot be built"), key_path="text_config"),
+         SpecError, ("config.json", "not a plausible size"), key_path="text_config.intermediate_size"),
     # -- YAML ------------------------------------------------------------------------------
     Case("yaml-not-yaml", _yaml("vision_tower: [unclosed"), SpecError, ("bad.yaml", "not valid YAML")),
     Case("yaml-python-tag-never-runs", _yaml("vision_tower: !!python/object/apply:os.system ['touch PWNED']\n"),
@@ -449,8 +449,8 @@ def test_meta_tensor_left_by_a_component_is_a_plugin_error(monkeypatch):
 def test_memory_guard_names_the_size(monkeypatch):
     from vlmkit import builder
 
-    monkeypatch.setattr(builder, "_memory_bytes", lambda: 1024)
-    with pytest.raises(SpecError, match=r"parameters .* GiB in float32\) but this machine has"):
+    monkeypatch.setattr(builder, "available_memory", lambda: (1024, "available memory (MemAvailable)"))
+    with pytest.raises(SpecError, match=r"parameters .* GiB in float32\) but only .* GiB are left \(available memory"):
         vlmkit.build(TINY, load_weights=False)
 
 

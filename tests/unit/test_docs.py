@@ -39,6 +39,7 @@ REQUIRED = (
     "plugins.md",
     "processor.md",
     "speed.md",
+    "limits.md",
     "families.md",
 )
 

@@ -45,8 +45,34 @@ class HFCausalLMParams(BaseModel):
         model_type = value.get("model_type")
         if not isinstance(model_type, str) or not model_type:
             raise ValueError("config needs a 'model_type' (e.g. 'llama', 'qwen2', 'mistral')")
+        _check_causal(value)
         _hf_config(value, None)  # unknown model types / bad values fail at spec time
         return value
+
+
+def _check_causal(config: dict[str, Any]) -> None:
+    """Refuse a text ``model_type`` that is not a causal (left-to-right) decoder in transformers:
+    an encoder such as bert is one only with ``is_decoder: true``; t5/clip are none."""
+    try:
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES as masked,
+        )
+    except ImportError:  # pragma: no cover - no transformers: _hf_config says so
+        return
+    model_type = config["model_type"]
+    if model_type not in causal:
+        raise ValueError(
+            f"model_type {model_type!r} is not a causal language model in transformers (no AutoModelForCausalLM "
+            f"class), so it cannot generate text; the text model of a VLM must be a decoder such as "
+            f"{', '.join(t for t in ('llama', 'qwen2', 'mistral', 'gemma') if t in causal)}"
+        )
+    if model_type in masked and not config.get("is_decoder"):
+        raise ValueError(
+            f"model_type {model_type!r} is a bidirectional encoder unless its config says is_decoder: true "
+            "(transformers would build it looking at future tokens); add is_decoder: true to the text config, "
+            "or use a decoder model type such as llama"
+        )
 
 
 def _hf_config(config: dict[str, Any], tie: bool | None):

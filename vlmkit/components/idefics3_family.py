@@ -67,7 +67,8 @@ def _section(config: dict[str, Any], key: str, source: str) -> dict[str, Any]:
 
 def _positive_int(value: Any, key_path: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise SpecError(f"expected a positive integer, got {short_repr(value)}", key_path=key_path, source=source)
+        raise SpecError(f"expected a positive integer, got {short_repr(value)}", key_path=key_path, source=source,
+                        hint="write a whole number without quotes or a decimal point, as in the published config.json")  # fmt: skip
     return value
 
 
@@ -120,7 +121,8 @@ def _cross_check_tokens(tokens: int, text: dict[str, Any], folder: Path | None, 
     seq = (proc or {}).get("image_seq_len")
     proc_path = str(Path(folder) / "processor_config.json")
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int)):
-        raise SpecError(f"expected a positive integer, got {short_repr(seq)}", key_path="image_seq_len", source=proc_path)
+        raise SpecError(f"expected a positive integer, got {short_repr(seq)}", key_path="image_seq_len", source=proc_path,
+                        hint="write a whole number without quotes, as in the published processor_config.json")  # fmt: skip
     if seq is not None and seq != tokens:
         raise SpecError(
             f"processor_config.json image_seq_len is {seq} but config.json gives {tokens} tokens per image "

@@ -99,6 +99,10 @@ class ImageSettings:
         std = _triple(cfg, "image_std", source, 0.5)
         if any(s <= 0 for s in std):
             raise SpecError(f"image_std must be positive, got {list(std)}", key_path="image_std", source=source)
+        rescale = cfg.get("rescale_factor", 1 / 255)
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not math.isfinite(rescale) or rescale <= 0:
+            raise SpecError(f"rescale_factor must be a positive number, got {rescale!r}", key_path="rescale_factor",
+                            source=source, hint="8-bit images use 1/255 = 0.00392156862745098")  # fmt: skip
         resample = cfg.get("resample", int(Image.Resampling.LANCZOS))
         if resample not in {int(r) for r in Image.Resampling}:
             raise SpecError(
@@ -111,7 +115,7 @@ class ImageSettings:
             do_resize=bool(cfg.get("do_resize", True)),
             do_convert_rgb=bool(cfg.get("do_convert_rgb", True)),
             do_rescale=bool(cfg.get("do_rescale", True)),
-            rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+            rescale_factor=float(rescale),
             do_normalize=bool(cfg.get("do_normalize", True)),
             mean=mean,
             std=std,
@@ -138,6 +142,9 @@ def _triple(cfg: Mapping[str, Any], key: str, source: str, default: float) -> tu
         value = [value] * 3
     if not (isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
         raise SpecError(f"expected 3 numbers (one per RGB channel), got {value!r}", key_path=key, source=source)
+    if any(isinstance(v, bool) or not math.isfinite(v) for v in value):
+        raise SpecError(f"expected 3 finite numbers (one per RGB channel), got {list(value)!r}", key_path=key, source=source,
+                        hint="one finite number per channel, as in the published preprocessor_config.json")  # fmt: skip
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
@@ -163,6 +170,14 @@ def image_size(image: Any, where: str) -> tuple[int, int]:
     if height <= 0 or width <= 0:
         raise ProcessorError(
             f"{where} is empty (height {height}, width {width})", hint="pass an image at least 1x1 pixel"
+        )
+    from ..limits import limit, raise_hint
+
+    if int(height) * int(width) > limit("image_pixels"):
+        raise ProcessorError(
+            f"{where} is {width}x{height} = {int(height) * int(width):,} pixels, over the bound of "
+            f"{limit('image_pixels'):,.0f} pixels per image",
+            hint="downscale the image first; " + raise_hint("image_pixels"),
         )
     return int(height), int(width)
 
@@ -273,6 +288,11 @@ def to_rgb(image: Any, where: str, *, convert: bool = True) -> Image.Image:
     check_format(image, where)
     if not isinstance(image, Image.Image):
         image = _array_to_pil(image)
+    try:
+        image.load()  # a lazily opened file decodes here: a truncated or corrupt one fails now
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ProcessorError(f"{where} cannot be decoded ({type(exc).__name__}: {exc})",
+                             hint="the image file is truncated or corrupt; open another copy") from None  # fmt: skip
     if not convert:
         if image.mode != "RGB":
             raise ProcessorError(

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from ..errors import ProcessorError, SpecError
 from ..hub import read_json
 
-__all__ = ["MAX_RENDERED_CHARS", "ChatTemplate", "SpecWarning", "TextTokenizer", "load_chat_template", "token_text"]
+__all__ = ["ChatTemplate", "SpecWarning", "TextTokenizer", "load_chat_template", "token_text"]
 
 
 class SpecWarning(UserWarning):
@@ -198,10 +198,6 @@ def _generation_extension():
     return GenerationTag
 
 
-#: Upper bound on one rendered conversation (characters); a template that writes more is stopped.
-MAX_RENDERED_CHARS = 8 * 1024 * 1024
-
-
 class ChatTemplate:
     """A checkpoint's Jinja chat template, compiled in an immutable sandbox.
 
@@ -211,14 +207,14 @@ class ChatTemplate:
     def __init__(self, source_text: str, *, origin: str) -> None:
         from jinja2 import TemplateSyntaxError, meta
         from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from .sandbox import BoundedSandbox
 
         self.text = source_text
         self.origin = origin
-        env = ImmutableSandboxedEnvironment(
+        env = BoundedSandbox(
             trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_extension()]
         )
-        env.filters["tojson"] = _tojson
+        env.add_filter("tojson", _tojson)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         try:
@@ -231,17 +227,17 @@ class ChatTemplate:
         """Render one conversation; ``variables`` (add_generation_prompt, bos_token, ...) are visible."""
         from jinja2.exceptions import TemplateError
 
+        from ..limits import LIMITS
+        from .sandbox import TemplateBoundError, render_bounded
+
         try:
-            pieces, size = [], 0
-            for piece in self._template.generate(messages=list(messages), **variables):
-                size += len(piece)
-                if size > MAX_RENDERED_CHARS:
-                    raise ProcessorError(
-                        f"the chat template ({self.origin}) rendered more than {MAX_RENDERED_CHARS} characters",
-                        hint="check the template for runaway loops, or send a shorter conversation",
-                    )
-                pieces.append(piece)
-            return "".join(pieces)
+            return render_bounded(self._template, messages=list(messages), **variables)
+        except TemplateBoundError as exc:
+            names = ", ".join(LIMITS[n].env for n in ("template_output", "template_steps", "template_seconds"))
+            raise ProcessorError(
+                f"the chat template ({self.origin}) was stopped: {exc}",
+                hint=f"use the checkpoint's published chat template; if this one is trusted, raise {names} (docs/limits.md)",
+            ) from None
         except TemplateError as exc:
             raise ProcessorError(
                 f"the chat template ({self.origin}) rejected the messages: {exc}",
@@ -273,7 +269,9 @@ def load_chat_template(folder: Path, tokenizer_config: Mapping[str, Any]) -> Cha
     found: list[tuple[str, str]] = []
     jinja_path = Path(folder) / "chat_template.jinja"
     if jinja_path.is_file():
-        found.append((str(jinja_path), jinja_path.read_text(encoding="utf-8")))
+        from ..limits import read_text
+
+        found.append((str(jinja_path), read_text(jinja_path, kind="chat template", bound="template_bytes")))
     json_cfg = read_json(folder, "chat_template.json", required=False) or {}
     if isinstance(json_cfg.get("chat_template"), str):
         found.append((str(Path(folder) / "chat_template.json"), json_cfg["chat_template"]))

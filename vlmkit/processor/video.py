@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import ProcessorError
+from ..limits import read_image_file
 from .image import check_format, image_size
 
 __all__ = [
@@ -208,10 +209,8 @@ class _Frames(_Source):
         out = []
         for i in indices:
             item = self.items[i]
-            if isinstance(item, Path):
-                with Image.open(item) as img:
-                    img.load()
-                    item = img.copy()
+            if isinstance(item, Path):  # within the byte and pixel bounds of docs/limits.md
+                item = read_image_file(item)
             out.append(item)
         return out
 

@@ -151,16 +151,18 @@ def load_recipe(source: str | os.PathLike | dict | TrainRecipe) -> tuple[TrainRe
 
 
 def _read_yaml(path: Path) -> Any:
-    import yaml
+    from ..errors import SourceNotFoundError, SpecError
+    from ..limits import read_text
+    from ..yaml_safe import load
 
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RecipeError(f"no recipe file {str(path)!r}", hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {str(path)!r}: {exc}", hint="check the path") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", source=str(path), hint="check the indentation and quoting") from None
+        return load(read_text(path, kind="recipe", bound="yaml_bytes"), source=str(path))
+    except SourceNotFoundError as exc:
+        if not path.exists():
+            raise RecipeError(f"no recipe file {str(path)!r}", hint="check the path") from None
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {exc.message}", hint=exc.hint) from None
+    except SpecError as exc:
+        raise RecipeError(exc.detail, source=str(path), hint=exc.hint) from None
 
 
 def _recipe_error(exc: pydantic.ValidationError, origin: str | None) -> RecipeError:
