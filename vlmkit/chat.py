@@ -65,6 +65,8 @@ class ChatSession:
                  processor_options: dict[str, Any] | None = None, **gen: Any) -> None:  # fmt: skip
         self.model, self.processor, self.system = model, processor, system
         self.processor_options = dict(processor_options or {})
+        if callable(getattr(processor, "check_options", None)):  # a bad stored option fails here, not at turn 1
+            processor.check_options(**self.processor_options)
         options = {"max_new_tokens": 256, "do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "seed": None}
         unknown = sorted(set(gen) - set(options))
         if unknown:

@@ -214,22 +214,29 @@ def chat(
              waiting=lambda: Waiting(err, "thinking ..."))  # fmt: skip
 
 
+def _serve_default(name: str):
+    """A ``vlmkit serve`` option's default: :class:`vlmkit.serve.ServeOptions` holds them (one place)."""
+    from .serve.options import ServeOptions
+
+    return ServeOptions.model_fields[name].default
+
+
 @app.command()
 def serve(
     source: str = typer.Argument(..., help="A checkpoint folder, a Hub repo id, or a model YAML file."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
+    host: str = typer.Option(_serve_default("host"), "--host", help="Interface to bind (0.0.0.0: every interface)."),
+    port: int = typer.Option(_serve_default("port"), "--port", help="TCP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
-    max_batch: int = typer.Option(8, "--max-batch", help="Most requests decoded together."),
-    max_queue: int = typer.Option(64, "--max-queue", help="Most requests waiting for a slot; more get 429."),
+    max_batch: int = typer.Option(_serve_default("max_batch"), "--max-batch", help="Most requests decoded together."),
+    max_queue: int = typer.Option(_serve_default("max_queue"), "--max-queue", help="Most requests waiting for a slot; more get 429."),
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Allow file:// image URLs under this folder."),
-    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds from arrival to the last token."),
+    request_timeout: float = typer.Option(_serve_default("request_timeout"), "--request-timeout", help="Seconds from arrival to the last token."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Images per request (default: what fits the context)."),
-    max_image_bytes: int = typer.Option(20 * 1024 * 1024, "--max-image-bytes", help="Encoded bytes per image."),
-    max_image_pixels: int = typer.Option(4096 * 4096, "--max-image-pixels", help="Decoded pixels per image."),
-    max_body_bytes: int = typer.Option(100 * 1024 * 1024, "--max-body-bytes", help="Request body size, images included."),
+    max_image_bytes: int = typer.Option(_serve_default("max_image_bytes"), "--max-image-bytes", help="Encoded bytes per image."),
+    max_image_pixels: int = typer.Option(_serve_default("max_image_pixels"), "--max-image-pixels", help="Decoded pixels per image."),
+    max_body_bytes: int = typer.Option(_serve_default("max_body_bytes"), "--max-body-bytes", help="Request body size, images included."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="The model id clients send (default: SOURCE)."),
 ) -> None:
     """Serve SOURCE with OpenAI's chat-completions API (streaming, images, continuous batching); see docs/serving.md."""

@@ -99,3 +99,12 @@ def test_a_refused_turn_leaves_the_history_as_it_was(tiny):
         ChatSession(model, processor, max_tokens=3)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         ChatSession(model, processor, max_new_tokens=0)
+
+
+def test_processor_options_are_checked_when_the_session_is_made(tiny):
+    from vlmkit.errors import ProcessorError
+
+    model, processor = tiny
+    with pytest.raises(ProcessorError, match="do_image_spliting.*did you mean 'do_image_splitting'"):
+        ChatSession(model, processor, processor_options={"do_image_spliting": False})
+    ChatSession(model, processor, processor_options={"do_image_splitting": False})  # a valid one is kept
