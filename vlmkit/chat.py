@@ -100,7 +100,7 @@ class ChatSession:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         user = {"role": "user", "content": content}
         prompt = self.processor.apply_chat_template(self._history() + [user], add_generation_prompt=True)
-        enc = self.processor(text=prompt, images=(self.images + images) or None, **self.processor_options)
+        enc = self._tokenize(prompt, self.images + images)
         self.messages.append(user)
         self.images.extend(images)
         decoder = IncrementalText(self.processor, set(self.stops))
@@ -116,6 +116,12 @@ class ChatSession:
         answer = decoder.text
         self._close_turn(answer, enc["input_ids"].shape[1], reused, started, first_at, new, False)
         return answer
+
+    def _tokenize(self, prompt: str, images: list[Any]) -> Any:
+        """The conversation's ids; pixels are encoded later, only for images the cache lacks."""
+        tokenize = getattr(self.processor, "tokenize", None)
+        call = tokenize if callable(tokenize) else self.processor
+        return call(text=prompt, images=images or None, **self.processor_options)
 
     def _history(self) -> list[dict[str, Any]]:
         system = [{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else []
@@ -162,6 +168,8 @@ class ChatSession:
                 "top_k": o.top_k, "top_p": o.top_p, "seed": o.seed}  # fmt: skip
 
     def _generate_whole(self, enc: Any, on_step: Callable[[list[int]], None]) -> None:
+        if "pixel_values" not in enc and self.images:
+            enc = {**enc, **self._encode_images(self.images)}
         kwargs = {k: enc[k] for k in ("attention_mask", "pixel_values", "pixel_attention_mask") if k in enc}
         generate(self.model, enc["input_ids"], streamer=on_step, eos_token_id=self.stops, pad_token_id=self.pad,
                  **kwargs, **self._gen())  # fmt: skip
@@ -211,18 +219,36 @@ class ChatSession:
 
     def _embed_suffix(self, ids: list[int], reused: int, enc: Any) -> torch.Tensor:
         """Input embeddings ``(1, T - reused, D)`` of the tokens after the reused prefix, with the
-        images whose placeholders lie there (the earlier ones are in the cache already)."""
+        images whose placeholders lie there: only those are encoded (the earlier ones are in the
+        cache already; an image cut inside keeps its tiles from the cut on)."""
         device = self.model.device
         suffix = torch.tensor([ids[reused:]], dtype=torch.long, device=device)
-        pixels = enc.get("pixel_values")
-        if pixels is None:
-            return self.model.embed(suffix)
         image_id = self.processor.image_token_id
         per_tile = self.processor.image_seq_len
         done_tiles = sum(1 for t in ids[:reused] if t == image_id) // per_tile
         if done_tiles * per_tile >= sum(1 for t in ids if t == image_id):
             return self.model.embed(suffix)
-        mask = enc.get("pixel_attention_mask")
-        return self.model.embed(
-            suffix, pixels[:, done_tiles:].to(device), None if mask is None else mask[:, done_tiles:].to(device)
-        )
+        first, skip = self._first_unfed_image(done_tiles)
+        if "pixel_values" in enc:  # a processor without tokenize(): it encoded every image
+            pixels, mask = enc["pixel_values"][:, done_tiles:], enc.get("pixel_attention_mask")
+            mask = None if mask is None else mask[:, done_tiles:]
+        else:
+            encoded = self._encode_images(self.images[first:])
+            pixels, mask = encoded["pixel_values"][:, skip:], encoded.get("pixel_attention_mask")
+            mask = None if mask is None else mask[:, skip:]
+        return self.model.embed(suffix, pixels.to(device), None if mask is None else mask.to(device))
+
+    def _first_unfed_image(self, done_tiles: int) -> tuple[int, int]:
+        """``(index of the first image not wholly in the cache, how many of its tiles are)``."""
+        seen = 0
+        for k, image in enumerate(self.images):
+            tiles = self.processor.image_cost(image, **self.processor_options).n_tiles
+            if seen + tiles > done_tiles:
+                return k, done_tiles - seen
+            seen += tiles
+        return len(self.images), 0
+
+    def _encode_images(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        """``pixel_values`` ``(1, N, 3, H, W)`` and ``pixel_attention_mask`` of ``images``, as one prompt's."""
+        enc = self.processor(images=[list(images)], **self.processor_options)
+        return {k: enc[k] for k in ("pixel_values", "pixel_attention_mask") if k in enc}

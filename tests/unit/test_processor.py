@@ -177,6 +177,24 @@ def test_prompt_cost_equals_processed_length(proc):
     assert [type(c) for c in costs] == [PromptCost, PromptCost] and costs[1].visual_tokens == 0
 
 
+def test_tokenize_gives_the_text_fields_without_pixel_work(proc, monkeypatch):
+    images = [Image.new("RGB", (640, 480)), Image.new("L", (40, 30))]
+    prompts = ["User:<image> and <image>, compare.", "no image"]
+    full = proc(text=prompts, images=[images, []], longest_edge=1024)
+
+    def no_pixels(*args, **kwargs):
+        raise AssertionError("pixel work started")
+
+    monkeypatch.setattr(processor_module, "encode_image", no_pixels)
+    monkeypatch.setattr(processor_module, "to_rgb", no_pixels)
+    text_only = proc.tokenize(prompts, [images, []], longest_edge=1024)
+    assert sorted(text_only) == ["attention_mask", "input_ids"]
+    assert torch.equal(text_only["input_ids"], full["input_ids"])
+    assert torch.equal(text_only["attention_mask"], full["attention_mask"])
+    with pytest.raises(ProcessorError, match="did you mean 'longest_edge'"):
+        proc.tokenize(prompts[0], images, longest_edg=1024)
+
+
 def test_budget_guard_raises_before_pixel_work(proc, monkeypatch):
     def no_pixels(*args, **kwargs):
         raise AssertionError("pixel work started")

@@ -178,6 +178,17 @@ class Processor:
         ``<video>`` placeholder) are sampled at ``fps`` frames per second, at most ``max_frames``
         (default: the checkpoint's); each frame is one tile of ``pixel_values``, in prompt order.
         """
+        return self._process(text, images, videos, fps, max_frames, options, pixels=True)
+
+    def tokenize(self, text: str | Sequence[str], images: Any = None, *, videos: Any = None, fps: float | None = None,
+                 max_frames: int | None = None, **options: Any) -> ProcessorOutput:  # fmt: skip
+        """The text fields of ``self(text, images, ...)`` (``input_ids``, ``attention_mask`` ``(B, L)``,
+        ...) with no pixel work: images are only measured, as :meth:`prompt_cost` does. For a
+        caller that already holds the pixels of some images (e.g. a chat's earlier turns)."""
+        return self._process(text, images, videos, fps, max_frames, options, pixels=False)
+
+    def _process(self, text: Any, images: Any, videos: Any, fps: Any, max_frames: Any, options: Mapping[str, Any], *,
+                 pixels: bool) -> ProcessorOutput:  # fmt: skip
         plan = self._call_plan(options)
         texts, nested = self._layout_inputs(text, images)
         costs = self._plan(nested, plan, limit=plan.max_visual_tokens)  # raises before any pixel work
@@ -199,7 +210,7 @@ class Processor:
             special, offsets = [e.special_tokens_mask for e in encodings], [e.offsets for e in encodings]
             out.update(pad_texts(ids, self.tokenizer, self.pad_token_id, plan.tokens, plan.return_tensors, spans,
                                  special, offsets))  # fmt: skip
-        if any(nested) or any(clips):
+        if pixels and (any(nested) or any(clips)):
             out.update(self._pixels(nested, costs, plan, clips, texts))
         return out if plan.device is None else out.to(plan.device)
 
