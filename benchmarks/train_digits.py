@@ -50,11 +50,11 @@ def model_yaml(out: Path, text_folder: Path) -> Path:
 def recipe(out: Path, model: Path, data: dict, args) -> dict:
     return {
         "model": str(model), "data": {"train": str(data["train"]), "eval": str(data["heldout"])},
-        "stages": [
+        "stages": [stage for stage in [
             {"name": "align", "train": ["vision_tower", "connector"], "steps": args.align_steps, "lr": 2e-3, "warmup_steps": min(20, args.align_steps)},
             {"name": "finetune", "train": ["vision_tower", "connector"], "lora": {"slots": ["backbone"], "r": 8, "alpha": 16},
-             "steps": args.finetune_steps, "lr": 5e-4},
-        ],
+             "steps": args.finetune_steps, "lr": args.finetune_lr, "warmup_steps": 0 if args.align_steps else min(20, args.finetune_steps)},
+        ] if stage["steps"]],  # --align-steps 0: LoRA from the first step
         "batch_size": args.batch_size, "seed": 0, "image_splitting": False, "eval_every": args.eval_every,
         "save_every": 200, "log_every": 10, "output_dir": str(out / "run"),
     }  # fmt: skip
@@ -187,6 +187,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/bench-digits")
     p.add_argument("--align-steps", type=int, default=300)
     p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
