@@ -161,11 +161,13 @@ def generate(
     seed: Seed = None,
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
     int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="CPU speed scheme: auto, fp32, w8, w4 or w8a8 (= --int8); see docs/speed.md."),
 ) -> None:
     """Answer PROMPT about the images: the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .generation import stream
 
     _check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
+    quantize = _check_quantize(quantize, int8)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = _batch_prompts(prompt, image, batch_file, batch_size, output)
     err = _console(stderr=True)
@@ -175,6 +177,9 @@ def generate(
     if int8:
         with _Waiting(err, "quantizing to int8 ..."):
             _quantize(err, model)
+    elif quantize is not None:
+        with _Waiting(err, f"quantizing ({quantize}) ..."):
+            _quantize_scheme(err, model, quantize, source)
     if prompts is not None:
         _run_batch(err, model, processor, prompts, output, batch_size, gen)
         return
@@ -338,6 +343,31 @@ def _quantize(err, model) -> None:
     quantize_int8(model)
     layers = sum(isinstance(m, Int8Linear) for m in model.modules())
     err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
+
+
+def _check_quantize(scheme: Optional[str], int8: bool) -> Optional[str]:
+    """``--quantize`` checked before the model loads (None: not given)."""
+    from .errors import VlmkitError
+    from .quant_schemes import SCHEMES
+
+    if scheme is None:
+        return None
+    if scheme not in SCHEMES:
+        raise VlmkitError(f"--quantize {scheme!r} is not a scheme", hint=f"choose one of {', '.join(SCHEMES)}")
+    if int8:
+        raise VlmkitError("--int8 and --quantize were both given", hint="--int8 is --quantize w8a8: give one")
+    return scheme
+
+
+def _quantize_scheme(err, model, scheme: str, source: str) -> None:
+    """:func:`vlmkit.quant_schemes.quantize`; one stderr line with what was chosen and the cache."""
+    from .quant_schemes import quantize
+
+    local = Path(source).is_dir()
+    report = quantize(model, scheme, source=source if local else None)
+    chosen = report["scheme"] + (f" (auto: {report['auto']['ms']} ms per layer group, CPU {report['auto']['cpu']['capability']})" if "auto" in report else "")
+    cache = report.get("cache", "off") + ("" if local else " (SOURCE is not a local folder)")
+    err.print(f"quantize: {chosen}; {report['layers']} layers in {report['seconds']:.2f} s; cache {cache}", markup=False)
 
 
 def _image_line(processor, path: Path, img, kwargs: dict) -> str:
