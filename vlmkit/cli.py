@@ -484,11 +484,13 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for both sides (default: torch's)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps per decode sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="Also compare this scheme (auto, fp32, w8, w4, w8a8) with vlmkit float32; repeatable."),
 ) -> None:
     """Benchmark vlmkit against transformers on SOURCE (float32, CPU): load, vision, prefill, time to first token, decode, peak RSS."""
     from .bench import run_bench
 
-    run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out)
+    run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out,
+              quantize=quantize or ())  # fmt: skip
 
 
 @app.command()
