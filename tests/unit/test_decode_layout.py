@@ -87,3 +87,19 @@ def test_generate_prepares_the_layout_once():
 def test_bad_layout_is_a_vlmkit_error():
     with pytest.raises(VlmkitError, match="(?s)'diagonal'.*auto, transposed, rows"):
         prepare_decode(_model().backbone, "diagonal")
+
+
+def test_int8_quantization_after_the_layout_still_quantizes_every_linear():
+    from vlmkit.quantize import Int8Linear, quantize_int8
+
+    model = _model().eval()
+    ids, pixels = _prompt()
+    with torch.no_grad():
+        want = model(ids, pixel_values=pixels).logits
+    prepare_decode(model.backbone, "transposed")
+    quantize_int8(model)
+    assert not any(isinstance(m, GemvLinear) for m in model.backbone.layers.modules())
+    assert isinstance(model.backbone.layers[0].mlp.down_proj, Int8Linear)
+    with torch.no_grad():
+        got = model(ids, pixel_values=pixels).logits
+    assert ((got - want).norm() / want.norm()) < 0.1
