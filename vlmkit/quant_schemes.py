@@ -128,8 +128,8 @@ def _head_linear(backbone: nn.Module) -> nn.Linear | None:
 
 
 def _weight_only(model: nn.Module, backbone: nn.Module, scheme: str, source, cache) -> dict[str, Any]:  # noqa: ANN001
-    """Swap the backbone's linears (and a tied head) for :class:`WeightOnlyLinear` ``scheme``."""
-    ensure_decode_layout(backbone)
+    """Swap the backbone's linears (and a tied head) for :class:`WeightOnlyLinear` ``scheme``
+    (their float weights, read only by prompts and batches, keep their layout)."""
     names = {id(m): n for n, m in backbone.named_modules()}
     targets = [(p, a, lin, f"{names[id(p)]}.{a}".lstrip(".")) for p, a, lin in _linears(backbone)]
     head = _head_linear(backbone)
