@@ -15,11 +15,13 @@ from .cli_helpers import (
     batch_prompts,
     chat_batch,
     check_flags,
+    check_quantize,
     rich_console,
     image_line,
     load_model_and_processor,
     print_timings,
     quantize_and_say,
+    quantize_scheme,
     read_images,
     read_line,
     write_stream,
@@ -145,6 +147,7 @@ def generate(
     video: Optional[list[Path]] = typer.Option(None, "--video", help="A video file (checkpoints that take video); repeat for several."),
     fps: Optional[float] = typer.Option(None, "--fps", help="With --video: frames sampled per second of video (default: the checkpoint's)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="With --video: the most frames per video (default: the checkpoint's)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="CPU speed scheme: auto, fp32, w8, w4 or w8a8 (= --int8); see docs/speed.md."),
 ) -> None:
     """Answer PROMPT about the images (and videos): the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .cli_video import check_video_flags, video_batch
@@ -152,6 +155,7 @@ def generate(
 
     check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     check_video_flags(video, fps, max_frames, batch_file is not None)
+    quantize = check_quantize(quantize, int8)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = batch_prompts(prompt, image, batch_file, batch_size, output)
     err = rich_console(stderr=True)
@@ -161,6 +165,9 @@ def generate(
     if int8:
         with Waiting(err, "quantizing to int8 ..."):
             quantize_and_say(err, model)
+    elif quantize is not None:
+        with Waiting(err, f"quantizing ({quantize}) ..."):
+            quantize_scheme(err, model, quantize, source)
     if prompts is not None:
         answer_batch(err, model, processor, prompts, output, batch_size, gen)
         return
@@ -294,6 +301,7 @@ def bench(
     repeats: int = typer.Option(3, "--repeats", help="Timed samples per side and row (medians are shown)."),
     quick: bool = typer.Option(False, "--quick", help="Skip the 17-tile rows."),
     int8: bool = typer.Option(False, "--int8", help="Also compare vlmkit int8 (quantize_int8) with vlmkit float32."),
+    quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="Also compare this scheme (auto, fp32, w8, w4, w8a8) with vlmkit float32; repeatable."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for both sides (default: torch's)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps per decode sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
@@ -301,7 +309,8 @@ def bench(
     """Benchmark vlmkit against transformers on SOURCE (float32, CPU): load, vision, prefill, time to first token, decode, peak RSS."""
     from .bench import run_bench
 
-    run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out)
+    run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out,
+              quantize=quantize or ())  # fmt: skip
 
 
 @app.command()

@@ -17,11 +17,13 @@ __all__ = [
     "batch_prompts",
     "chat_batch",
     "check_flags",
+    "check_quantize",
     "image_line",
     "is_yaml",
     "load_model_and_processor",
     "print_timings",
     "quantize_and_say",
+    "quantize_scheme",
     "read_images",
     "read_line",
     "rich_console",
@@ -170,6 +172,32 @@ def quantize_and_say(err, model) -> None:
     quantize_int8(model)
     layers = sum(isinstance(m, Int8Linear) for m in model.modules())
     err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
+
+
+def check_quantize(scheme: str | None, int8: bool) -> str | None:
+    """``--quantize`` checked before the model loads (None: not given)."""
+    from .errors import VlmkitError
+    from .quant_schemes import SCHEMES
+
+    if scheme is None:
+        return None
+    if scheme not in SCHEMES:
+        raise VlmkitError(f"--quantize {scheme!r} is not a scheme", hint=f"choose one of {', '.join(SCHEMES)}")
+    if int8:
+        raise VlmkitError("--int8 and --quantize were both given", hint="--int8 is --quantize w8a8: give one")
+    return scheme
+
+
+def quantize_scheme(err, model, scheme: str, source: str) -> None:  # noqa: ANN001
+    """:func:`vlmkit.quant_schemes.quantize`; one stderr line with what was chosen and the cache."""
+    from .quant_schemes import quantize
+
+    local = Path(source).is_dir()
+    report = quantize(model, scheme, source=source if local else None)
+    auto = report.get("auto")
+    chosen = report["scheme"] + (f" (auto: {auto['ms']} ms per layer group, CPU {auto['cpu']['capability']})" if auto else "")
+    cache = report.get("cache", "off") + ("" if local else " (SOURCE is not a local folder)")
+    err.print(f"quantize: {chosen}; {report['layers']} layers in {report['seconds']:.2f} s; cache {cache}", markup=False)
 
 
 def image_line(processor, path: Path, img, kwargs: dict) -> str:

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .decode_layout import GemvLinear
 from .errors import VlmkitError
 
 __all__ = ["Int8Linear", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
@@ -96,7 +97,7 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         """Quantize a ``(out, in)`` float weight (and optional ``(out,)`` bias)."""
-        weight = weight.detach().to(torch.float32)
+        weight = weight.detach().to(torch.float32).contiguous()  # a decode layout may store it transposed
         out_features = weight.shape[0]
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         qint = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
@@ -151,7 +152,7 @@ def _swap_linears(module: nn.Module, skip: frozenset[str] = frozenset(), prefix:
         full = prefix + name
         if full in skip:
             continue
-        if type(child) is nn.Linear or (isinstance(child, nn.Linear) and type(child).forward is nn.Linear.forward):
+        if isinstance(child, nn.Linear) and type(child).forward in (nn.Linear.forward, GemvLinear.forward):
             setattr(module, name, Int8Linear.from_linear(child))
             count += 1
         else:

@@ -231,13 +231,17 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
 def decode_bytes_per_token(backbone) -> int:  # noqa: ANN001
     """Bytes of weights one decode step reads: every backbone parameter except the embedding
     table (one row is read), plus the LM head matrix (the embedding table when tied); int8
-    layers count their int8 bytes."""
+    layers count their int8 bytes, weight-only layers their quantized copy (not their float weight,
+    which only prompts read)."""
     from ..quantize import Int8Linear
+    from ..weight_only import WeightOnlyLinear
 
     embed = getattr(backbone, "embed_tokens", None)
     skip = {id(embed.weight)} if embed is not None and hasattr(embed, "weight") else set()
+    weight_only = [m for m in backbone.modules() if isinstance(m, WeightOnlyLinear)]
+    skip |= {id(p) for m in weight_only for p in (m.weight, m.bias) if p is not None}
     total = sum(p.numel() * p.element_size() for p in backbone.parameters() if id(p) not in skip)
-    total += sum(m.nbytes for m in backbone.modules() if isinstance(m, Int8Linear))
+    total += sum(m.nbytes for m in backbone.modules() if isinstance(m, (Int8Linear, WeightOnlyLinear)))
     if getattr(backbone, "lm_head", "absent") is None and embed is not None:
         total += embed.weight.numel() * embed.weight.element_size()  # tied head reads the table
     return int(total)

@@ -118,8 +118,56 @@ def _print_int8(q: dict[str, Any], console: Any) -> None:
     )
 
 
+#: printed under the tables: what the goal and met columns mean
+GOAL_NOTE = ("goal: the bound the ratio column must meet (>= for speeds, <= for times and memory), from the "
+             "project's issues; met: whether this run's medians meet it (blank: no goal). Ratios come from "
+             "alternating A/B runs in one process; on a busy machine read them with the load average shown.")
+
+
+def _print_cpu(result: dict[str, Any], console: Any) -> None:
+    import os
+
+    cpu = result.get("cpu")
+    if cpu is None:
+        return
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
+    lcpp = cpu["llama_cpp"] or "not installed (pip install llama-cpp-python to compare on the same GGUF)"
+    console.print(f"CPU: {result['info']['machine'].get('cpu')}; torch capability {cpu['capability']}; flags "
+                  f"{' '.join(cpu['flags']) or '-'}; load average {load}; llama.cpp: {lcpp}", markup=False)  # fmt: skip
+
+
+def _print_decode(d: dict[str, Any], console: Any) -> None:
+    """The decode-layout and batched-decode rows."""
+    console.print(_rows_table("vlmkit decode layout (per-shape, see chosen) vs row-major weights", "layout", "rows",
+                              "ratio", [d["layout"]]))  # fmt: skip
+    console.print(f"decode layout chosen per weight shape: {d['layout']['chosen']}; floor {fmt_value(d['floor_tok_s'])} tok/s: "
+                  f"layout reaches {d['layout_fraction']:.0%}, row-major {d['rows_fraction']:.0%} (goal >= 85%)", markup=False)  # fmt: skip
+    console.print(_rows_table("batched decode (vlmkit float32)", "8 rows", "1 row", "ratio", [d["batch"]]))
+
+
+def _print_scheme(q: dict[str, Any], console: Any) -> None:
+    rep = q["report"]
+    title = f"vlmkit --quantize {q['requested']} (applied: {q['scheme']}) vs vlmkit float32"
+    console.print(_rows_table(title, "q", "fp32", "ratio q/fp32", q["rows"]))
+    acc = q["accuracy"]
+    extra = f"; auto timed one-row ms {rep['auto']['ms']}" if "auto" in rep else ""
+    console.print(
+        f"{q['scheme']}: {rep.get('layers', 0)} layers in {rep['seconds']:.2f} s (cache {rep.get('cache', 'off')}), second run "
+        f"{q['cache_second_run_s']:.2f} s (cache {q['cache_second_run']}); {fmt_value(q['bytes_per_token_mb'])} MB per token, "
+        f"floor {fmt_value(q['floor_tok_s'])} tok/s; greedy {acc['new_tokens']}-token continuations identical to fp32 on "
+        f"{acc['greedy_exact_match_rate']:.0%} of {acc['prompts']} prompts{extra}",
+        markup=False,
+    )
+
+
 def print_report(result: dict[str, Any], console: Any) -> None:
     """Print a run's results on ``console``: the main table and lines, then the int8 section if any."""
     _print_main(result, console)
     if "int8" in result:
         _print_int8(result["int8"], console)
+    if "decode" in result:
+        _print_decode(result["decode"], console)
+    for q in result.get("schemes", []):
+        _print_scheme(q, console)
+    _print_cpu(result, console)
+    console.print(GOAL_NOTE, markup=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .int8 import int8_section
+from .schemes import layout_and_batch, scheme_section
 from .measure import (
     ROWS,
     SIDES,
@@ -40,15 +41,20 @@ def run_bench(
     json_path: str | os.PathLike | None = None,
     console: Any = None,
     subprocess_timeout: float = 1800.0,
+    quantize: Sequence[str] = (),
+    decode: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark on ``source`` (a checkpoint folder or Hub repo id), print the tables on
     ``console`` (a rich Console; None prints to stdout) and return the results (also written
-    to ``json_path``). ``quick`` skips the 17-tile rows; ``int8`` adds the int8 comparison."""
+    to ``json_path``). ``quick`` skips the 17-tile rows; ``int8`` adds the int8 comparison;
+    ``decode`` the decode-layout and batched-decode rows; each scheme of ``quantize``
+    (:data:`vlmkit.quant_schemes.SCHEMES`) a table against vlmkit float32."""
     import torch
 
     from ..hub import resolve_source
 
     _check_options(repeats, new_tokens)
+    quantize = _check_schemes(quantize)
     _import_transformers()
     folder = resolve_source(source, weights=True)
     threads = int(threads or torch.get_num_threads())
@@ -80,11 +86,50 @@ def run_bench(
         if int8:
             say("int8...")
             result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
+        _decode_sections(result, folder, sides["vlmkit"], prompts, repeats, new_tokens, bandwidth, decode, quantize, say)
     sides.clear()
     print_report(result, console)
     if json_path is not None:
         write_json(result, json_path)
     return result
+
+
+def _decode_sections(result: dict[str, Any], folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], repeats: int,
+                     new_tokens: int, bandwidth: float, decode: bool, schemes: tuple[str, ...], say) -> None:  # noqa: ANN001  # fmt: skip
+    """The decode-layout / batched rows and the ``--quantize`` tables, into ``result``."""
+    import torch
+
+    from ..quant_schemes import cpu_flags
+
+    result["cpu"] = {**cpu_flags(), "llama_cpp": _llama_cpp_version()}
+    with torch.inference_mode():
+        if decode:
+            say("decode layout and batched decode...")
+            result["decode"] = layout_and_batch(folder, fp32, prompts, repeats, new_tokens, bandwidth)
+        for scheme in schemes:
+            say(f"quantize {scheme}...")
+            result.setdefault("schemes", []).append(scheme_section(folder, fp32, prompts, scheme, repeats, new_tokens, bandwidth))
+
+
+def _llama_cpp_version() -> str | None:
+    """llama-cpp-python's version when installed (an optional comparison, not a dependency)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    return str(getattr(llama_cpp, "__version__", "installed"))
+
+
+def _check_schemes(schemes: Sequence[str]) -> tuple[str, ...]:
+    """The ``--quantize`` schemes, each one of :data:`~vlmkit.quant_schemes.SCHEMES`."""
+    from ..errors import VlmkitError
+    from ..quant_schemes import SCHEMES
+
+    schemes = (schemes,) if isinstance(schemes, str) else tuple(schemes)
+    for scheme in schemes:
+        if scheme not in SCHEMES:
+            raise VlmkitError(f"--quantize {scheme!r} is not a scheme", hint=f"choose among {', '.join(SCHEMES)}")
+    return schemes
 
 
 def _check_options(repeats: int, new_tokens: int) -> None:
@@ -210,11 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per decode sample (default 32)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--quantize", action="append", default=[], metavar="SCHEME",
+                        help="also compare this scheme (auto, fp32, w8, w4, w8a8) with vlmkit float32; repeatable")
+    parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode-layout and batched rows")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_bench(args.source, repeats=args.repeats, quick=args.quick, int8=args.int8, threads=args.threads,
-              new_tokens=args.new_tokens, json_path=args.json_path)  # fmt: skip
+              new_tokens=args.new_tokens, json_path=args.json_path, quantize=args.quantize, decode=args.decode)  # fmt: skip
     return 0

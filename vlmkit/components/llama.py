@@ -33,10 +33,10 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import nn
 
+from ..decode_layout import linear_rows
 from ..errors import divisors
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
@@ -368,9 +368,10 @@ class LlamaBackbone(nn.Module):
         """``(B, T, D) -> (B, T, V)``; the tied head reuses ``embed_tokens.weight``.
 
         An untied head is called as a module, so a swapped-in head (e.g. :mod:`vlmkit.quantize`'s
-        int8 one) runs its own kernel."""
+        int8 one) runs its own kernel; a tied one runs :func:`~vlmkit.decode_layout.linear_rows`
+        (``torch.mv`` for one row when the decode layout stored the table transposed)."""
         if self.lm_head is None:
-            return F.linear(hidden, self.embed_tokens.weight)
+            return linear_rows(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
 
     def extra_repr(self) -> str:

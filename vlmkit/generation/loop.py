@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..decode_layout import ensure_decode_layout
 from ..errors import GenerationError
 from ..kv_cache import GROW_STEP, KVCache
 from .defaults import context_length
@@ -247,7 +248,9 @@ def run_loop(
 ) -> torch.Tensor:  # fmt: skip
     """The loop on arguments already checked (by :func:`generate_from_embeds` or
     :func:`~vlmkit.generation.generate`): runs :func:`_decode_steps` under ``inference_mode``,
-    streaming each step; returns the ``(B, T_new)`` new tokens."""
+    streaming each step; returns the ``(B, T_new)`` new tokens. The backbone's decode layout
+    (:func:`~vlmkit.decode_layout.ensure_decode_layout`) is prepared on the first call."""
+    ensure_decode_layout(backbone)
     with torch.inference_mode():
         return _collect(backbone, inputs_embeds, attention_mask, opts, generator, stops, pad, streamer, cache)
 

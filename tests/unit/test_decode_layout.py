@@ -1,0 +1,105 @@
+"""vlmkit.decode_layout: GemvLinear / linear_rows equal F.linear, prepare_decode's choices, memory
+not doubled, once-per-backbone preparation by the decode loop, bad layout names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vlmkit
+from vlmkit.decode_layout import GemvLinear, ensure_decode_layout, faster_transposed, is_transposed, linear_rows, prepare_decode
+from vlmkit.errors import VlmkitError
+
+from .test_quantize import _model, _prompt
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_rows_matches_f_linear(rows, bias):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 24, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    x = torch.randn(1, rows, 24, generator=g)
+    col = w.t().contiguous().t()
+    assert is_transposed(col) and not is_transposed(w)
+    want = F.linear(x, w, b)
+    for weight in (w, col):
+        got = linear_rows(x, weight, b)
+        assert got.shape == want.shape
+        assert (got - want).abs().max() < 1e-5
+
+
+def test_gemv_linear_shares_parameters_and_keeps_gradients():
+    lin = nn.Linear(8, 5)
+    gemv = GemvLinear.from_linear(lin)
+    assert gemv.weight is lin.weight and gemv.bias is lin.bias and isinstance(gemv, nn.Linear)
+    gemv.weight = nn.Parameter(lin.weight.detach().t().contiguous().t())
+    x = torch.randn(1, 8)
+    gemv(x).sum().backward()
+    assert gemv.weight.grad is not None and (gemv.weight.grad - x.expand(5, 8)).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_prepare_decode_replaces_weights_without_growing_memory(tied):
+    model = _model(tied).eval()
+    ids, pixels = _prompt()
+    with torch.no_grad():
+        want = model(ids, pixel_values=pixels).logits
+    before = sum(p.numel() for p in model.parameters())
+    chosen = prepare_decode(model.backbone, "transposed")
+    assert chosen and set(chosen.values()) == {"transposed"}
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert all(is_transposed(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear))
+    assert is_transposed(model.backbone.embed_tokens.weight) == tied
+    with torch.no_grad():
+        got = model(ids, pixel_values=pixels).logits
+    assert (got - want).abs().max() < 1e-5
+    prepare_decode(model.backbone, "rows")  # and back
+    assert not any(is_transposed(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear))
+
+
+def test_auto_layout_times_and_chooses_per_shape():
+    model = _model().eval()
+    chosen = prepare_decode(model.backbone)  # auto
+    shapes = {tuple(m.weight.shape) for m in model.backbone.modules() if isinstance(m, nn.Linear)}
+    assert set(chosen) == shapes and set(chosen.values()) <= {"transposed", "rows"}
+    assert isinstance(faster_transposed([torch.randn(16, 8)], rounds=2), bool)
+
+
+def test_generate_prepares_the_layout_once():
+    model = _model().eval()
+    ids, pixels = _prompt()
+    assert getattr(model.backbone, "decode_layout", None) is None
+    first = model.generate(ids, pixel_values=pixels, max_new_tokens=4)
+    layout = model.backbone.decode_layout
+    assert layout
+    weights = {id(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear)}
+    again = model.generate(ids, pixel_values=pixels, max_new_tokens=4)
+    assert model.backbone.decode_layout is layout
+    assert weights == {id(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear)}
+    assert torch.equal(first, again)
+    ensure_decode_layout(model.backbone)
+    assert model.backbone.decode_layout is layout
+
+
+def test_bad_layout_is_a_vlmkit_error():
+    with pytest.raises(VlmkitError, match="(?s)'diagonal'.*auto, transposed, rows"):
+        prepare_decode(_model().backbone, "diagonal")
+
+
+def test_int8_quantization_after_the_layout_still_quantizes_every_linear():
+    from vlmkit.quantize import Int8Linear, quantize_int8
+
+    model = _model().eval()
+    ids, pixels = _prompt()
+    with torch.no_grad():
+        want = model(ids, pixel_values=pixels).logits
+    prepare_decode(model.backbone, "transposed")
+    quantize_int8(model)
+    assert not any(isinstance(m, GemvLinear) for m in model.backbone.layers.modules())
+    assert isinstance(model.backbone.layers[0].mlp.down_proj, Int8Linear)
+    with torch.no_grad():
+        got = model(ids, pixel_values=pixels).logits
+    assert ((got - want).norm() / want.norm()) < 0.1
