@@ -166,9 +166,11 @@ class Family:
         prefixes = self.prefixes.get(slot)
         return keymap if prefixes is None else keymap.with_prefixes(prefixes)
 
-    def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings, vocab_rows: int) -> PromptLayout:
+    def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings | ImageProcessing,
+                      vocab_rows: int) -> PromptLayout:  # fmt: skip
         """The prompt layout of images for this checkpoint's ``tokenizer``; raise
-        :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs."""
+        :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs.
+        ``settings`` are the tiled image settings, or this family's :meth:`image_processing` object."""
         from .errors import ProcessorError
 
         raise ProcessorError(f"the {self.name!r} model family has no prompt layout for images")

@@ -2,7 +2,9 @@
 
 ``processor(text=..., images=...)`` returns ``input_ids`` ``(B, L)``, ``attention_mask``
 ``(B, L)``, ``pixel_values`` ``(B, N, 3, H, W)`` and ``pixel_attention_mask`` ``(B, N, H, W)``
-laid out as the checkpoint's transformers processor does (the prompt layout is the family's). The token cost of every image is worked
+laid out as the checkpoint's transformers processor does (the prompt layout is the family's; a
+family with its own image processing, :meth:`vlmkit.family.Family.image_processing`, plans and
+encodes each image; transformers' flat ``(N_total, 3, H, W)`` is each prompt's real images concatenated). The token cost of every image is worked
 out from its size before any pixel is touched, so :meth:`Processor.image_cost`,
 :meth:`Processor.prompt_cost` and the ``max_visual_tokens`` guard are cheap.
 """
