@@ -192,3 +192,36 @@ def test_processor_and_model_generate_the_same_tokens(tmp_path, tokenizer):
     with torch.no_grad():
         want = hf.generate(**hf_in, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
     assert got.tolist() == want.tolist()
+
+
+def test_prompt_cost_and_visual_token_budget(tmp_path, tokenizer):
+    save_folder(tmp_path, tokenizer)
+    ours = vlmkit.load_processor(tmp_path)
+    prompt, imgs = "A <image> and <image> here", images()[:2]
+    cost = ours.prompt_cost(prompt, [imgs])
+    ids = ours(text=prompt, images=[imgs])["input_ids"]
+    assert cost.total_tokens == ids.shape[1] and cost.visual_tokens == 2 * 16
+    with pytest.raises(ProcessorError, match="over max_visual_tokens=10"):
+        ours(text=prompt, images=[imgs], max_visual_tokens=10)
+    capped = vlmkit.load_processor(tmp_path, max_visual_tokens=16)
+    assert capped(text="<image>", images=[imgs[0]])["input_ids"].shape[1] >= 16
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "message"),
+    [
+        ({"num_additional_image_tokens": -1}, "num_additional_image_tokens", "integer >= 0"),
+        ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy", "one of"),
+        ({"patch_size": "4"}, "patch_size", "integer >= 1"),
+        ({"image_token": ""}, "image_token", "placeholder"),
+        ({"image_processor": {"size": {"longest_edge": 16}}}, "size", "shortest_edge"),
+        ({"image_processor": None}, None, "no image processor settings"),
+    ],
+)
+def test_bad_processor_config_values_name_the_key(tmp_path, tokenizer, change, key, message):
+    save_folder(tmp_path, tokenizer)
+    proc = {**json.loads((tmp_path / "processor_config.json").read_text()), **change}
+    (tmp_path / "processor_config.json").write_text(json.dumps({k: v for k, v in proc.items() if v is not None}))
+    with pytest.raises(SpecError, match=message) as err:
+        vlmkit.load_processor(tmp_path)
+    assert err.value.key_path == key or (key is None and err.value.key_path is None)

@@ -167,12 +167,12 @@ def read_llava_processing(
     if not isinstance(patch, int) or isinstance(patch, bool) or patch <= 0:
         raise SpecError(f"no usable patch size ({patch!r}) in processor_config.json or config.json vision_config",
                         key_path="patch_size", source=source, hint="add the vision tower's patch_size")  # fmt: skip
-    strategy = _cross_check("vision_feature_select_strategy", proc.get("vision_feature_select_strategy"),
-                            "vision_feature_select_strategy", config.get("vision_feature_select_strategy"), source,
-                            config_name)  # fmt: skip
+    strategy = proc.get("vision_feature_select_strategy")
     if strategy is not None and strategy not in STRATEGIES:
         raise SpecError(f"vision_feature_select_strategy={strategy!r} is not one of {list(STRATEGIES)}",
                         key_path="vision_feature_select_strategy", source=source)  # fmt: skip
+    strategy = _cross_check("vision_feature_select_strategy", strategy, "vision_feature_select_strategy",
+                            config.get("vision_feature_select_strategy"), source, config_name)  # fmt: skip
     extra = _int(proc, "num_additional_image_tokens", source, minimum=0) or 0
     token = proc.get("image_token", "<image>")
     if not isinstance(token, str) or not token:
