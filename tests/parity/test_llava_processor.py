@@ -225,3 +225,20 @@ def test_bad_processor_config_values_name_the_key(tmp_path, tokenizer, change, k
     with pytest.raises(SpecError, match=message) as err:
         vlmkit.load_processor(tmp_path)
     assert err.value.key_path == key or (key is None and err.value.key_path is None)
+
+
+def test_a_left_padded_batch_generates_the_same_tokens(tmp_path, tokenizer):
+    ref, hf = save_folder(tmp_path, tokenizer, model=True)
+    ours_proc, ours = vlmkit.load_processor(tmp_path), vlmkit.build_from_hf(tmp_path)
+    texts, imgs = ["Describe <image> briefly please, in a few words", "<image> vs <image>?"], images()
+    nested = [[imgs[0]], [imgs[1], imgs[3]]]
+    ours_in = ours_proc(text=texts, images=nested, padding_side="left")
+    hf_in = ref(text=texts, images=[imgs[0], imgs[1], imgs[3]], return_tensors="pt", padding=True, padding_side="left")
+    assert ours_in["input_ids"].tolist() == hf_in["input_ids"].tolist()
+    assert ours_in["attention_mask"][0, 0].item() == 0  # the shorter prompt is padded on the left
+    got = ours.generate(ours_in["input_ids"], attention_mask=ours_in["attention_mask"],
+                        pixel_values=ours_in["pixel_values"], pixel_attention_mask=ours_in["pixel_attention_mask"],
+                        max_new_tokens=6, eos_token_id=[], pad_token_id=0)  # fmt: skip
+    with torch.no_grad():
+        want = hf.generate(**hf_in, do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    assert got.tolist() == want.tolist()
