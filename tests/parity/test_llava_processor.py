@@ -242,3 +242,18 @@ def test_a_left_padded_batch_generates_the_same_tokens(tmp_path, tokenizer):
     with torch.no_grad():
         want = hf.generate(**hf_in, do_sample=False, max_new_tokens=6, eos_token_id=None, pad_token_id=0)
     assert got.tolist() == want.tolist()
+
+
+def test_export_keeps_the_processor_files(tmp_path, tokenizer):
+    """`vlmkit export` of a llava checkpoint checks its processor files (tokens per image against the
+    model's) and copies them: transformers' processor of the exported folder gives the same ids."""
+    from vlmkit.serve.export import export_folder
+
+    save_folder(tmp_path / "src", tokenizer, model=True)
+    model = vlmkit.build_from_hf(tmp_path / "src")
+    out = export_folder(model, str(tmp_path / "src"), tmp_path / "out")
+    ref = transformers.AutoProcessor.from_pretrained(out, use_fast=False)  # the Pillow backend, as vlmkit
+    assert_same(vlmkit.load_processor(out), ref, ["<image> and <image>"], [images()[:2]])
+    save_folder(tmp_path / "bad", tokenizer, model=True, extra=0)  # 15 tokens per image; the model takes 16
+    with pytest.raises(vlmkit.errors.VlmkitError, match="15 visual tokens"):
+        export_folder(vlmkit.build_from_hf(tmp_path / "bad"), str(tmp_path / "bad"), tmp_path / "out2")
