@@ -4,7 +4,9 @@
   read from ``processor_config.json``'s ``image_processor`` section (what transformers 5's
   ``save_pretrained`` writes) or from ``preprocessor_config.json`` (published llava-hf files);
   ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens`` and
-  ``image_token`` from ``processor_config.json``, cross-checked with ``config.json``.
+  ``image_token`` from ``processor_config.json``, cross-checked with ``config.json`` (a
+  ``processor_config.json`` without ``patch_size`` / ``vision_feature_select_strategy`` takes
+  ``config.json``'s; transformers would then fail, or count the class token the model drops).
 - Cost of one image: its output is one ``(3, H, W)`` tile (``H, W``: the crop size with center
   crop on); it costs ``(H // patch) * (W // patch) + num_additional_image_tokens`` image tokens,
   minus 1 with strategy ``default`` -- transformers' ``LlavaProcessor.replace_image_token``.
