@@ -257,3 +257,13 @@ def test_export_keeps_the_processor_files(tmp_path, tokenizer):
     save_folder(tmp_path / "bad", tokenizer, model=True, extra=0)  # 15 tokens per image; the model takes 16
     with pytest.raises(vlmkit.errors.VlmkitError, match="15 visual tokens"):
         export_folder(vlmkit.build_from_hf(tmp_path / "bad"), str(tmp_path / "bad"), tmp_path / "out2")
+
+
+def test_missing_processor_values_come_from_config_json(tmp_path, tokenizer):
+    ref, _ = save_folder(tmp_path, tokenizer, strategy="full")
+    proc = json.loads((tmp_path / "processor_config.json").read_text())
+    slim = {k: v for k, v in proc.items() if k not in ("patch_size", "vision_feature_select_strategy")}
+    (tmp_path / "processor_config.json").write_text(json.dumps(slim))
+    ours = vlmkit.load_processor(tmp_path)
+    assert ours.image_seq_len == 16 + 1  # config.json's patch size 4 and strategy "full" (class token kept)
+    assert_same(ours, ref, ["<image>!"], [[images()[0]]])
