@@ -10,6 +10,8 @@ checkpoint's ``config.json`` ``model_type`` (:func:`family_for_config`) and asks
   not ``backbone.hidden_size``);
 - :meth:`Family.prompt_layout`: how an image is written into the prompt (placeholder, tile
   tokens, global image), checked against the checkpoint's tokenizer;
+- :meth:`Family.image_processing`: how an image becomes pixels and what it costs, when the
+  family's image processor is not the core's tiled one (``None``: the tiled default);
 - :meth:`Family.video_layout`: how a video is sampled and written into the prompt (``None``: the
   checkpoint takes no video);
 - :meth:`Family.stop_tokens`: tokens that end a turn, besides the files' ``eos_token_id``;
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .processor.video import VideoPlan, VideoSampling
     from .spec import VLMSpec
 
-__all__ = ["Family", "PromptLayout", "VideoLayout", "family_for_config", "bundled_folder", "checkpoint_key_map"]
+__all__ = ["Family", "ImageProcessing", "PromptLayout", "VideoLayout", "family_for_config", "bundled_folder", "checkpoint_key_map"]
 
 
 class PromptLayout(Protocol):
@@ -58,6 +60,33 @@ class PromptLayout(Protocol):
 
     def fits(self, cost: ImageCost) -> bool:
         """Whether the tokenizer has a token for every tile position of ``cost``."""
+        ...
+
+
+class ImageProcessing(Protocol):
+    """A family's own image processor, which the processor delegates one image at a time to.
+
+    ``settings`` are the checkpoint's image settings (whatever type the family uses; the
+    family's :meth:`Family.prompt_layout` receives them); ``image_seq_len`` the visual tokens of
+    an image at the checkpoint's nominal size; ``keywords`` the per-call image keywords of
+    :data:`vlmkit.processor.options.CALL_KEYWORDS` it takes (any other image keyword is a
+    :class:`~vlmkit.errors.ProcessorError` naming it).
+    """
+
+    settings: Any
+    image_seq_len: int
+    keywords: frozenset[str]
+
+    def call_settings(self, options: Mapping[str, Any]) -> Any:
+        """``settings`` with one call's checked image keywords applied."""
+        ...
+
+    def plan(self, size: tuple[int, int], settings: Any) -> ImageCost:
+        """The cost of an image of ``size = (height, width)``, from its size alone (no pixel work)."""
+        ...
+
+    def encode(self, image: Any, cost: ImageCost, settings: Any, where: str) -> Any:
+        """One image -> float32 ``(n_tiles, 3, H, W)`` following ``cost`` (``where`` names it in errors)."""
         ...
 
 
@@ -137,12 +166,26 @@ class Family:
         prefixes = self.prefixes.get(slot)
         return keymap if prefixes is None else keymap.with_prefixes(prefixes)
 
-    def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings, vocab_rows: int) -> PromptLayout:
+    def prompt_layout(self, tokenizer: TextTokenizer, settings: ImageSettings | ImageProcessing,
+                      vocab_rows: int) -> PromptLayout:  # fmt: skip
         """The prompt layout of images for this checkpoint's ``tokenizer``; raise
-        :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs."""
+        :class:`~vlmkit.errors.SpecError` when the tokenizer lacks the tokens it needs.
+        ``settings`` are the tiled image settings, or this family's :meth:`image_processing` object."""
         from .errors import ProcessorError
 
         raise ProcessorError(f"the {self.name!r} model family has no prompt layout for images")
+
+    def image_processing(
+        self,
+        folder: Path,
+        preprocessor_config: Mapping[str, Any] | None,
+        processor_config: Mapping[str, Any] | None,
+        config: Mapping[str, Any] | None,
+    ) -> ImageProcessing | None:
+        """This checkpoint's image processing, read from its files (``None`` when absent), or
+        ``None`` for the core's tiled image processor (``preprocessor_config.json`` with
+        ``size.longest_edge`` / ``max_image_size``). Raise :class:`~vlmkit.errors.SpecError`."""
+        return None
 
     def video_layout(
         self, tokenizer: TextTokenizer, image_layout: PromptLayout, preprocessor_config: Mapping[str, Any], source: str

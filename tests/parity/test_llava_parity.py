@@ -89,12 +89,3 @@ def test_published_llava_layout_loads_too(tmp_path):
     with torch.no_grad():
         diff = (ours(ids, pixel_values=pixels[None]).logits - hf(input_ids=ids, pixel_values=pixels).logits).abs().max()
     assert diff.item() < 1e-4
-
-
-def test_load_processor_on_a_llava_folder_says_what_is_missing(tmp_path):
-    from vlmkit.errors import ProcessorError
-
-    _, folder = _checkpoint(tmp_path, CASES["layer-2-default"])
-    with pytest.raises(ProcessorError, match="'llava' model family has no vlmkit processor yet") as err:
-        vlmkit.load_processor(folder)
-    assert "idefics3" in (err.value.hint or "")

@@ -11,8 +11,9 @@ ways and checkpoint layout. Built from the ``clip`` tower, the ``mlp`` connector
   ``language_model.model.*`` and ``language_model.lm_head.weight``; published llava-hf and
   transformers 4.x files keep the tower under ``vision_tower.vision_model.``. The file read decides.
 
-The LLaVA processor (CLIP resize + center crop, one placeholder run per image) is not wired yet:
-``load_processor`` on a llava folder raises a clear error naming what is missing.
+- Processor: :meth:`LlavaFamily.image_processing` supplies the CLIP image processing and the
+  token cost of each image, :meth:`LlavaFamily.prompt_layout` the ``<image>`` expansion (both in
+  :mod:`vlmkit.components.llava_processing`); the core processor delegates to them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..errors import SpecError, short_repr
 from ..family import Family
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
+from .llava_processing import LlavaImageProcessing, LlavaLayout, read_llava_processing
 
 __all__ = ["LlavaFamily"]
 
@@ -70,6 +72,18 @@ class LlavaFamily(Family):
         "connector": "multi_modal_projector.",
         "backbone": {"lm_head.": "language_model.lm_head.", "": "language_model.model."},
     }
+    has_processor = True
+
+    def image_processing(self, folder, preprocessor_config, processor_config, config) -> LlavaImageProcessing:  # noqa: ANN001
+        """CLIP resize / center crop, one tile per image (see :mod:`.llava_processing`)."""
+        return read_llava_processing(Path(folder), preprocessor_config, processor_config, config)
+
+    def prompt_layout(self, tokenizer, settings, vocab_rows: int) -> LlavaLayout:  # noqa: ANN001 - see Family
+        """``settings`` is this family's :class:`LlavaImageProcessing`: its ``image_token``, repeated."""
+        if not isinstance(settings, LlavaImageProcessing):
+            raise SpecError("the llava family reads its images with its own image processing, not tiled settings",
+                            hint="load the processor from a llava checkpoint folder")  # fmt: skip
+        return LlavaLayout(settings.image_token)
 
     def spec_from_config(self, config: dict[str, Any], folder: Path | None, source: str) -> dict[str, Any]:
         vision = _section(config, "vision_config", source)

@@ -15,9 +15,10 @@ from typing import Any
 
 from ..errors import ProcessorError
 from .image import ImageSettings
+from .options import CALL_KEYWORDS, GROUPS
 from .tokens import TokenOptions
 
-__all__ = ["CallPlan", "plan_call"]
+__all__ = ["CallPlan", "check_image_keywords", "plan_call"]
 
 #: image keyword -> ImageSettings field it overrides for one call.
 _SETTING_FIELDS = {
@@ -34,10 +35,11 @@ _SETTING_FIELDS = {
 
 @dataclass(frozen=True)
 class CallPlan:
-    """Everything one call decided: ``settings`` are this call's image settings."""
+    """Everything one call decided: ``settings`` are this call's image settings (the tiled
+    :class:`ImageSettings`, or those of the family's own image processing)."""
 
     tokens: TokenOptions
-    settings: ImageSettings
+    settings: Any
     split: bool
     longest_edge: int
     max_visual_tokens: int | None
@@ -71,6 +73,20 @@ def image_plan(opts: Mapping[str, Any], settings: ImageSettings, image_seq_len: 
     return call_settings, settings.do_image_splitting if split is None else split, _longest_edge(opts, settings.longest_edge)
 
 
+def check_image_keywords(options: Mapping[str, Any], accepted: frozenset[str]) -> None:
+    """Refuse, by name, every image keyword in ``options`` (flat or nested, as the user passed
+    them) that a family's own image processing does not take (``accepted``)."""
+    names = [k for k in options if k not in GROUPS]
+    names += [k for g in GROUPS if isinstance(options.get(g), Mapping) for k in options[g]]
+    for name in names:
+        kw = CALL_KEYWORDS.get(name)
+        if kw is not None and kw.group == "images" and name not in accepted:
+            raise ProcessorError(
+                f"{name} is not supported: this checkpoint's image processor does not take it",
+                hint=f"drop {name}; the image keywords it takes: {', '.join(sorted(accepted))}",
+            )
+
+
 def plan_call(
     opts: Mapping[str, Any],
     settings: ImageSettings,
@@ -78,8 +94,12 @@ def plan_call(
     image_seq_len: int,
     padding_side: str,
     max_visual_tokens: int | None,
+    image_processing: Any = None,
 ) -> CallPlan:
-    """The :class:`CallPlan` of one call; vlmkit's defaults: padding on, ``return_tensors='pt'``."""
+    """The :class:`CallPlan` of one call; vlmkit's defaults: padding on, ``return_tensors='pt'``.
+
+    With a family's ``image_processing`` (:class:`vlmkit.family.ImageProcessing`) the call's
+    settings are its :meth:`~vlmkit.family.ImageProcessing.call_settings`, with no splitting."""
     truncation = bool(opts.get("truncation") or False)
     padding = opts.get("padding", "longest")
     if opts.get("max_length") is not None and not truncation and padding != "max_length":
@@ -102,6 +122,9 @@ def plan_call(
         return_special_tokens_mask=bool(opts.get("return_special_tokens_mask")),
         return_offsets_mapping=bool(opts.get("return_offsets_mapping")),
     )
-    call_settings, split, longest = image_plan(opts, settings, image_seq_len)
+    if image_processing is None:
+        call_settings, split, longest = image_plan(opts, settings, image_seq_len)
+    else:  # a family's own image processing: no tiling knobs
+        call_settings, split, longest = image_processing.call_settings(opts), False, 0
     limit = opts.get("max_visual_tokens", max_visual_tokens)
     return CallPlan(tokens, call_settings, split, longest, limit, opts.get("return_tensors", "pt"), opts.get("device"))

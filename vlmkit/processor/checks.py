@@ -315,15 +315,18 @@ def check_checkpoint(
     processor_config: Mapping[str, Any] | None,
     generation_config: Mapping[str, Any] | None,
     tokenizer: TextTokenizer,
-    settings: ImageSettings,
+    settings: Any,
     image_seq_len: int | None = None,
 ) -> CheckedSpec:
     """Check the checkpoint files against each other; see the module docstring. ``family`` (of
-    the checkpoint in ``folder``) gives the prompt layout and the turn-end tokens."""
+    the checkpoint in ``folder``) gives the prompt layout and the turn-end tokens; ``settings``
+    (the tiled :class:`ImageSettings`, or the family's own image processing) go to its
+    :meth:`~vlmkit.family.Family.prompt_layout`."""
     files = _Files(Path(folder), config or {}, processor_config or {}, generation_config or {})
     rows, _ = _embedding_rows(files, tokenizer)
     seq_len = _image_seq_len(files, family, image_seq_len)
-    _check_tile(files, settings)
+    if isinstance(settings, ImageSettings):  # a family's own image processing checks its own sizes
+        _check_tile(files, settings)
     layout = family.prompt_layout(tokenizer, settings, rows)
     image_id = _image_token_id(files, tokenizer, layout.image, rows)
     ids = _special_ids(files, tokenizer, family, rows)

@@ -52,7 +52,13 @@ def load_processor(
     spec, source = _spec_and_source(spec, source)
     folder = _checkpoint_folder(source, revision)
     family = _family(folder)  # before reading image settings: the family may have no processor yet
-    settings, config, processor_config, image_seq_len = _vision_side(folder, spec, image_seq_len)
+    side = _family_image_processing(family, folder, spec)  # None: the core's tiled image processor
+    if side is None:
+        settings, config, processor_config, image_seq_len = _vision_side(folder, spec, image_seq_len)
+    else:
+        settings, config = side.settings, read_json(folder, "config.json", required=False)
+        processor_config = None  # read by the family's image processing (its tokens per image: image_seq_len)
+        image_seq_len = _family_seq_len(side, image_seq_len)
     tokenizer = TextTokenizer.from_folder(folder)
     # check_checkpoint and load_chat_template are called from here: their SpecWarnings' stacklevels name our caller
     checked = check_checkpoint(
@@ -62,18 +68,47 @@ def load_processor(
         processor_config=processor_config,
         generation_config=read_json(folder, "generation_config.json", required=False),
         tokenizer=tokenizer,
-        settings=settings,
+        settings=settings if side is None else side,
         image_seq_len=image_seq_len,
     )
     template = load_chat_template(folder, tokenizer.config)
-    video = family.video_layout(tokenizer, checked.layout, *_preprocessor(folder))  # None: the checkpoint takes no video
+    video = family.video_layout(tokenizer, checked.layout, *_preprocessor(folder, side is None))  # None: no video
     return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens,
-                     video_layout=video)  # fmt: skip
+                     video_layout=video, image_processing=side)  # fmt: skip
 
 
-def _preprocessor(folder: Path) -> tuple[dict[str, Any], str]:
-    """preprocessor_config.json of ``folder`` and its path (for the family's video settings)."""
-    return read_json(folder, "preprocessor_config.json"), str(folder / "preprocessor_config.json")
+def _preprocessor(folder: Path, required: bool = True) -> tuple[dict[str, Any], str]:
+    """preprocessor_config.json of ``folder`` (``{}`` when optional and absent) and its path (for
+    the family's video settings)."""
+    return read_json(folder, "preprocessor_config.json", required=required) or {}, str(folder / "preprocessor_config.json")
+
+
+def _family_image_processing(family: Family, folder: Path, spec: Any) -> Any:
+    """The family's own image processing of the checkpoint in ``folder`` (``None``: the tiled default)."""
+    side = family.image_processing(
+        folder,
+        read_json(folder, "preprocessor_config.json", required=False),
+        read_json(folder, "processor_config.json", required=False),
+        read_json(folder, "config.json", required=False),
+    )
+    if side is not None and spec is not None:
+        raise ProcessorError(
+            f"spec= cannot drive the image side of a {family.name!r} checkpoint's processor: its family has its "
+            "own image processing, read from the checkpoint files",
+            hint="load the processor from the checkpoint folder alone (drop spec=)",
+        )
+    return side
+
+
+def _family_seq_len(side: Any, image_seq_len: int | None) -> int:
+    """The family's tokens per image; an ``image_seq_len`` argument must agree with it."""
+    if image_seq_len is not None and image_seq_len != side.image_seq_len:
+        raise ProcessorError(
+            f"image_seq_len={image_seq_len} was passed but the checkpoint's image processing gives "
+            f"{side.image_seq_len} image tokens per image",
+            hint="drop the image_seq_len argument; the checkpoint files decide it",
+        )
+    return side.image_seq_len
 
 
 def _family(folder: Path) -> Family:

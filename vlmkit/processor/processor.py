@@ -2,7 +2,9 @@
 
 ``processor(text=..., images=...)`` returns ``input_ids`` ``(B, L)``, ``attention_mask``
 ``(B, L)``, ``pixel_values`` ``(B, N, 3, H, W)`` and ``pixel_attention_mask`` ``(B, N, H, W)``
-laid out as the checkpoint's transformers processor does (the prompt layout is the family's). The token cost of every image is worked
+laid out as the checkpoint's transformers processor does (the prompt layout is the family's; a
+family with its own image processing, :meth:`vlmkit.family.Family.image_processing`, plans and
+encodes each image; transformers' flat ``(N_total, 3, H, W)`` is each prompt's real images concatenated). The token cost of every image is worked
 out from its size before any pixel is touched, so :meth:`Processor.image_cost`,
 :meth:`Processor.prompt_cost` and the ``max_visual_tokens`` guard are cheap.
 """
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ProcessorError
-from .call_plan import CallPlan, plan_call
+from .call_plan import CallPlan, check_image_keywords, plan_call
 from .chat import chat_images, refuse_untokenized, render_conversations, split_chat_keywords, template_from_text
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
@@ -67,6 +69,7 @@ class Processor:
         chat_template: ChatTemplate | None = None,
         max_visual_tokens: int | None = None,
         video_layout: Any = None,
+        image_processing: Any = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.settings = settings
@@ -74,6 +77,7 @@ class Processor:
         self.template = chat_template
         self.max_visual_tokens = check_limit(max_visual_tokens)
         self.video = video_layout  # the family's VideoLayout, or None: the checkpoint takes no video
+        self.image_processing = image_processing  # the family's ImageProcessing, or None: the tiled default
 
     # ---------------------------------------------------------------- facts
 
@@ -115,6 +119,8 @@ class Processor:
 
     def __repr__(self) -> str:
         s = self.settings
+        if self.image_processing is not None:
+            return f"Processor(image_seq_len={self.image_seq_len}, image_processing={s!r}, tokenizer={self.tokenizer!r})"
         return (
             f"Processor(image_seq_len={self.image_seq_len}, tile={s.tile}, longest_edge={s.longest_edge}, "
             f"do_image_splitting={s.do_image_splitting}, tokenizer={self.tokenizer!r})"
@@ -136,9 +142,15 @@ class Processor:
             size = image_size(image_or_size, "the image")
             check_format(image_or_size, "the image")
         plan = self._call_plan(options)
-        cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split, longest_edge=plan.longest_edge)
+        cost = self._cost(size, plan)
         self._check_grid(cost, "the image", plan)
         return cost
+
+    def _cost(self, size: tuple[int, int], plan: CallPlan) -> ImageCost:
+        """One image's plan: the family's image processing, or the tiled default."""
+        if self.image_processing is not None:
+            return self.image_processing.plan(size, plan.settings)
+        return plan_image(size, plan.settings, self.image_seq_len, split=plan.split, longest_edge=plan.longest_edge)
 
     def get_number_of_image_patches(
         self, height: int, width: int, images_kwargs: Mapping[str, Any] | None = None
@@ -226,9 +238,12 @@ class Processor:
         self._call_plan(options)
 
     def _call_plan(self, options: Mapping[str, Any]) -> CallPlan:
-        limit = self.max_visual_tokens
+        limit, side = self.max_visual_tokens, self.image_processing
+        if side is not None:
+            check_image_keywords(options, side.keywords)
         return plan_call(resolve_call_options(options), self.settings, image_seq_len=self.image_seq_len,
-                         padding_side=self.tokenizer.padding_side, max_visual_tokens=limit)  # fmt: skip
+                         padding_side=self.tokenizer.padding_side, max_visual_tokens=limit,
+                         image_processing=side)  # fmt: skip
 
     def _layout_inputs(self, text: Any, images: Any) -> tuple[list[str] | None, list[list[Any]]]:
         """Normalize to a list of prompts and one list of images per prompt; check the counts."""
@@ -263,8 +278,7 @@ class Processor:
                 where = f"image {j} of sample {i}"
                 size = image_size(img, where)
                 check_format(img, where)
-                cost = plan_image(size, plan.settings, self.image_seq_len, split=plan.split,
-                                  longest_edge=plan.longest_edge)  # fmt: skip
+                cost = self._cost(size, plan)
                 self._check_grid(cost, where, plan)
                 if limit is not None and cost.visual_tokens > limit:
                     msg, fix = self._over_budget(where, cost, limit, plan)
@@ -282,7 +296,9 @@ class Processor:
             f"visual tokens ({tiles} of {self.image_seq_len}), over max_visual_tokens={limit}"
         )
         edge = self._largest_edge(cost.input_size, plan, lambda c: c.visual_tokens <= limit) if plan.split else None
-        if limit < self.image_seq_len:
+        if self.image_processing is not None:
+            fix = "pass a smaller image, or raise max_visual_tokens"
+        elif limit < self.image_seq_len:
             fix = f"one tile costs {self.image_seq_len} tokens, so raise max_visual_tokens to at least that"
         elif edge is not None:
             fix = f"pass longest_edge={edge} (or less), or do_image_splitting=False ({self.image_seq_len} tokens)"
@@ -322,15 +338,18 @@ class Processor:
             pieces.append(rest)
         return expand_videos("".join(pieces), list(videos), self.video, self.image_seq_len)
 
+    def _encode(self, image: Any, cost: ImageCost, plan: CallPlan, where: str) -> torch.Tensor:
+        """One image -> float32 ``(n_tiles, 3, H, W)``: the family's image processing, or the tiled default."""
+        settings = plan.settings
+        if self.image_processing is not None:
+            return self.image_processing.encode(image, cost, settings, where)
+        return encode_image(to_rgb(image, where, convert=settings.do_convert_rgb), cost, settings)
+
     def _pixels(self, nested: list[list[Any]], costs: list[list[ImageCost]], plan: CallPlan, clips: list,
                 texts: list[str] | None) -> dict[str, Any]:  # fmt: skip
         """Each prompt's image tiles, and video frames in prompt order, padded into one batch."""
-        settings = plan.settings
         encoded = [
-            [
-                encode_image(to_rgb(img, f"image {j} of sample {i}", convert=settings.do_convert_rgb), cost, settings)
-                for j, (img, cost) in enumerate(zip(imgs, row))
-            ]
+            [self._encode(img, cost, plan, f"image {j} of sample {i}") for j, (img, cost) in enumerate(zip(imgs, row))]
             for i, (imgs, row) in enumerate(zip(nested, costs))
         ]
         if any(clips):
