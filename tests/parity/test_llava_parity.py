@@ -89,3 +89,26 @@ def test_published_llava_layout_loads_too(tmp_path):
     with torch.no_grad():
         diff = (ours(ids, pixel_values=pixels[None]).logits - hf(input_ids=ids, pixel_values=pixels).logits).abs().max()
     assert diff.item() < 1e-4
+
+
+def test_a_navit_tower_in_front_of_a_llava_text_model_builds_from_yaml(tmp_path):
+    """A model YAML mixing families: SmolVLM's navit tower and idefics3 connector (fresh) before the
+    text model of a llava checkpoint (its `language_model.` tensors, through the llava family)."""
+    hf, folder = _checkpoint(tmp_path, CASES["gqa-tied"])
+    text = vlmkit.spec_from_hf(folder).backbone
+    spec = {
+        "vision_tower": {"name": "navit", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "image_size": 16, "patch_size": 4},
+        "connector": {"name": "idefics3", "scale_factor": 2},
+        "packer": {"name": "image_packer", "image_token_id": IMAGE},
+        "backbone": text.to_dict(),
+        "weights": {"backbone": str(folder)},
+    }  # fmt: skip
+    ours = vlmkit.build(spec)
+    assert ours.packer.tokens_per_image == 4
+    ids = torch.randint(1, 50, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        diff = (ours(ids).logits - hf(input_ids=ids).logits).abs().max()
+        pixels = torch.randn(1, 1, 3, 16, 16)
+        with_image = ours(torch.cat([ids[:, :2], torch.full((1, 4), IMAGE), ids[:, 2:]], 1), pixel_values=pixels)
+    assert diff.item() < 1e-4 and with_image.logits.shape == (1, 13, TEXT["vocab_size"])
