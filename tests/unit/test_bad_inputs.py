@@ -447,9 +447,9 @@ def test_meta_tensor_left_by_a_component_is_a_plugin_error(monkeypatch):
 
 
 def test_memory_guard_names_the_size(monkeypatch):
-    from vlmkit import builder
+    from vlmkit import wiring
 
-    monkeypatch.setattr(builder, "available_memory", lambda: (1024, "available memory (MemAvailable)"))
+    monkeypatch.setattr(wiring, "available_memory", lambda: (1024, "available memory (MemAvailable)"))
     with pytest.raises(SpecError, match=r"parameters .* GiB in float32\) but only .* GiB are left \(available memory"):
         vlmkit.build(TINY, load_weights=False)
 
