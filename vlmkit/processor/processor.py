@@ -27,6 +27,7 @@ from .loading import load_processor
 from .options import resolve_call_options
 from .outputs import ProcessorOutput, PromptCost
 from .text import ChatTemplate, TextTokenizer
+from .tile_checks import check_grid, over_budget
 from .tokens import check_image_tokens, encode_texts, pad_texts
 from .video import videos_in_messages
 from .video_prompt import (
@@ -143,7 +144,7 @@ class Processor:
             check_format(image_or_size, "the image")
         plan = self._call_plan(options)
         cost = self._cost(size, plan)
-        self._check_grid(cost, "the image", plan)
+        check_grid(self.spec.layout, cost, "the image", plan, self.image_seq_len)
         return cost
 
     def _cost(self, size: tuple[int, int], plan: CallPlan) -> ImageCost:
@@ -279,54 +280,13 @@ class Processor:
                 size = image_size(img, where)
                 check_format(img, where)
                 cost = self._cost(size, plan)
-                self._check_grid(cost, where, plan)
+                check_grid(self.spec.layout, cost, where, plan, self.image_seq_len)
                 if limit is not None and cost.visual_tokens > limit:
-                    msg, fix = self._over_budget(where, cost, limit, plan)
+                    msg, fix = over_budget(where, cost, limit, plan, self.image_seq_len, tiled=self.image_processing is None)
                     raise ProcessorError(msg, hint=fix)
                 row.append(cost)
             plans.append(row)
         return plans
-
-    def _over_budget(self, where: str, cost: ImageCost, limit: int, plan: CallPlan) -> tuple[str, str]:
-        """The message and hint of a ProcessorError for an image over ``max_visual_tokens``."""
-        rows, cols = cost.tiles
-        tiles = f"{rows} x {cols} tiles + 1 global tile" if rows else "1 tile"
-        msg = (
-            f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) costs {cost.visual_tokens} "
-            f"visual tokens ({tiles} of {self.image_seq_len}), over max_visual_tokens={limit}"
-        )
-        edge = self._largest_edge(cost.input_size, plan, lambda c: c.visual_tokens <= limit) if plan.split else None
-        if self.image_processing is not None:
-            fix = "pass a smaller image, or raise max_visual_tokens"
-        elif limit < self.image_seq_len:
-            fix = f"one tile costs {self.image_seq_len} tokens, so raise max_visual_tokens to at least that"
-        elif edge is not None:
-            fix = f"pass longest_edge={edge} (or less), or do_image_splitting=False ({self.image_seq_len} tokens)"
-        else:
-            fix = f"pass do_image_splitting=False ({self.image_seq_len} tokens), or raise max_visual_tokens"
-        return msg, fix
-
-    def _check_grid(self, cost: ImageCost, where: str, plan: CallPlan) -> None:
-        """Raise :class:`ProcessorError` when the tokenizer has no tile tokens for ``cost.tiles``."""
-        layout = self.spec.layout
-        if layout.fits(cost):
-            return
-        edge = self._largest_edge(cost.input_size, plan, layout.fits)
-        last = layout.tile_format.format(row=layout.max_rows, col=layout.max_cols) if layout.max_rows else "none"
-        raise ProcessorError(
-            f"{where} ({cost.input_size[0]}x{cost.input_size[1]} px, height x width) would be cut into "
-            f"{cost.tiles[0]} x {cost.tiles[1]} tiles at longest_edge={plan.longest_edge}, but the tokenizer only "
-            f"has tile tokens up to {last}",
-            hint=(f"pass longest_edge={edge} (or less), or " if edge else "pass ") + "do_image_splitting=False",
-        )
-
-    def _largest_edge(self, size: tuple[int, int], plan: CallPlan, fits: Any) -> int | None:
-        """The largest whole-tile ``longest_edge`` below this call's whose plan satisfies ``fits``."""
-        tile = plan.settings.tile
-        for edge in range((plan.longest_edge - 1) // tile * tile, 0, -tile):
-            if fits(plan_image(size, plan.settings, self.image_seq_len, split=True, longest_edge=edge)):
-                return edge
-        return None
 
     def _expand(self, prompt: str, costs: list[ImageCost], videos: Sequence[Any] = ()) -> str:
         """Replace the i-th image placeholder in ``prompt`` with the token layout of ``costs[i]``,
