@@ -172,6 +172,11 @@ def quantize_and_say(err, model) -> None:
     quantize_int8(model)
     layers = sum(isinstance(m, Int8Linear) for m in model.modules())
     err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
+    from .quant_schemes import has_int8_dot
+
+    if not has_int8_dot():
+        err.print("int8: this CPU has no VNNI/AMX int8 instructions, so --int8 makes prompts and images much slower "
+                  "than float32 here; --quantize auto picks the fastest scheme for this CPU (docs/speed.md)", markup=False)  # fmt: skip
 
 
 def check_quantize(scheme: str | None, int8: bool) -> str | None:

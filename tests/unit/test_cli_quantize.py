@@ -44,3 +44,25 @@ def test_generate_with_quantize_runs(tmp_path, capsys, scheme):
     assert "quantize: " in captured.err and "cache off (SOURCE is not a local folder)" in captured.err
     if scheme == "w8":
         assert "quantize: w8;" in captured.err
+
+
+@pytest.mark.parametrize("flags, warned", [([], True), (["avx2", "avx512_vnni"], False), (["amx_int8"], False)])
+def test_int8_warns_on_a_cpu_without_int8_dot_instructions(monkeypatch, flags, warned):
+    import vlmkit
+    from vlmkit import quant_schemes
+    from vlmkit.cli_helpers import quantize_and_say
+
+    from .test_generation import TINY
+
+    class Err:
+        lines: list[str] = []
+
+        def print(self, line, markup=False):  # noqa: ANN001, ARG002
+            self.lines.append(line)
+
+    monkeypatch.setattr(quant_schemes, "cpu_flags", lambda: {"capability": "AVX2", "flags": flags})
+    err = Err()
+    err.lines = []
+    quantize_and_say(err, vlmkit.build(TINY, load_weights=False))
+    assert err.lines[0].startswith("int8: ") and "linear layers quantized" in err.lines[0]
+    assert any("no VNNI/AMX" in line and "--quantize auto" in line for line in err.lines) == warned
