@@ -30,18 +30,6 @@ def _image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return published_folder("SmolVLM-256M-Instruct")
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the published bos/eos disagreement; asserted in the unit tests
-        return load_processor(folder)
-
-
-@pytest.fixture(scope="module")
 def ref(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -49,18 +49,6 @@ def _image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.I
 
 
 @pytest.fixture(scope="module")
-def folder():
-    return published_folder("SmolVLM-256M-Instruct")
-
-
-@pytest.fixture(scope="module")
-def ours(folder):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the published bos/eos disagreement; asserted in the unit tests
-        return load_processor(folder)
-
-
-@pytest.fixture(scope="module")
 def ref(folder):
     """transformers' Idefics3Processor with the PIL image backend."""
     proc = transformers.AutoProcessor.from_pretrained(str(folder), backend="pil")

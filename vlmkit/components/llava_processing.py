@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ProcessorError, SpecError
+from ..processor.call_plan import IMAGE_SETTING_KEYWORDS
 from ..processor.image import ImageCost
 from .clip_image import ClipImageSettings, preprocess, resized_size
 
@@ -37,17 +38,8 @@ __all__ = ["LlavaImageProcessing", "LlavaLayout", "read_llava_processing", "STRA
 #: transformers' ``vision_feature_select_strategy`` values (``None``: no class token dropped).
 STRATEGIES = ("default", "full")
 
-#: per-call image keyword -> the ClipImageSettings field it overrides for one call.
-_SETTING_FIELDS = {
-    "do_convert_rgb": "do_convert_rgb",
-    "do_resize": "do_resize",
-    "resample": "resample",
-    "do_rescale": "do_rescale",
-    "rescale_factor": "rescale_factor",
-    "do_normalize": "do_normalize",
-    "image_mean": "image_mean",
-    "image_std": "image_std",
-}
+#: per-call image keyword -> the ClipImageSettings field it overrides for one call (the same names).
+_SETTING_FIELDS = {k: k for k in IMAGE_SETTING_KEYWORDS}
 
 
 @dataclass(frozen=True)

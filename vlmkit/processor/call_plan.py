@@ -18,19 +18,13 @@ from .image import ImageSettings
 from .options import CALL_KEYWORDS, GROUPS
 from .tokens import TokenOptions
 
-__all__ = ["CallPlan", "check_image_keywords", "plan_call"]
+__all__ = ["IMAGE_SETTING_KEYWORDS", "CallPlan", "check_image_keywords", "plan_call"]
 
+#: The per-call image keywords that override one image setting for one call (transformers' names).
+IMAGE_SETTING_KEYWORDS = ("do_convert_rgb", "do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                          "image_mean", "image_std")  # fmt: skip
 #: image keyword -> ImageSettings field it overrides for one call.
-_SETTING_FIELDS = {
-    "do_convert_rgb": "do_convert_rgb",
-    "do_resize": "do_resize",
-    "resample": "resample",
-    "do_rescale": "do_rescale",
-    "rescale_factor": "rescale_factor",
-    "do_normalize": "do_normalize",
-    "image_mean": "mean",
-    "image_std": "std",
-}
+_SETTING_FIELDS = {**{k: k for k in IMAGE_SETTING_KEYWORDS}, "image_mean": "mean", "image_std": "std"}
 
 
 @dataclass(frozen=True)
