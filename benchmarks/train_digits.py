@@ -57,7 +57,7 @@ def recipe(out: Path, model: Path, data: dict, args) -> dict:
              "steps": args.finetune_steps, "lr": args.finetune_lr, "warmup_steps": 0 if args.align_steps else min(20, args.finetune_steps)},
         ] if stage["steps"]],  # --align-steps 0: LoRA from the first step
         "batch_size": args.batch_size, "seed": 0, "image_splitting": False, "eval_every": args.eval_every,
-        "save_every": 200, "log_every": 10, "output_dir": str(out / "run"),
+        "save_every": 200, "log_every": 10, "output_dir": str(out / "run"), "precision": args.precision,
     }  # fmt: skip
 
 
@@ -190,6 +190,7 @@ def main() -> None:
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--finetune-lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="Mixed precision of the training run.")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compare", type=int, default=0, help="Also compare N steps with transformers.")
