@@ -127,18 +127,16 @@ def prepare_decode(backbone: nn.Module, layout: str = "auto") -> dict[tuple[int,
     ``layout``: one of :data:`LAYOUTS`. Raises :class:`VlmkitError` for another value."""
     if layout not in LAYOUTS:
         raise VlmkitError(f"decode layout {layout!r} is not known", hint=f"choose one of {', '.join(LAYOUTS)}")
-    targets: list[tuple[nn.Module, str, torch.Tensor]] = []  # (module owning 'weight', attr, weight)
+    targets: list[tuple[nn.Module, str]] = []  # (module owning 'weight', attr); no weight held here
     for parent, name, linear in list(_linears(backbone)):
         if _eligible(linear.weight):
             gemv = linear if isinstance(linear, GemvLinear) else GemvLinear.from_linear(linear)
             setattr(parent, name, gemv)
-            targets.append((gemv, "weight", gemv.weight))
-    embed = getattr(backbone, "embed_tokens", None)
-    if getattr(backbone, "lm_head", 0) is None and isinstance(embed, nn.Embedding) and _eligible(embed.weight):
-        targets.append((embed, "weight", embed.weight))
-    shapes: dict[tuple[int, int], list[tuple[nn.Module, str, torch.Tensor]]] = {}
-    for t in targets:
-        shapes.setdefault(tuple(t[2].shape), []).append(t)
+            targets.append((gemv, "weight"))
+    targets += _tied_embeddings(backbone, {id(owner.weight) for owner, _ in targets})
+    shapes: dict[tuple[int, int], list[tuple[nn.Module, str]]] = {}
+    for owner, attr in targets:
+        shapes.setdefault(tuple(getattr(owner, attr).shape), []).append((owner, attr))
     chosen = {}
     with torch.no_grad():
         _apply_layouts(shapes, layout, chosen)
@@ -146,21 +144,38 @@ def prepare_decode(backbone: nn.Module, layout: str = "auto") -> dict[tuple[int,
     return chosen
 
 
+def _tied_embeddings(backbone: nn.Module, linear_weights: set[int]) -> list[tuple[nn.Module, str]]:
+    """Embedding tables that share a linear's weight (a tied LM head), or that serve as the head
+    (``lm_head is None``): re-stored with it, so the tie (and the memory) stays one tensor."""
+    found = []
+    headless = getattr(backbone, "lm_head", 0) is None
+    for module in backbone.modules():
+        if isinstance(module, nn.Embedding) and _eligible(module.weight):
+            if id(module.weight) in linear_weights or (headless and module is getattr(backbone, "embed_tokens", None)):
+                found.append((module, "weight"))
+    return found
+
+
 def _apply_layouts(shapes: dict, layout: str, chosen: dict) -> None:  # noqa: ANN001
-    """Choose and store the layout of each shape group (see :func:`prepare_decode`)."""
+    """Choose and store the layout of each shape group (see :func:`prepare_decode`).
+
+    Each old weight is replaced in every owner that shares it at once and then dropped, so at most
+    one weight exists twice at a time (peak memory grows by one weight, not by the model)."""
     for shape, group in shapes.items():
-        weights = [w for _, _, w in group]
         rounds = TUNE_ROUNDS if len(group) > 1 else 3
-        transpose = layout == "transposed" or (layout == "auto" and faster_transposed(weights, rounds))
+        transpose = layout == "transposed" or (
+            layout == "auto" and faster_transposed([getattr(o, a) for o, a in group], rounds)
+        )
         chosen[shape] = "transposed" if transpose else "rows"
-        renewed: dict[int, nn.Parameter] = {}  # one new parameter per old one (shared weights stay shared)
-        for owner, attr, w in group:
-            if transpose == is_transposed(w):
-                continue
-            if id(w) not in renewed:
-                value = _transposed(w) if transpose else w.detach().contiguous()
-                renewed[id(w)] = nn.Parameter(value, requires_grad=w.requires_grad)
-            setattr(owner, attr, renewed[id(w)])
+        for i, (owner, attr) in enumerate(group):
+            old = getattr(owner, attr)
+            if transpose == is_transposed(old):
+                continue  # already in this layout (or renewed through an earlier owner that shares it)
+            new = nn.Parameter(_transposed(old) if transpose else old.detach().contiguous(), requires_grad=old.requires_grad)
+            for other, other_attr in group[i:]:
+                if getattr(other, other_attr) is old:
+                    setattr(other, other_attr, new)
+            del old
 
 
 def ensure_decode_layout(backbone: nn.Module) -> None:

@@ -103,3 +103,52 @@ def test_int8_quantization_after_the_layout_still_quantizes_every_linear():
     with torch.no_grad():
         got = model(ids, pixel_values=pixels).logits
     assert ((got - want).norm() / want.norm()) < 0.1
+
+
+def test_prepare_decode_frees_each_old_weight_before_making_the_next():
+    """At most one weight exists twice while the layout is re-stored: every old weight is released
+    as soon as its copy replaces it (the peak memory grows by one weight, not by the model)."""
+    import gc
+    import weakref
+
+    model = _model(False).eval()
+    olds = [weakref.ref(m.weight) for m in model.backbone.modules() if isinstance(m, nn.Linear)]
+    alive_at_each_copy = []
+    real_param = nn.Parameter
+
+    class Counting(real_param):  # counts the old weights still alive each time a new one is made
+        def __new__(cls, data=None, requires_grad=True):
+            gc.collect()
+            alive_at_each_copy.append(sum(r() is not None for r in olds))
+            return real_param(data, requires_grad)
+
+    import vlmkit.decode_layout as layout
+
+    layout.nn.Parameter = Counting
+    try:
+        prepare_decode(model.backbone, "transposed")
+    finally:
+        layout.nn.Parameter = real_param
+    # at the i-th copy only the i weights already replaced are gone (all of them, at once, before)
+    assert alive_at_each_copy == [len(olds) - i for i in range(len(olds))]
+    gc.collect()
+    assert all(r() is None for r in olds)
+
+
+def test_a_linear_sharing_an_embedding_weight_stays_shared():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(50, 8)
+            self.lm_head = nn.Linear(8, 50, bias=False)
+            self.lm_head.weight = self.embed_tokens.weight
+
+    torch.manual_seed(0)
+    module = Tied()
+    ids = torch.tensor([[3, 7, 49]])
+    want = module.lm_head(module.embed_tokens(ids))
+    prepare_decode(module, "transposed")
+    assert module.lm_head.weight is module.embed_tokens.weight and is_transposed(module.embed_tokens.weight)
+    assert len(list(module.parameters())) == 1
+    with torch.no_grad():
+        assert (module.lm_head(module.embed_tokens(ids)) - want).abs().max() < 1e-6
