@@ -37,6 +37,8 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
         assert _positive(row["int8"]), row
     for key in ("bandwidth_gb_s", "bytes_per_token_mb", "floor_tok_s"):
         assert _positive(result["floor"][key])
+    for key in ("gflop_per_tile", "matmul_gflop_s", "floor_ms", "vlmkit_fraction", "transformers_fraction"):
+        assert _positive(result["vision_floor"][key])
     assert result["checks"]["import_vlmkit_imports_transformers"] is False
     assert _positive(result["checks"]["cli_help_s"])
     assert _positive(result["checks"]["inspect_yaml_s"]) and _positive(result["checks"]["import_torch_s"])
@@ -50,7 +52,33 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
     text = console.export_text()
     for row in result["rows"] + result["int8"]["rows"]:
         assert row["label"] in text
-    assert "decode floor" in text and "int8 accuracy" in text
+    assert "decode floor" in text and "int8 accuracy" in text and "vision floor" in text
+
+
+def test_vision_flops_per_tile_counts_every_matmul_of_the_tower_and_connector():
+    """The vision floor's FLOPs, against the count by hand for a tiny navit + idefics3 connector."""
+    import torch
+
+    import vlmkit
+    from vlmkit.bench.measure import vision_flops_per_tile
+
+    D, I, L, S, p, s, Dt = 32, 64, 2, 32, 8, 2, 48  # width, MLP, layers, image size, patch, scale, text width
+    spec = {
+        "vision_tower": {"name": "navit", "hidden_size": D, "intermediate_size": I, "num_hidden_layers": L,
+                         "num_attention_heads": 4, "image_size": S, "patch_size": p},
+        "connector": {"name": "idefics3", "scale_factor": s},
+        "packer": {"name": "image_packer", "image_token_id": 90},
+        "backbone": {"name": "llama", "vocab_size": 96, "hidden_size": Dt, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2},
+    }  # fmt: skip
+    model = vlmkit.build(spec, load_weights=False).eval()
+    P = (S // p) ** 2  # patches per tile
+    patch_embed = 2 * P * D * 3 * p * p
+    per_layer = 2 * P * D * (4 * D) + 2 * P * D * I * 2 + 2 * (2 * P * P * D)  # q,k,v,o; fc1, fc2; QK^T and AV
+    connector = 2 * (P // s**2) * (D * s**2) * Dt
+    want = patch_embed + L * per_layer + connector
+    got = vision_flops_per_tile(model, torch.rand(1, 3, 3, S, S))  # 3 tiles: the count is per tile
+    assert got == want
 
 
 def test_bench_cli_rejects_bad_options(tmp_path):

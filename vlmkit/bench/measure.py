@@ -62,8 +62,8 @@ ROWS: dict[str, tuple[str, str, bool, float | None]] = {
     "import_s": ("import (fresh process)", "s", False, None),
     "cold_load_s": ("import + load (fresh process)", "s", False, None),
     "load_s": ("load (in process, warm cache)", "s", False, 0.5),
-    "vision_1_ms": ("vision encode, 1 tile", "ms/tile", False, None),
-    "vision_17_ms": ("vision encode, 17 tiles", "ms/tile", False, None),
+    "vision_1_ms": ("vision encode, 1 tile", "ms/tile", False, 0.7),
+    "vision_17_ms": ("vision encode, 17 tiles", "ms/tile", False, 0.7),
     "prefill_1_ms": ("prefill LLM, 1-tile prompt", "ms", False, None),
     "prefill_17_ms": ("prefill LLM, 17-tile prompt", "ms", False, None),
     "ttft_text_ms": ("time to first token, text only", "ms", False, None),
@@ -228,6 +228,51 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+def measure_matmul_gflops(n: int = 1536, repeats: int = 5) -> float:
+    """This CPU's float32 matmul speed in GFLOP/s at the current thread count: the best of
+    ``repeats`` ``(n, n) @ (n, n)`` products (the compute a vision tower's matmuls can reach)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def vision_flops_per_tile(model, pixel_values, pixel_attention_mask=None) -> float:  # noqa: ANN001
+    """Floating-point operations of one :meth:`encode_images` call over ``pixel_values``
+    ``(B, N, 3, H, W)``, per tile (torch's ``FlopCounterMode``: matmuls and attention)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sdpa = {op: _attention_flops for op in _cpu_attention_ops()}  # torch counts these on GPUs only
+    counter = FlopCounterMode(display=False, custom_mapping=sdpa)
+    with torch.inference_mode(), counter:
+        model.encode_images(pixel_values, pixel_attention_mask)
+    tiles = pixel_values.shape[0] * pixel_values.shape[1]
+    return counter.get_total_flops() / tiles
+
+
+def _cpu_attention_ops() -> list:
+    import torch
+
+    # the fused CPU kernel; the math path decomposes into matmuls, which torch already counts
+    name = "_scaled_dot_product_flash_attention_for_cpu"
+    return [getattr(torch.ops.aten, name)] if hasattr(torch.ops.aten, name) else []
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:  # noqa: ANN001, ANN002, ANN003
+    """``Q K^T`` and ``A V`` of one attention call, from the shapes ``(B, H, T, d)``, ``(B, H_kv, L, d)``,
+    ``(B, H_kv, L, d_v)`` (a shape wrapper passes shapes, not tensors)."""
+    *lead, T, d = query
+    L, d_v = key[-2], value[-1]
+    return 2 * math.prod(lead) * T * L * (d + d_v)
+
+
 def decode_bytes_per_token(backbone) -> int:  # noqa: ANN001
     """Bytes of weights one decode step reads: every backbone parameter except the embedding
     table (one row is read), plus the LM head matrix (the embedding table when tied); int8
@@ -237,7 +282,9 @@ def decode_bytes_per_token(backbone) -> int:  # noqa: ANN001
     from ..weight_only import WeightOnlyLinear
 
     embed = getattr(backbone, "embed_tokens", None)
-    skip = {id(embed.weight)} if embed is not None and hasattr(embed, "weight") else set()
+    head = getattr(getattr(backbone, "lm_head", None), "weight", None)
+    tied_to_head = embed is not None and head is getattr(embed, "weight", 0)  # a Linear head sharing the table
+    skip = {id(embed.weight)} if embed is not None and hasattr(embed, "weight") and not tied_to_head else set()
     weight_only = [m for m in backbone.modules() if isinstance(m, WeightOnlyLinear)]
     skip |= {id(p) for m in weight_only for p in (m.weight, m.bias) if p is not None}
     total = sum(p.numel() * p.element_size() for p in backbone.parameters() if id(p) not in skip)

@@ -88,6 +88,14 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
         f"{fmt_value(fl['floor_tok_s'])} tok/s; vlmkit reaches {fl['vlmkit_fraction']:.0%} of it, transformers {fl['transformers_fraction']:.0%}",
         markup=False,
     )
+    if "vision_floor" in result:
+        vf = result["vision_floor"]
+        console.print(
+            f"vision floor: {fmt_value(vf['gflop_per_tile'])} GFLOP per tile / {fmt_value(vf['matmul_gflop_s'])} GFLOP/s "
+            f"(float32 matmul, measured) = {fmt_value(vf['floor_ms'])} ms/tile; vlmkit reaches {vf['vlmkit_fraction']:.0%} "
+            f"of it, transformers {vf['transformers_fraction']:.0%} (goal: vlmkit <= 0.70x transformers' time)",
+            markup=False,
+        )
     console.print(
         f"import vlmkit: {fmt_value(ck['import_vlmkit_s'])} s, imports transformers: {ck['import_vlmkit_imports_transformers']}, "
         f"torch: {ck['import_vlmkit_imports_torch']}; vlmkit --help: {fmt_value(ck['cli_help_s'])} s (goal < 0.5 s)",

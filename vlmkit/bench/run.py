@@ -24,6 +24,8 @@ from .measure import (
     decode_bytes_per_token,
     expected_rows,
     measure_bandwidth,
+    measure_matmul_gflops,
+    vision_flops_per_tile,
 )
 from .prompts import MANY_TILES, Prompt, make_prompts
 from .report import make_console, machine_facts, print_report, write_json
@@ -81,6 +83,7 @@ def run_bench(
             "info": info,
             "rows": [rows[k].as_dict("vlmkit", "transformers") for k in keys],
             "floor": _floor(rows["decode_tps"], bandwidth, decode_bytes_per_token(sides["vlmkit"].model.backbone)),
+            "vision_floor": _vision_floor(rows["vision_1_ms"], sides["vlmkit"], prompts[1]),
             "checks": checks,
         }
         if int8:
@@ -180,6 +183,19 @@ def _floor(decode: Metric, bandwidth: float, per_token: int) -> dict[str, Any]:
         "vlmkit_fraction": decode.median("vlmkit") / (bandwidth * 1e9 / per_token),
         "transformers_fraction": decode.median("transformers") / (bandwidth * 1e9 / per_token),
     }
+
+
+def _vision_floor(vision: Metric, side: VlmkitSide, prompt: Prompt) -> dict[str, Any]:
+    """The ``vision_floor`` section: one tile's FLOPs / this CPU's measured float32 matmul speed,
+    and the share of it each side's median vision encode (row ``vision``) reaches."""
+    flops = vision_flops_per_tile(side.model, prompt.tensors["pixel_values"], prompt.tensors.get("pixel_attention_mask"))
+    gflops = measure_matmul_gflops()
+    floor_ms = flops / (gflops * 1e9) * 1e3
+    return {
+        "gflop_per_tile": flops / 1e9, "matmul_gflop_s": gflops, "floor_ms": floor_ms,
+        "vlmkit_fraction": floor_ms / vision.median("vlmkit"),
+        "transformers_fraction": floor_ms / vision.median("transformers"),
+    }  # fmt: skip
 
 
 # ============================================================================== rows
