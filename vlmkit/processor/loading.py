@@ -43,7 +43,8 @@ def load_processor(
     ``spec`` (a :class:`~vlmkit.spec.VLMSpec` or a model YAML path; a YAML path may also be
     passed as ``source``) drives the image side for an assembled model whose tower differs from
     the checkpoint the tokenizer comes from: tile size, visual tokens per image, the placeholder
-    id and (when the tower declares them) mean/std come from the spec's components, and the
+    id and (when the tower declares them) mean/std come from the spec's declared facts
+    (:mod:`vlmkit.facts`: the components' params, no model built), and the
     longest edge keeps the checkpoint's largest tile grid; the tokenizer, chat template and the
     other resize settings come from ``source`` (default ``spec.tokenizer``).
     """
@@ -187,21 +188,21 @@ def _vision_side(
 
 
 def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[str, Any], int]:
-    """Image settings, a config-like dict and tokens per image from the spec's components
-    (built on the meta device: no memory, no compute)."""
+    """Image settings, a config-like dict and tokens per image from the spec's declared facts
+    (:func:`vlmkit.facts.spec_facts`: the components' params; no model is assembled)."""
     import dataclasses
 
-    from ..builder import assemble
-    from ..protocols import SLOTS
+    from ..facts import spec_facts
 
-    model = assemble(spec, meta_slots=frozenset(SLOTS))
-    tower = model.vision_tower
+    facts = spec_facts(spec)
+    tile = facts.geometry.image_size
     # Keep the checkpoint's largest tile grid (e.g. 2048 / 512 = 4 x 4 tiles) at the new tile size.
     grid = max(1, settings.longest_edge // settings.tile)
-    updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
-    for field, attr in (("mean", "image_mean"), ("std", "image_std")):
-        value = getattr(tower, attr, None)
+    updates: dict[str, Any] = {"tile": tile, "longest_edge": grid * tile}
+    for field, value in (("mean", facts.geometry.image_mean), ("std", facts.geometry.image_std)):
         if value is not None:
             updates[field] = tuple(float(v) for v in value)
-    config = {"image_token_id": model.packer.image_token_id, "vocab_size": model.backbone.vocab_size}
-    return dataclasses.replace(settings, **updates), config, model.packer.tokens_per_image
+    config: dict[str, Any] = {"image_token_id": facts.image_token_id}
+    if facts.vocab_size is not None:  # else the tokenizer's size is the vocabulary checked against
+        config["vocab_size"] = facts.vocab_size
+    return dataclasses.replace(settings, **updates), config, facts.tokens_per_image
