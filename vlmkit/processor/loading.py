@@ -72,6 +72,7 @@ def load_processor(
         settings=settings if side is None else side,
         image_seq_len=image_seq_len,
     )
+    _check_placeholder(spec, side, checked.image_token_id)
     template = load_chat_template(folder, tokenizer.config)
     video = family.video_layout(tokenizer, checked.layout, *_preprocessor(folder, side is None))  # None: no video
     return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens,
@@ -85,7 +86,10 @@ def _preprocessor(folder: Path, required: bool = True) -> tuple[dict[str, Any], 
 
 
 def _family_image_processing(family: Family, folder: Path, spec: Any) -> Any:
-    """The family's own image processing of the checkpoint in ``folder`` (``None``: the tiled default)."""
+    """The family's own image processing of the checkpoint in ``folder`` (``None``: the tiled default).
+
+    Its files, not a spec, decide it: with ``spec`` the spec's declared facts must agree with it
+    (the tower's input size and the visual tokens per image), else :class:`ProcessorError`."""
     side = family.image_processing(
         folder,
         read_json(folder, "preprocessor_config.json", required=False),
@@ -93,12 +97,30 @@ def _family_image_processing(family: Family, folder: Path, spec: Any) -> Any:
         read_json(folder, "config.json", required=False),
     )
     if side is not None and spec is not None:
-        raise ProcessorError(
-            f"spec= cannot drive the image side of a {family.name!r} checkpoint's processor: its family has its "
-            "own image processing, read from the checkpoint files",
-            hint="load the processor from the checkpoint folder alone (drop spec=)",
-        )
+        from ..facts import spec_facts
+
+        facts = spec_facts(spec)
+        ours = ((facts.geometry.image_size,) * 2, facts.tokens_per_image)
+        if ours != (tuple(side.input_size), side.image_seq_len):
+            raise ProcessorError(
+                f"spec= cannot drive the image side of a {family.name!r} checkpoint's processor (its family has its "
+                f"own image processing, read from the files in {str(folder)!r}), and the two disagree: the spec's tower "
+                f"takes {ours[0][0]}x{ours[0][1]} px images of {ours[1]} visual tokens, the files make "
+                f"{side.input_size[0]}x{side.input_size[1]} px images of {side.image_seq_len}",
+                hint="load the processor from the checkpoint folder alone (drop spec=), or use a tokenizer "
+                "checkpoint whose image processor fits the spec's tower",
+            )
     return side
+
+
+def _check_placeholder(spec: Any, side: Any, image_token_id: int) -> None:
+    """With a family's own image side, the spec's packer must look for the files' placeholder id."""
+    if spec is not None and side is not None and spec.packer.params.image_token_id != image_token_id:
+        raise ProcessorError(
+            f"the spec's packer.image_token_id is {spec.packer.params.image_token_id} but the checkpoint's files "
+            f"write {image_token_id} for each image token",
+            hint=f"set packer.image_token_id to {image_token_id}",
+        )
 
 
 def _family_seq_len(side: Any, image_seq_len: int | None) -> int:
