@@ -53,11 +53,12 @@ def _check_processor_files(model: Any, folder: Path) -> None:
         warnings.simplefilter("ignore")  # the checkpoint's own file disagreements were reported when it loaded
         files = load_processor(folder)
     tile, tokens = model.vision_tower.image_size, model.packer.tokens_per_image
-    (height, width) = files.input_size
+    height, width = files.input_size
+    cut = str(height) if height == width else f"{height}x{width}"
     if (files.input_size, files.image_seq_len) != ((tile, tile), tokens):
         raise VlmkitError(
-            f"the processor files of {str(folder)!r} give {height}x{width}-px images of {files.image_seq_len} visual "
-            f"tokens, but this model's vision tower takes {tile}x{tile}-px images and makes {tokens} tokens each: a Hugging "
+            f"the processor files of {str(folder)!r} cut {cut}-px tiles of {files.image_seq_len} visual "
+            f"tokens, but this model's vision tower takes {tile}-px tiles and makes {tokens} tokens each: a Hugging "
             "Face processor loaded from the exported folder would give it wrong inputs",
             hint="export models whose tower matches the tokenizer checkpoint's processor (vlmkit's own processor adapts; "
                  "transformers' does not)",
