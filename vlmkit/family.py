@@ -49,10 +49,12 @@ class PromptLayout(Protocol):
 
     ``image`` is the placeholder users write (``<image>``); :meth:`expand` gives the text that
     replaces one placeholder for an image whose tiling is ``cost``; :meth:`fits` says whether the
-    tokenizer has the tokens that tiling needs.
+    tokenizer has the tokens that tiling needs; ``tokens`` every token string :meth:`expand` can
+    write (the placeholder included; training never takes them as labels).
     """
 
     image: str
+    tokens: tuple[str, ...]
 
     def expand(self, cost: ImageCost, image_seq_len: int) -> str:
         """The text that replaces one image placeholder (``image_seq_len`` image tokens per tile)."""
@@ -68,13 +70,16 @@ class ImageProcessing(Protocol):
 
     ``settings`` are the checkpoint's image settings (whatever type the family uses; the
     family's :meth:`Family.prompt_layout` receives them); ``image_seq_len`` the visual tokens of
-    an image at the checkpoint's nominal size; ``keywords`` the per-call image keywords of
+    an image at the checkpoint's nominal size; ``input_size`` the ``(height, width)`` of the pixels
+    the vision tower receives per image at that size (what :attr:`Processor.input_size
+    <vlmkit.processor.Processor.input_size>` answers); ``keywords`` the per-call image keywords of
     :data:`vlmkit.processor.options.CALL_KEYWORDS` it takes (any other image keyword is a
     :class:`~vlmkit.errors.ProcessorError` naming it).
     """
 
     settings: Any
     image_seq_len: int
+    input_size: tuple[int, int]
     keywords: frozenset[str]
 
     def call_settings(self, options: Mapping[str, Any]) -> Any:

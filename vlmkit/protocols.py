@@ -12,13 +12,17 @@ width, ``D`` text width, ``V`` vocabulary.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
 from .keymap import KeyMap
 
-__all__ = ["Component", "VisionTower", "Connector", "Aligner", "Packer", "Backbone", "SLOTS"]
+__all__ = [
+    "Component", "VisionTower", "Connector", "Aligner", "Packer", "Backbone", "SLOTS",
+    "TowerGeometry", "TextWidths", "DeclaresGeometry", "DeclaresTokenCount", "DeclaresWidths",
+]  # fmt: skip
 
 #: The five slots in data-flow order; also the YAML top-level keys.
 SLOTS = ("vision_tower", "connector", "aligner", "packer", "backbone")
@@ -46,6 +50,8 @@ class VisionTower(Component, Protocol):
     e.g. a kept class token; the builder then passes it to the connector as ``num_tokens=``),
     ``image_mean`` / ``image_std`` (the normalisation the tower was trained with; the processor
     uses them for an assembled model), ``params.num_channels``. Built as ``cls(params)``.
+    Optional classmethod ``geometry(params) -> TowerGeometry`` (:class:`DeclaresGeometry`): the
+    same numbers from the params alone, so a processor needs no tower built.
     """
 
     hidden_size: int
@@ -67,7 +73,9 @@ class Connector(Component, Protocol):
     Built as ``cls(params, in_features=D_v, grid=num_patches_per_side, out_features=D)`` (plus
     ``num_tokens=`` when the tower declares it); it may
     choose another ``out_features``; the aligner slot then projects to ``D`` (it is the identity
-    when the widths already match).
+    when the widths already match). Optional classmethod ``count_tokens(params, *, grid,
+    num_tokens=None) -> int`` (:class:`DeclaresTokenCount`): ``tokens_per_image`` from the params
+    and the tower's geometry alone.
     """
 
     out_features: int
@@ -116,6 +124,8 @@ class Backbone(Component, Protocol):
     """A decoder-only language model working on embeddings.
 
     Attributes ``hidden_size`` (D) and ``vocab_size`` (V). Built as ``cls(params)``.
+    Optional classmethod ``widths(params) -> TextWidths`` (:class:`DeclaresWidths`) when they are not
+    the params' own ``hidden_size`` / ``vocab_size`` fields.
     Optional: ``generate_from_embeds(inputs_embeds, attention_mask, **gen_kwargs)`` or a
     transformers-style ``generate(inputs_embeds=...)``; see :mod:`vlmkit.generation`.
     """
@@ -139,4 +149,78 @@ class Backbone(Component, Protocol):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(B, T, D) -> (B, T, V)``."""
+        ...
+
+
+# ---------------------------------------------------------------- declared facts
+# What the processor (and the wiring) need to know about a model, computable from the params
+# without instantiating a module. Optional: vlmkit.facts falls back to building just that slot
+# on the meta device (never the backbone) for a component that declares nothing.
+
+
+@dataclass(frozen=True)
+class TowerGeometry:
+    """A vision tower's image geometry and output width, as its instance attributes would say.
+
+    ``image_size`` the square input side (pixels), ``patch_size``, ``num_patches_per_side``
+    (``image_size // patch_size``), ``hidden_size`` the width D_v of its ``(N, K, D_v)`` output,
+    ``num_tokens`` K when it is not ``num_patches_per_side ** 2`` (``None``: the square grid),
+    ``image_mean`` / ``image_std`` the normalisation it was trained with (``None``: not declared;
+    the processor then keeps the checkpoint's ``preprocessor_config.json`` values).
+    """
+
+    image_size: int
+    patch_size: int
+    num_patches_per_side: int
+    hidden_size: int
+    num_tokens: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Feature rows per image at ``image_size``: ``num_tokens``, or the square patch grid."""
+        return self.num_patches_per_side**2 if self.num_tokens is None else self.num_tokens
+
+
+@dataclass(frozen=True)
+class TextWidths:
+    """A backbone's text width D (``hidden_size``) and vocabulary V (``vocab_size``)."""
+
+    hidden_size: int
+    vocab_size: int
+
+
+@runtime_checkable
+class DeclaresGeometry(Protocol):
+    """A vision tower class that states its :class:`TowerGeometry` from its params alone.
+
+    Its instances' ``image_size``, ``patch_size``, ``num_patches_per_side``, ``hidden_size``,
+    ``num_tokens``, ``image_mean`` / ``image_std`` must be the same numbers (the wiring checks it).
+    """
+
+    @classmethod
+    def geometry(cls, params: Any) -> TowerGeometry:
+        """The geometry ``cls(params)`` will have; a bad combination raises ``SpecError``."""
+        ...
+
+
+@runtime_checkable
+class DeclaresTokenCount(Protocol):
+    """A connector class that states its ``tokens_per_image`` from its params and the tower's grid."""
+
+    @classmethod
+    def count_tokens(cls, params: Any, *, grid: int, num_tokens: int | None = None) -> int:
+        """Visual tokens per image K for a ``grid x grid`` patch grid (``num_tokens`` feature rows
+        when the tower declares them); a grid it cannot take raises ``SpecError``."""
+        ...
+
+
+@runtime_checkable
+class DeclaresWidths(Protocol):
+    """A backbone class whose widths are not plain ``hidden_size`` / ``vocab_size`` params."""
+
+    @classmethod
+    def widths(cls, params: Any) -> TextWidths:
+        """The ``hidden_size`` and ``vocab_size`` ``cls(params)`` will have."""
         ...

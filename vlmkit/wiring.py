@@ -5,13 +5,10 @@ the meta device before anything real is allocated. No weights are read here (tha
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
-from .errors import PluginError, SpecError, VlmkitError, short_repr
+from .errors import SpecError
+from .facts import check_placeholder, checked_geometry, checked_tokens, make_component, packer_tokens
 from .family import Family
 from .limits import available_memory
 from .model import VLM
@@ -21,76 +18,27 @@ from .spec import VLMSpec
 __all__ = ["MAX_INT_PARAM", "MAX_LAYERS", "Origin", "assemble", "assemble_within_memory"]
 
 
-def _on_meta():
-    """Build on the meta device (no memory, no values). Nothing process-wide is patched: torch's
-    initialisers run on the value-less tensors (measured ~30 ms for a 256M-parameter checkpoint's shapes on
-    the meta device, against ~10 ms with ``torch.nn.init`` switched off for the whole process,
-    which other threads would have seen). Parameters the checkpoint lacks get a real fresh init
-    later (:func:`_materialize`)."""
-    return torch.device("meta")
-
-
-def _make(spec: VLMSpec, slot: str, meta: bool, **widths):
-    """Instantiate ``slot``'s component; impossible params become a :class:`SpecError`, other
-    failures a :class:`PluginError` naming the plugin (never a raw torch error)."""
-    from .plugins import get_registry
-
-    entry = get_registry().get(slot, getattr(spec, slot).name)
-    where = _on_meta() if meta else contextlib.nullcontext()
-    args = (getattr(spec, slot).params,)
-    try:
-        with where:
-            return entry.cls(*args, **widths)
-    except VlmkitError:
-        raise
-    except (RuntimeError, ValueError, OverflowError, MemoryError) as exc:
-        raise SpecError(
-            f"{entry.name!r} cannot be built from these params ({type(exc).__name__}: {short_repr(str(exc), 200)})",
-            key_path=slot, hint="a size is impossible or far too large; check the numbers of this slot",
-        ) from exc
-    except Exception as exc:
-        raise PluginError(
-            f"{slot} {entry.name!r} (plugin {entry.plugin!r}) failed while being built: {type(exc).__name__}: {exc}",
-            hint="this is a bug in that component; run with --debug and report it to its authors",
-        ) from exc
-
-
 def assemble(spec: VLMSpec, meta_slots: frozenset[str] = frozenset()) -> VLM:
     """Instantiate the five components, passing each the widths of its neighbours.
 
-    Slots in ``meta_slots`` are built on the meta device (their weights come from a checkpoint).
+    Slots in ``meta_slots`` are built on the meta device (their weights come from a checkpoint;
+    nothing process-wide is patched: torch's initialisers run on the value-less tensors, and
+    parameters the checkpoint lacks get a real fresh init later). The tower's geometry and the
+    connector's token count are those of :mod:`vlmkit.facts` (the processor's source too): a
+    class that declares them must build instances that agree.
     """
-    backbone = _make(spec, "backbone", "backbone" in meta_slots)
-    tower = _make(spec, "vision_tower", "vision_tower" in meta_slots)
+    backbone = make_component(spec, "backbone", "backbone" in meta_slots)
+    tower = make_component(spec, "vision_tower", "vision_tower" in meta_slots)
+    geometry = checked_geometry(spec, tower)
     # a tower whose token count is not the square patch grid (a class token kept) declares num_tokens
-    tokens = {"num_tokens": tower.num_tokens} if getattr(tower, "num_tokens", None) is not None else {}
-    connector = _make(spec, "connector", "connector" in meta_slots, in_features=tower.hidden_size,
-                      grid=tower.num_patches_per_side, out_features=backbone.hidden_size, **tokens)  # fmt: skip
-    aligner = _make(spec, "aligner", "aligner" in meta_slots, in_features=connector.out_features,
-                    out_features=backbone.hidden_size)  # fmt: skip
-    packer = _make(spec, "packer", False, tokens_per_image=_tokens(spec, connector))
-    _check_vocab(spec, packer, backbone)
+    tokens = {} if geometry.num_tokens is None else {"num_tokens": geometry.num_tokens}
+    connector = make_component(spec, "connector", "connector" in meta_slots, in_features=geometry.hidden_size,
+                               grid=geometry.num_patches_per_side, out_features=backbone.hidden_size, **tokens)  # fmt: skip
+    aligner = make_component(spec, "aligner", "aligner" in meta_slots, in_features=connector.out_features,
+                             out_features=backbone.hidden_size)  # fmt: skip
+    packer = make_component(spec, "packer", False, tokens_per_image=packer_tokens(spec, checked_tokens(spec, connector, geometry)))
+    check_placeholder(packer.image_token_id, backbone.vocab_size)
     return VLM(spec, vision_tower=tower, connector=connector, aligner=aligner, packer=packer, backbone=backbone)
-
-
-def _tokens(spec: VLMSpec, connector: nn.Module) -> int:
-    declared = getattr(spec.packer.params, "tokens_per_image", None)
-    if declared is not None and declared != connector.tokens_per_image:
-        raise SpecError(
-            f"packer.tokens_per_image is {declared} but the connector makes {connector.tokens_per_image} "
-            "visual tokens per image (from the tower's patch grid and the connector's scale)",
-            key_path="packer.tokens_per_image",
-            hint="remove tokens_per_image to take the connector's count, or fix the scale/image size",
-        )
-    return connector.tokens_per_image
-
-
-def _check_vocab(spec: VLMSpec, packer: nn.Module, backbone: nn.Module) -> None:
-    if not 0 <= packer.image_token_id < backbone.vocab_size:
-        raise SpecError(
-            f"image_token_id {packer.image_token_id} is outside the backbone vocabulary (vocab_size {backbone.vocab_size})",
-            key_path="packer.image_token_id",
-        )
 
 
 @dataclass(frozen=True)

@@ -173,8 +173,12 @@ def test_file_contradictions_are_spec_errors(tmp_path, tokenizer):
     with pytest.raises(SpecError, match="vision_feature_select_strategy"):
         vlmkit.load_processor(tmp_path)
     (tmp_path / "processor_config.json").write_text(json.dumps(proc))
-    with pytest.raises(ProcessorError, match="spec="):
-        vlmkit.load_processor(tmp_path, spec=vlmkit.build_from_hf(tmp_path, load_weights=False).spec)
+    spec = vlmkit.build_from_hf(tmp_path, load_weights=False).spec
+    assert vlmkit.load_processor(tmp_path, spec=spec).image_seq_len == 17  # a spec that fits the files is taken
+    tower = spec.vision_tower.model_copy(update={"params": spec.vision_tower.params.model_copy(
+        update={"vision_feature_select_strategy": "default"})})  # fmt: skip
+    with pytest.raises(ProcessorError, match="spec= cannot drive .* 16 visual tokens, the files make 16x16 px images of 17"):
+        vlmkit.load_processor(tmp_path, spec=spec.model_copy(update={"vision_tower": tower}))
 
 
 def test_processor_and_model_generate_the_same_tokens(tmp_path, tokenizer):

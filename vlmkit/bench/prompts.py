@@ -116,10 +116,11 @@ def processor_prompt(proc, tiles: int) -> Prompt:
     text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     if not tiles:
         return Prompt("text only", dict(proc(text=text)), 0)
-    tile = getattr(getattr(proc, "settings", None), "tile", None)
-    tile = tile if isinstance(tile, int) and tile > 0 else 512
+    size = getattr(proc, "input_size", None)  # the tower's input: a tile, or a family's one image
+    tile = size[0] if isinstance(size, tuple) and size[0] > 0 else 512
     if tiles == 1:
-        batch = proc(text=text, images=[noise_image(tile, 1)], do_image_splitting=False)
+        one = {} if getattr(proc, "image_splitting", False) is None else {"do_image_splitting": False}
+        batch = proc(text=text, images=[noise_image(tile, 1)], **one)
     else:
         side = tile * math.isqrt(tiles - 1)  # a square image: (sqrt(tiles-1))^2 tiles + the global one
         batch = proc(text=text, images=[noise_image(side, 2)], do_image_splitting=True, longest_edge=side)

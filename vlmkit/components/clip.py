@@ -40,6 +40,7 @@ from torch import nn
 
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
+from ..protocols import TowerGeometry
 from .navit import (
     HiddenAct,
     VisionEncoder,
@@ -141,16 +142,17 @@ class ClipVisionTower(nn.Module):
 
     def __init__(self, params: ClipParams) -> None:
         super().__init__()
+        geometry = self.geometry(params)
         self.params = params
-        self.patch_size = params.patch_size
-        self.image_size = params.image_size
-        self.num_patches_per_side = params.image_size // params.patch_size
+        self.patch_size = geometry.patch_size
+        self.image_size = geometry.image_size
+        self.num_patches_per_side = geometry.num_patches_per_side
         n = params.num_hidden_layers
         #: Resolved ``hidden_states`` indices (``0..num_hidden_layers``), in the order given.
         self.feature_layers = [i % (n + 1) for i in params.feature_layers]
         self.keep_class_token = params.vision_feature_select_strategy == "full"
-        self.hidden_size = params.hidden_size * len(self.feature_layers)
-        self.num_tokens = self.num_patches_per_side**2 + int(self.keep_class_token)
+        self.hidden_size = geometry.hidden_size
+        self.num_tokens = geometry.num_tokens
         self.embeddings = ClipEmbeddings(params)
         self.pre_layrnorm = nn.LayerNorm(params.hidden_size, eps=params.layer_norm_eps)
         self.encoder = VisionEncoder(params)
@@ -159,6 +161,18 @@ class ClipVisionTower(nn.Module):
         for name, p in self.named_parameters():
             if name in self.inert_parameters:
                 p.requires_grad_(False)
+
+    @classmethod
+    def geometry(cls, params: ClipParams) -> TowerGeometry:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresGeometry`): the square patch grid,
+        plus the class token with strategy ``full`` (always stated as ``num_tokens``), rows
+        ``hidden_size`` times the number of feature layers wide; no mean/std declared."""
+        grid = params.image_size // params.patch_size
+        return TowerGeometry(
+            image_size=params.image_size, patch_size=params.patch_size, num_patches_per_side=grid,
+            hidden_size=params.hidden_size * len(params.feature_layers),
+            num_tokens=grid**2 + int(params.vision_feature_select_strategy == "full"),
+        )  # fmt: skip
 
     @property
     def inert_parameters(self) -> list[str]:

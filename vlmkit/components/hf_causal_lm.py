@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import GenerationError
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
+from ..protocols import TextWidths
 
 __all__ = ["HFCausalLMParams", "HFCausalLMBackbone", "vlmkit_register_components"]
 
@@ -90,6 +91,10 @@ def _hf_config(config: dict[str, Any], tie: bool | None):
     return cfg
 
 
+def _widths(cfg: Any) -> TextWidths:
+    return TextWidths(hidden_size=int(cfg.hidden_size), vocab_size=int(cfg.vocab_size))
+
+
 def _default_device_is_meta() -> bool:
     return torch.empty(0).device.type == "meta"
 
@@ -119,13 +124,20 @@ class HFCausalLMBackbone(nn.Module):
         self.model = decoder if decoder is not None else hf.model
         self.lm_head = hf.get_output_embeddings()
         self.config = cfg
-        self.hidden_size = int(cfg.hidden_size)
-        self.vocab_size = int(cfg.vocab_size)
+        widths = _widths(cfg)
+        self.hidden_size = widths.hidden_size
+        self.vocab_size = widths.vocab_size
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         self._buffers_pending = _default_device_is_meta()
         # transformers >= 5.x names the cache argument `cache` (`past_key_values` is deprecated).
         accepted = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+
+    @classmethod
+    def widths(cls, params: HFCausalLMParams) -> TextWidths:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresWidths`): the text config's
+        ``hidden_size`` / ``vocab_size`` (transformers' config defaults filled in; no model built)."""
+        return _widths(_hf_config(params.config, params.tie_word_embeddings))
 
     # ------------------------------------------------------------------------- weights
     def key_map(self) -> KeyMap:

@@ -81,6 +81,20 @@ class Idefics3Connector(nn.Module):
                  num_tokens: int | None = None) -> None:  # fmt: skip
         super().__init__()
         s = params.scale_factor
+        tokens = self.count_tokens(params, grid=grid, num_tokens=num_tokens)
+        self.params = params
+        self.scale_factor = s
+        self.in_features = in_features
+        self.grid = grid
+        self.out_features = out_features
+        self.tokens_per_image = tokens
+        self.proj = nn.Linear(in_features * s * s, out_features, bias=False)
+
+    @classmethod
+    def count_tokens(cls, params: Idefics3ConnectorParams, *, grid: int, num_tokens: int | None = None) -> int:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresTokenCount`): ``(grid // s) ** 2``
+        for a square ``grid x grid`` patch grid whose side ``s`` divides; ``SpecError`` otherwise."""
+        s = params.scale_factor
         if num_tokens is not None and num_tokens != grid * grid:
             raise SpecError(
                 f"the idefics3 connector pixel-shuffles a square {grid}x{grid} patch grid, but the vision tower "
@@ -95,13 +109,7 @@ class Idefics3Connector(nn.Module):
                 key_path="connector.scale_factor",
                 hint="choose a divisor of image_size // patch_size",
             )
-        self.params = params
-        self.scale_factor = s
-        self.in_features = in_features
-        self.grid = grid
-        self.out_features = out_features
-        self.tokens_per_image = tokens_per_image(grid, s)
-        self.proj = nn.Linear(in_features * s * s, out_features, bias=False)
+        return tokens_per_image(grid, s)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, P, D_v) -> (N, P / s**2, out_features)``; ``P`` a square with side divisible by s."""

@@ -58,6 +58,12 @@ class ImageTokenLayout:
         ]
         return "".join(lines) + "\n" + glob
 
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every token string :meth:`expand` can write: the image, fake and global tokens, each tile token."""
+        tiles = [self.tile_format.format(row=r, col=c) for r in range(1, self.max_rows + 1) for c in range(1, self.max_cols + 1)]
+        return (self.image, self.fake, self.global_image, *tiles)
+
     def fits(self, cost: ImageCost) -> bool:
         """Whether the tokenizer has a tile token for every tile of ``cost.tiles``."""
         rows, cols = cost.tiles

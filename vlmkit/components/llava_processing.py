@@ -52,6 +52,9 @@ class LlavaImageProcessing:
     strategy: str | None
     image_token: str
     image_seq_len: int
+    #: ``(height, width)`` of the tile the tower receives at the checkpoint's settings (the crop size;
+    #: with center crop off, config.json's ``vision_config.image_size`` square, the nominal size).
+    input_size: tuple[int, int]
     #: per-call image keywords taken (the others are refused by name).
     keywords: ClassVar[frozenset[str]] = frozenset({*_SETTING_FIELDS, "max_visual_tokens", "device", "disable_grouping"})
 
@@ -94,6 +97,11 @@ class LlavaLayout:
 
     def expand(self, cost: ImageCost, image_seq_len: int) -> str:
         return self.image * cost.visual_tokens
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every token string :meth:`expand` writes: the image token alone."""
+        return (self.image,)
 
     def fits(self, cost: ImageCost) -> bool:
         return True  # no tile-position tokens
@@ -175,5 +183,5 @@ def read_llava_processing(
     if not all(isinstance(v, int) and v > 0 for v in nominal):
         raise SpecError("cannot tell the image size: center crop is off and config.json has no vision_config.image_size",
                         source=str(folder), hint="add vision_config.image_size to config.json")  # fmt: skip
-    side = LlavaImageProcessing(settings, patch, extra, strategy, token, image_seq_len=0)
+    side = LlavaImageProcessing(settings, patch, extra, strategy, token, image_seq_len=0, input_size=tuple(nominal))
     return dataclasses.replace(side, image_seq_len=side.tokens(*nominal))

@@ -57,14 +57,7 @@ class MlpConnector(nn.Module):
         num_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        tokens = grid * grid if num_tokens is None else num_tokens
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-            raise SpecError(
-                f"the mlp connector needs a positive token count per image; "
-                f"got grid={grid!r}, num_tokens={num_tokens!r}",
-                key_path="connector",
-                hint="pass the vision tower's num_patches_per_side as grid (and its num_tokens, if it has one)",
-            )
+        tokens = self.count_tokens(params, grid=grid, num_tokens=num_tokens)
         self.params = params
         self.in_features = in_features
         self.grid = grid
@@ -74,6 +67,20 @@ class MlpConnector(nn.Module):
         self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
         self.act = ACTIVATIONS[params.projector_hidden_act]
         self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+
+    @classmethod
+    def count_tokens(cls, params: MlpConnectorParams, *, grid: int, num_tokens: int | None = None) -> int:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresTokenCount`): one token per feature
+        row, ``num_tokens`` when the tower states it, else ``grid ** 2``."""
+        tokens = grid * grid if num_tokens is None else num_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise SpecError(
+                f"the mlp connector needs a positive token count per image; "
+                f"got grid={grid!r}, num_tokens={num_tokens!r}",
+                key_path="connector",
+                hint="pass the vision tower's num_patches_per_side as grid (and its num_tokens, if it has one)",
+            )
+        return tokens
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, K, D_v) -> (N, K, out_features)``."""

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import ProcessorError
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
+from ..protocols import TowerGeometry
 from .activations import ACTIVATIONS
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "NavitVisionTower",
     "init_vision_weights",
     "bucketed_position_ids",
+    "siglip_geometry",
 ]
 
 
@@ -293,14 +295,23 @@ def attention_mask_from_patches(patch_mask: torch.Tensor | None) -> torch.Tensor
     return flat[:, None, None, :]
 
 
+def siglip_geometry(params: VisionParams) -> TowerGeometry:
+    """A SigLIP-style tower's geometry: the ``image_size // patch_size`` square grid of
+    ``hidden_size``-wide rows; no mean/std declared (the checkpoint's preprocessor files say)."""
+    return TowerGeometry(image_size=params.image_size, patch_size=params.patch_size,
+                         num_patches_per_side=params.image_size // params.patch_size, hidden_size=params.hidden_size)  # fmt: skip
+
+
 def build_siglip_style(tower: nn.Module, params: VisionParams, embeddings: nn.Module) -> None:
     """Give ``tower`` the attributes and modules every SigLIP-style tower has (embeddings,
-    encoder, post_layernorm; hidden_size, patch_size, image_size, num_patches_per_side)."""
+    encoder, post_layernorm; hidden_size, patch_size, image_size, num_patches_per_side, all from
+    :func:`siglip_geometry`, which the towers' ``geometry`` classmethods return)."""
+    geometry = siglip_geometry(params)
     tower.params = params
-    tower.hidden_size = params.hidden_size
-    tower.patch_size = params.patch_size
-    tower.image_size = params.image_size
-    tower.num_patches_per_side = params.image_size // params.patch_size
+    tower.hidden_size = geometry.hidden_size
+    tower.patch_size = geometry.patch_size
+    tower.image_size = geometry.image_size
+    tower.num_patches_per_side = geometry.num_patches_per_side
     tower.embeddings = embeddings
     tower.encoder = VisionEncoder(params)
     tower.post_layernorm = nn.LayerNorm(params.hidden_size, eps=params.layer_norm_eps)
@@ -321,6 +332,11 @@ class NavitVisionTower(nn.Module):
     def __init__(self, params: NavitParams) -> None:
         super().__init__()
         build_siglip_style(self, params, NavitEmbeddings(params))
+
+    @classmethod
+    def geometry(cls, params: NavitParams) -> TowerGeometry:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresGeometry`): see :func:`siglip_geometry`."""
+        return siglip_geometry(params)
 
     def forward(
         self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None

@@ -26,12 +26,14 @@ from torch import nn
 
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap
+from ..protocols import TowerGeometry
 from .navit import (
     VisionParams,
     add_patch_embeddings,
     attention_mask_from_patches,
     build_siglip_style,
     check_patch_mask,
+    siglip_geometry,
 )
 
 __all__ = ["SiglipParams", "SiglipEmbeddings", "SiglipVisionTower", "interpolate_positions"]
@@ -87,6 +89,11 @@ class SiglipVisionTower(nn.Module):
     def __init__(self, params: SiglipParams) -> None:
         super().__init__()
         build_siglip_style(self, params, SiglipEmbeddings(params))
+
+    @classmethod
+    def geometry(cls, params: SiglipParams) -> TowerGeometry:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresGeometry`): the square patch grid."""
+        return siglip_geometry(params)
 
     def forward(
         self, pixel_values: torch.Tensor, patch_attention_mask: torch.Tensor | None = None

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..errors import ProcessorError
 
-__all__ = ["as_nested_images", "as_texts", "check_limit", "normalize_messages"]
+__all__ = ["as_nested_images", "as_texts", "check_limit", "check_placeholder_counts", "normalize_messages"]
 
 IMAGE_TYPES = (Image.Image, np.ndarray, torch.Tensor)
 
@@ -23,6 +23,24 @@ def check_limit(limit: Any) -> int | None:
     if not isinstance(limit, (int, np.integer)) or isinstance(limit, bool) or limit <= 0:
         raise ProcessorError(f"max_visual_tokens must be a positive integer or None, got {limit!r}")
     return int(limit)
+
+
+def check_placeholder_counts(texts: list[str], nested: list[list[Any]], token: str) -> None:
+    """A :class:`ProcessorError` unless each prompt of ``texts`` has one ``token`` per image of its row of ``nested``."""
+    if len(nested) != len(texts):
+        raise ProcessorError(
+            f"{len(texts)} prompt(s) but {len(nested)} list(s) of images",
+            hint="pass one list of images per prompt (an empty list for a prompt without images)",
+        )
+    for i, (prompt, imgs) in enumerate(zip(texts, nested)):
+        n = prompt.count(token)
+        if n != len(imgs):
+            raise ProcessorError(
+                f"sample {i}: the prompt has {n} {token} placeholder(s) but {len(imgs)} image(s) "
+                "were given for it",
+                hint=f"write one {token} in the text per image, in order "
+                "(apply_chat_template inserts them for {'type': 'image'} items)",
+            )
 
 
 def as_texts(text: Any) -> list[str] | None:

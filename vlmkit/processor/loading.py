@@ -43,7 +43,8 @@ def load_processor(
     ``spec`` (a :class:`~vlmkit.spec.VLMSpec` or a model YAML path; a YAML path may also be
     passed as ``source``) drives the image side for an assembled model whose tower differs from
     the checkpoint the tokenizer comes from: tile size, visual tokens per image, the placeholder
-    id and (when the tower declares them) mean/std come from the spec's components, and the
+    id and (when the tower declares them) mean/std come from the spec's declared facts
+    (:mod:`vlmkit.facts`: the components' params, no model built), and the
     longest edge keeps the checkpoint's largest tile grid; the tokenizer, chat template and the
     other resize settings come from ``source`` (default ``spec.tokenizer``).
     """
@@ -71,6 +72,7 @@ def load_processor(
         settings=settings if side is None else side,
         image_seq_len=image_seq_len,
     )
+    _check_placeholder(spec, side, checked.image_token_id)
     template = load_chat_template(folder, tokenizer.config)
     video = family.video_layout(tokenizer, checked.layout, *_preprocessor(folder, side is None))  # None: no video
     return Processor(tokenizer, settings, checked, chat_template=template, max_visual_tokens=max_visual_tokens,
@@ -84,7 +86,10 @@ def _preprocessor(folder: Path, required: bool = True) -> tuple[dict[str, Any], 
 
 
 def _family_image_processing(family: Family, folder: Path, spec: Any) -> Any:
-    """The family's own image processing of the checkpoint in ``folder`` (``None``: the tiled default)."""
+    """The family's own image processing of the checkpoint in ``folder`` (``None``: the tiled default).
+
+    Its files, not a spec, decide it: with ``spec`` the spec's declared facts must agree with it
+    (the tower's input size and the visual tokens per image), else :class:`ProcessorError`."""
     side = family.image_processing(
         folder,
         read_json(folder, "preprocessor_config.json", required=False),
@@ -92,12 +97,30 @@ def _family_image_processing(family: Family, folder: Path, spec: Any) -> Any:
         read_json(folder, "config.json", required=False),
     )
     if side is not None and spec is not None:
-        raise ProcessorError(
-            f"spec= cannot drive the image side of a {family.name!r} checkpoint's processor: its family has its "
-            "own image processing, read from the checkpoint files",
-            hint="load the processor from the checkpoint folder alone (drop spec=)",
-        )
+        from ..facts import spec_facts
+
+        facts = spec_facts(spec)
+        ours = ((facts.geometry.image_size,) * 2, facts.tokens_per_image)
+        if ours != (tuple(side.input_size), side.image_seq_len):
+            raise ProcessorError(
+                f"spec= cannot drive the image side of a {family.name!r} checkpoint's processor (its family has its "
+                f"own image processing, read from the files in {str(folder)!r}), and the two disagree: the spec's tower "
+                f"takes {ours[0][0]}x{ours[0][1]} px images of {ours[1]} visual tokens, the files make "
+                f"{side.input_size[0]}x{side.input_size[1]} px images of {side.image_seq_len}",
+                hint="load the processor from the checkpoint folder alone (drop spec=), or use a tokenizer "
+                "checkpoint whose image processor fits the spec's tower",
+            )
     return side
+
+
+def _check_placeholder(spec: Any, side: Any, image_token_id: int) -> None:
+    """With a family's own image side, the spec's packer must look for the files' placeholder id."""
+    if spec is not None and side is not None and spec.packer.params.image_token_id != image_token_id:
+        raise ProcessorError(
+            f"the spec's packer.image_token_id is {spec.packer.params.image_token_id} but the checkpoint's files "
+            f"write {image_token_id} for each image token",
+            hint=f"set packer.image_token_id to {image_token_id}",
+        )
 
 
 def _family_seq_len(side: Any, image_seq_len: int | None) -> int:
@@ -187,21 +210,21 @@ def _vision_side(
 
 
 def _from_spec(spec: Any, settings: ImageSettings) -> tuple[ImageSettings, dict[str, Any], int]:
-    """Image settings, a config-like dict and tokens per image from the spec's components
-    (built on the meta device: no memory, no compute)."""
+    """Image settings, a config-like dict and tokens per image from the spec's declared facts
+    (:func:`vlmkit.facts.spec_facts`: the components' params; no model is assembled)."""
     import dataclasses
 
-    from ..builder import assemble
-    from ..protocols import SLOTS
+    from ..facts import spec_facts
 
-    model = assemble(spec, meta_slots=frozenset(SLOTS))
-    tower = model.vision_tower
+    facts = spec_facts(spec)
+    tile = facts.geometry.image_size
     # Keep the checkpoint's largest tile grid (e.g. 2048 / 512 = 4 x 4 tiles) at the new tile size.
     grid = max(1, settings.longest_edge // settings.tile)
-    updates: dict[str, Any] = {"tile": tower.image_size, "longest_edge": grid * tower.image_size}
-    for field, attr in (("mean", "image_mean"), ("std", "image_std")):
-        value = getattr(tower, attr, None)
+    updates: dict[str, Any] = {"tile": tile, "longest_edge": grid * tile}
+    for field, value in (("mean", facts.geometry.image_mean), ("std", facts.geometry.image_std)):
         if value is not None:
             updates[field] = tuple(float(v) for v in value)
-    config = {"image_token_id": model.packer.image_token_id, "vocab_size": model.backbone.vocab_size}
-    return dataclasses.replace(settings, **updates), config, model.packer.tokens_per_image
+    config: dict[str, Any] = {"image_token_id": facts.image_token_id}
+    if facts.vocab_size is not None:  # else the tokenizer's size is the vocabulary checked against
+        config["vocab_size"] = facts.vocab_size
+    return dataclasses.replace(settings, **updates), config, facts.tokens_per_image

@@ -22,7 +22,7 @@ from .call_plan import CallPlan, check_image_keywords, plan_call
 from .chat import chat_images, refuse_untokenized, render_conversations, split_chat_keywords, template_from_text
 from .checks import CheckedSpec
 from .image import ImageCost, ImageSettings, check_format, encode_image, image_size, pad_batch, plan_image, to_rgb
-from .inputs import as_nested_images, as_texts, check_limit
+from .inputs import as_nested_images, as_texts, check_limit, check_placeholder_counts
 from .loading import load_processor
 from .options import resolve_call_options
 from .outputs import ProcessorOutput, PromptCost
@@ -100,6 +100,19 @@ class Processor:
     def image_seq_len(self) -> int:
         """Image tokens per tile."""
         return self.spec.image_seq_len
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the pixels the vision tower receives per tile (tiled side: the tile
+        square; a family's own image side: its nominal input). Compare it with the tower's image size."""
+        side = self.image_processing
+        return (self.settings.tile,) * 2 if side is None else tuple(side.input_size)
+
+    @property
+    def image_splitting(self) -> bool | None:
+        """Whether images are cut into tiles by default (``do_image_splitting``); ``None``: this
+        image side never splits and takes no ``do_image_splitting`` keyword."""
+        return self.settings.do_image_splitting if self.image_processing is None else None
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -254,20 +267,7 @@ class Processor:
         nested = as_nested_images(images, texts, self.image_token)
         if texts is None:
             return None, nested
-        if len(nested) != len(texts):
-            raise ProcessorError(
-                f"{len(texts)} prompt(s) but {len(nested)} list(s) of images",
-                hint="pass one list of images per prompt (an empty list for a prompt without images)",
-            )
-        for i, (prompt, imgs) in enumerate(zip(texts, nested)):
-            n = prompt.count(self.image_token)
-            if n != len(imgs):
-                raise ProcessorError(
-                    f"sample {i}: the prompt has {n} {self.image_token} placeholder(s) but {len(imgs)} image(s) "
-                    "were given for it",
-                    hint=f"write one {self.image_token} in the text per image, in order "
-                    "(apply_chat_template inserts them for {'type': 'image'} items)",
-                )
+        check_placeholder_counts(texts, nested, self.image_token)
         return texts, nested
 
     def _plan(self, nested: list[list[Any]], plan: CallPlan, *, limit: int | None) -> list[list[ImageCost]]:

@@ -48,14 +48,14 @@ def _check_processor_files(model: Any, folder: Path) -> None:
     import warnings
 
     from ..processor import load_processor
-    from ..processor.image import ImageSettings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the checkpoint's own file disagreements were reported when it loaded
         files = load_processor(folder)
     tile, tokens = model.vision_tower.image_size, model.packer.tokens_per_image
-    cut = files.settings.tile if isinstance(files.settings, ImageSettings) else tile  # else: a family's own image side
-    if (cut, files.image_seq_len) != (tile, tokens):
+    height, width = files.input_size
+    cut = str(height) if height == width else f"{height}x{width}"
+    if (files.input_size, files.image_seq_len) != ((tile, tile), tokens):
         raise VlmkitError(
             f"the processor files of {str(folder)!r} cut {cut}-px tiles of {files.image_seq_len} visual "
             f"tokens, but this model's vision tower takes {tile}-px tiles and makes {tokens} tokens each: a Hugging "

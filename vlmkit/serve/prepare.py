@@ -48,7 +48,7 @@ class Preparer:
         if len(parts) > self.max_images:
             raise bad_request(f"the request has {len(parts)} images; this server takes at most {self.max_images}",
                               "messages", hint="send fewer images (--max-images sets the limit)")  # fmt: skip
-        split = _splitting(parts)
+        split = _splitting(parts, self.processor.image_splitting is not None)
         images = [load_image(part.image_url.url, where, self.limits) for where, part in parts]
         kwargs = {} if split is None else {"do_image_splitting": split}
         try:
@@ -103,15 +103,19 @@ def _to_chat(messages: list[Message]) -> tuple[list[dict[str, Any]], list[tuple[
     return chat, parts
 
 
-def _splitting(parts: list[tuple[str, ImagePart]]) -> bool | None:
+def _splitting(parts: list[tuple[str, ImagePart]], splits: bool) -> bool | None:
     """``detail`` of the images: ``low`` -> no splitting, ``high`` -> splitting, ``auto`` -> the
     checkpoint's default. The processor splits all images of a prompt alike, so low and high
-    cannot be mixed."""
+    cannot be mixed. A processor that never splits (``splits`` false) takes ``low`` (what it
+    does anyway: ``None``) and refuses ``high``."""
     details = {part.image_url.detail for _, part in parts} - {"auto"}
     if len(details) > 1:
         raise bad_request("the images mix detail='low' and detail='high'; one request takes one of them",
                           "messages", hint="give every image the same detail (or 'auto')")  # fmt: skip
-    return _SPLIT[details.pop()] if details else None
+    if not splits and "high" in details:
+        raise bad_request("detail='high' is not supported: this model's image processor gives every image one "
+                          "input at one resolution", "messages", hint="send detail='auto' or 'low'")  # fmt: skip
+    return _SPLIT[details.pop()] if details and splits else None
 
 
 def _describe(cost: Any) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..protocols import SLOTS, Aligner, Backbone, Connector, Packer, VisionTower
+from ..facts import geometry_of
+from ..protocols import SLOTS, Aligner, Backbone, Connector, DeclaresGeometry, DeclaresTokenCount, Packer, VisionTower
 from .common import check_attrs, check_dtype_and_grads, check_finite, validated_params, seeded, check_shape, where_of
 from .key_map import check_key_map
 from .whole_model import check_builds
@@ -33,6 +34,9 @@ def check_vision_tower(
         f"{tower.image_size // tower.patch_size}"
     )
     assert isinstance(tower, VisionTower), f"{who}: does not satisfy vlmkit.protocols.VisionTower"
+    if isinstance(cls, DeclaresGeometry):
+        declared, built = cls.geometry(params), geometry_of(tower)
+        assert declared == built, f"{who}: geometry(params) is {declared} but the instance has {built}"
     side, grid = tower.image_size, tower.num_patches_per_side
     if hasattr(tower, "num_tokens"):
         check_attrs(tower, ("num_tokens",), who)
@@ -73,6 +77,11 @@ def check_connector(
         conn = make()
     check_attrs(conn, ("out_features", "tokens_per_image"), who)
     assert isinstance(conn, Connector), f"{who}: does not satisfy vlmkit.protocols.Connector"
+    if isinstance(cls, DeclaresTokenCount):
+        declared = cls.count_tokens(params, grid=grid)
+        assert declared == conn.tokens_per_image, (
+            f"{who}: count_tokens(params, grid={grid}) is {declared} but the instance makes {conn.tokens_per_image}"
+        )
     feats = torch.randn(batch, grid * grid, in_features, generator=torch.Generator().manual_seed(0))
 
     def run(module, dtype=torch.float32):

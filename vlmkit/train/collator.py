@@ -46,7 +46,15 @@ class Collator:
                                  hint="train from a checkpoint (or tokenizer folder) with a chat template")  # fmt: skip
         self.processor = processor
         self.image_root = Path(image_root) if image_root is not None else Path.cwd()
-        self.split = processor.settings.do_image_splitting if do_image_splitting is None else bool(do_image_splitting)
+        self.split = processor.image_splitting if do_image_splitting is None else bool(do_image_splitting)
+        if do_image_splitting is not None and processor.image_splitting is None:
+            raise ProcessorError(
+                f"do_image_splitting={do_image_splitting} was given but this checkpoint's image processor never "
+                "splits images (one image, one input to the vision tower)",
+                hint="drop image_splitting from the recipe for this model",
+            )
+        #: the image keywords of every processor call (none when the image side has no splitting knob)
+        self.image_options = {} if self.split is None else {"do_image_splitting": self.split}
         self.source = source
         self.end_ids = set(processor.eos_token_ids)
         self.never = _layout_ids(processor)
@@ -59,7 +67,7 @@ class Collator:
         messages = _normalize(row["messages"])
         images = [open_image(e, self.image_root, f"{where}: images[{j}]") for j, e in enumerate(row.get("images") or [])]
         text, spans = self._render(messages, where)
-        costs = [self.processor.image_cost(img, do_image_splitting=self.split) for img in images]
+        costs = [self.processor.image_cost(img, **self.image_options) for img in images]
         expanded, spans, regions = self._expand(text, spans, costs)
         enc = self.processor.tokenizer.backend.encode(expanded, add_special_tokens=True)
         return list(enc.ids), self._labels(enc.ids, enc.offsets, spans, regions), images
@@ -135,7 +143,7 @@ class Collator:
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         nested = [images for _, _, images in encoded]
         if any(nested):
-            pixels = self.processor(images=nested, do_image_splitting=self.split)
+            pixels = self.processor(images=nested, **self.image_options)
             batch["pixel_values"] = pixels["pixel_values"]
             batch["pixel_attention_mask"] = pixels["pixel_attention_mask"]
         return batch
@@ -162,8 +170,6 @@ def _normalize(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def _layout_ids(processor: Any) -> set[int]:
     """Ids that never count as labels: the image placeholder, the layout tokens, the pad token."""
     tok, layout = processor.tokenizer, processor.spec.layout
-    names = [layout.image, layout.fake, layout.global_image]
-    names += [layout.tile_format.format(row=r, col=c) for r in range(1, layout.max_rows + 1) for c in range(1, layout.max_cols + 1)]
-    ids = {tok.token_to_id(n) for n in names}
+    ids = {tok.token_to_id(n) for n in layout.tokens}
     ids |= {processor.image_token_id, processor.pad_token_id}
     return {i for i in ids if i is not None}

@@ -76,10 +76,12 @@ def check_fit(model: Any, processor: Any) -> None:
             f"the processor writes {processor.image_seq_len} placeholders per image tile but the connector makes "
             f"{model.packer.tokens_per_image} visual tokens", hint="load the processor with the model's spec",
         )
-    if processor.settings.tile != model.vision_tower.image_size:
+    side = model.vision_tower.image_size
+    if processor.input_size != (side, side):
+        height, width = processor.input_size
         raise TrainingError(
-            f"the processor cuts {processor.settings.tile}-pixel tiles but the vision tower takes "
-            f"{model.vision_tower.image_size}-pixel images", hint="load the processor with the model's spec",
+            f"the processor gives the vision tower {height}x{width}-pixel images but it takes {side}x{side}",
+            hint="load the processor with the model's spec",
         )
 
 

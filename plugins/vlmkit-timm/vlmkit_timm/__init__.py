@@ -32,6 +32,7 @@ which every vlmkit command does, stays cheap.
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import re
 from collections.abc import Mapping
@@ -45,6 +46,7 @@ from torch import nn
 import vlmkit
 from vlmkit.errors import ProcessorError, SourceNotFoundError, SpecError
 from vlmkit.keymap import KeyMap
+from vlmkit.protocols import TowerGeometry
 
 __version__ = "0.1.0"
 __all__ = ["TimmParams", "TimmVisionTower", "close_timm_names", "siglip_to_timm", "vlmkit_register_components"]
@@ -149,6 +151,36 @@ def _create(params: TimmParams) -> nn.Module:
     return model
 
 
+def _model_geometry(model: nn.Module, name: str) -> TowerGeometry:
+    """The geometry of a created timm model (its ``patch_embed`` and ``pretrained_cfg``)."""
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or not hasattr(model, "num_prefix_tokens") or not hasattr(model, "forward_features"):
+        raise SpecError(
+            f"timm model {name!r} is not ViT-style (it needs patch_embed, num_prefix_tokens and "
+            "forward_features returning (N, prefix + patches, D) tokens)",
+            key_path="vision_tower.model_name",
+            hint="pick a ViT-family model, e.g. vit_small_patch16_224, vit_base_patch16_siglip_224, vit_small_patch14_dinov2",
+        )
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    return TowerGeometry(
+        image_size=_square(embed.img_size, "image size", name),
+        patch_size=_square(embed.patch_size, "patch size", name),
+        num_patches_per_side=_square(embed.grid_size, "patch grid", name),
+        hidden_size=int(getattr(model, "num_features", None) or model.embed_dim),
+        image_mean=tuple(float(v) for v in cfg.get("mean", (0.5, 0.5, 0.5))),
+        image_std=tuple(float(v) for v in cfg.get("std", (0.5, 0.5, 0.5))),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _geometry_of(params_json: str) -> TowerGeometry:
+    """:func:`_model_geometry` of the timm model ``params_json`` describes, created on the meta device
+    (no memory, no download); cached: the same params always give the same model."""
+    params = TimmParams.model_validate_json(params_json)
+    with torch.device("meta"):
+        return _model_geometry(_create(params), params.model_name)
+
+
 class TimmVisionTower(nn.Module):
     """A timm ViT as a vision tower: pixels ``(N, 3, H, W)`` -> patch features ``(N, P, D_v)``.
 
@@ -176,23 +208,13 @@ class TimmVisionTower(nn.Module):
                 raise SpecError(str(exc), key_path="vision_tower") from None
         self.params = params
         self.model = _create(params)
-        name = params.model_name
-        embed = getattr(self.model, "patch_embed", None)
-        if embed is None or not hasattr(self.model, "num_prefix_tokens") or not hasattr(self.model, "forward_features"):
-            raise SpecError(
-                f"timm model {name!r} is not ViT-style (it needs patch_embed, num_prefix_tokens and "
-                "forward_features returning (N, prefix + patches, D) tokens)",
-                key_path="vision_tower.model_name",
-                hint="pick a ViT-family model, e.g. vit_small_patch16_224, vit_base_patch16_siglip_224, vit_small_patch14_dinov2",
-            )
-        self.hidden_size = int(getattr(self.model, "num_features", None) or self.model.embed_dim)
-        self.patch_size = _square(embed.patch_size, "patch size", name)
-        self.image_size = _square(embed.img_size, "image size", name)
-        self.num_patches_per_side = _square(embed.grid_size, "patch grid", name)
+        geometry = _model_geometry(self.model, params.model_name)
+        self.hidden_size = geometry.hidden_size
+        self.patch_size = geometry.patch_size
+        self.image_size = geometry.image_size
+        self.num_patches_per_side = geometry.num_patches_per_side
         self.num_prefix_tokens = int(self.model.num_prefix_tokens)
-        cfg = dict(getattr(self.model, "pretrained_cfg", None) or {})
-        self.image_mean = tuple(float(v) for v in cfg.get("mean", (0.5, 0.5, 0.5)))
-        self.image_std = tuple(float(v) for v in cfg.get("std", (0.5, 0.5, 0.5)))
+        self.image_mean, self.image_std = geometry.image_mean, geometry.image_std
         self._takes_mask = "attn_mask" in inspect.signature(self.model.forward_features).parameters
         # The final norm: inside forward_features (`norm`), or -- for avg-pool models such as EVA-02
         # -- in the head (`fc_norm`), which then normalises the patch tokens here. An fc_norm that
@@ -204,6 +226,16 @@ class TimmVisionTower(nn.Module):
         # Non-persistent buffers (RoPE tables...) built on `meta` are not in any checkpoint;
         # they are recomputed on CPU when the module is first moved or run.
         self._meta_buffers = any(b.is_meta for b in self.model.buffers())
+
+    @classmethod
+    def geometry(cls, params: TimmParams) -> TowerGeometry:
+        """The declared facts (:class:`vlmkit.protocols.DeclaresGeometry`). They need the timm model:
+        its patch size, grid and width come from timm's architecture and its mean/std from the
+        model's ``pretrained_cfg``, which only a created model holds. So this creates just the timm
+        model on the meta device (no memory, no download; cached per params), never a whole VLM."""
+        if not isinstance(params, TimmParams):
+            params = TimmParams.model_validate(params)
+        return _geometry_of(params.model_dump_json(exclude={"pretrained"}))
 
     def _fill_meta_buffers(self) -> None:
         if not self._meta_buffers:
