@@ -36,7 +36,7 @@ from torch import nn
 from .decode_layout import GemvLinear
 from .errors import VlmkitError
 
-__all__ = ["Int8Linear", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
+__all__ = ["Int8Linear", "int8_targets", "check_quantizable", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
 
 #: The slots :func:`quantize_int8` quantizes by default.
 DEFAULT_SLOTS = ("backbone", "vision_tower")
@@ -98,16 +98,29 @@ class Int8Linear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         """Quantize a ``(out, in)`` float weight (and optional ``(out,)`` bias)."""
         weight = weight.detach().to(torch.float32).contiguous()  # a decode layout may store it transposed
-        out_features = weight.shape[0]
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         qint = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        zero = torch.zeros(out_features, dtype=torch.long)
+        return cls.from_quantized(qint, scales, bias)
+
+    @classmethod
+    def from_quantized(cls, qint: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """From ``(out, in)`` int8 values, their ``(out,)`` float32 scales and an optional
+        ``(out,)`` bias (what :func:`from_weight` computes, e.g. read back from a cache): packs
+        them for this CPU's kernel (``linear_prepack``)."""
+        zero = torch.zeros(qint.shape[0], dtype=torch.long)
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        qint = qint.contiguous()
         with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
             warnings.simplefilter("ignore")
             qweight = torch._make_per_channel_quantized_tensor(qint, scales.to(torch.float64), zero, 0)
             packed = torch.ops.quantized.linear_prepack(qweight, bias)
         return cls(packed, qint, scales, bias, reduce_range=_reduce_range())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What :meth:`from_quantized` needs: ``qweight`` ``(out, in)`` int8, ``scales`` ``(out,)``
+        and, when the layer has one, ``bias`` ``(out,)``."""
+        out = {"qweight": self._qweight_t.t().contiguous(), "scales": self._scales}
+        return out if self._bias is None else {**out, "bias": self._bias}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -144,20 +157,28 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, int8 activations per token"
 
 
-def _swap_linears(module: nn.Module, skip: frozenset[str] = frozenset(), prefix: str = "") -> int:
-    """Replace every ``nn.Linear`` below ``module`` by an :class:`Int8Linear`, except those whose
-    dotted name (relative to ``module``) is in ``skip``; returns how many were replaced."""
-    count = 0
+def int8_targets(module: nn.Module, skip: frozenset[str] = frozenset(), prefix: str = "") -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """``(parent, attribute, dotted name, linear)`` of every plain ``nn.Linear`` below ``module``
+    (the ones :func:`quantize_int8` swaps), except those whose dotted name (relative to
+    ``module``, ``prefix`` prepended) is in ``skip``."""
+    out = []
     for name, child in list(module.named_children()):
         full = prefix + name
         if full in skip:
             continue
         if isinstance(child, nn.Linear) and type(child).forward in (nn.Linear.forward, GemvLinear.forward):
-            setattr(module, name, Int8Linear.from_linear(child))
-            count += 1
+            out.append((module, name, full, child))
         else:
-            count += _swap_linears(child, skip, full + ".")
-    return count
+            out.extend(int8_targets(child, skip, full + "."))
+    return out
+
+
+def _swap_linears(module: nn.Module, skip: frozenset[str] = frozenset()) -> int:
+    """Replace every target of :func:`int8_targets` by an :class:`Int8Linear`; returns how many."""
+    targets = int8_targets(module, skip)
+    for parent, attr, _, linear in targets:
+        setattr(parent, attr, Int8Linear.from_linear(linear))
+    return len(targets)
 
 
 def quantize_int8(
@@ -186,7 +207,7 @@ def quantize_int8(
     torch without quantized kernels.
     """
     slots = (slots,) if isinstance(slots, str) else tuple(slots)
-    _check_quantizable(model, slots, calibration)
+    check_quantizable(model, slots, calibration)
     with torch.no_grad():
         for slot in slots:
             _quantize_slot(getattr(model, slot), slot == "backbone", smooth=smooth, calibration=calibration,
@@ -195,7 +216,7 @@ def quantize_int8(
     return model
 
 
-def _check_quantizable(model: nn.Module, slots: tuple[str, ...], calibration: torch.Tensor | None) -> None:
+def check_quantizable(model: nn.Module, slots: tuple[str, ...], calibration: torch.Tensor | None) -> None:
     """Raise :class:`VlmkitError` unless ``slots`` of ``model`` can be quantized with ``calibration``."""
     if not int8_available():
         raise VlmkitError("this torch build has no quantized CPU kernels (torch.ops.quantized.linear_dynamic)",
