@@ -63,6 +63,15 @@ def cpu_has_vnni() -> bool:
         return False
 
 
+def _row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """``(out, in)`` int8 -> ``(out,)`` float32 row sums, exact: summed in float32 (about twice as
+    fast as an int32 sum here) while ``127 * in`` stays below 2**24, where every partial sum is an
+    integer float32 holds exactly; in int32 beyond."""
+    if 127 * qweight.shape[1] < 2**24:
+        return qweight.to(torch.float32).sum(dim=1)
+    return qweight.sum(dim=1, dtype=torch.int32).to(torch.float32)
+
+
 def _reduce_range() -> bool:
     """7-bit activations on CPUs whose int8 dot product can saturate (no VNNI), as torch does."""
     return not cpu_has_vnni()
@@ -74,22 +83,22 @@ class Int8Linear(nn.Module):
     Built from a float32 weight with :meth:`from_linear` / :meth:`from_weight`; the float weight
     is not kept. ``forward`` takes float32 ``(..., in_features)`` and returns float32
     ``(..., out_features)``. Every row (token / patch) of the input gets its own 8-bit
-    asymmetric scale: one row (a decode step) runs the pre-packed kernel
-    (``torch.ops.quantized.linear_dynamic``, which quantizes its whole input with one scale),
+    asymmetric scale: one row (a decode step) runs the packed kernel
+    (``torch.ops.quantized.linear_dynamic``, which quantizes its whole input with one scale; the
+    weight is packed for it at the first one-row call),
     several rows (a prompt, image patches) quantize row by row and run ``torch._int_mm`` -- a
     single scale over a whole prompt would let one outlier token (e.g. the first) flatten
     every other token's activations.
     """
 
-    def __init__(self, packed: object, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 *, reduce_range: bool) -> None:  # fmt: skip
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, reduce_range: bool) -> None:
         super().__init__()
-        self._packed = packed  # the kernel's pre-packed int8 weight and bias (a torch ScriptObject)
+        self._packed: object | None = None  # the kernel's pre-packed weight and bias (a ScriptObject), on first use
         self.out_features, self.in_features = qweight.shape
         self.reduce_range = reduce_range
         self._qweight_t = qweight.t()  # (in, out) int8 view, for torch._int_mm
         self._scales = scales.to(torch.float32)  # (out,)
-        self._colsum = qweight.sum(dim=1, dtype=torch.int32).to(torch.float32)  # (out,) for zero points
+        self._colsum = _row_sums(qweight)  # (out,) float32, for zero points
         self._bias = bias
         #: bytes a one-row call reads: the packed int8 weight, its scales (and the bias)
         self.nbytes = qweight.numel() + 8 * self.out_features + (0 if bias is None else 4 * bias.numel())
@@ -105,16 +114,21 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_quantized(cls, qint: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         """From ``(out, in)`` int8 values, their ``(out,)`` float32 scales and an optional
-        ``(out,)`` bias (what :func:`from_weight` computes, e.g. read back from a cache): packs
-        them for this CPU's kernel (``linear_prepack``)."""
-        zero = torch.zeros(qint.shape[0], dtype=torch.long)
+        ``(out,)`` bias (what :func:`from_weight` computes, e.g. read back from a cache). The
+        one-row kernel's packed copy (``linear_prepack``, this CPU's layout) is made at the first
+        one-row call: layers that only ever see several rows (the vision tower) never pay for it."""
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        qint = qint.contiguous()
-        with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(qint, scales.to(torch.float64), zero, 0)
-            packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        return cls(packed, qint, scales, bias, reduce_range=_reduce_range())
+        return cls(qint.contiguous(), scales, bias, reduce_range=_reduce_range())
+
+    def _pack(self) -> object:
+        """The one-row kernel's packed weight and bias (made once)."""
+        if self._packed is None:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(self._qweight_t.t(), self._scales.to(torch.float64), zero, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qweight, self._bias)
+        return self._packed
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """What :meth:`from_quantized` needs: ``qweight`` ``(out, in)`` int8, ``scales`` ``(out,)``
@@ -132,7 +146,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)
+            y = torch.ops.quantized.linear_dynamic(rows, self._pack(), self.reduce_range)
         else:
             y = self._per_row(rows)
         return y.view(*lead, self.out_features)
