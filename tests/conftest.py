@@ -43,6 +43,13 @@ def _no_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _own_quant_cache(monkeypatch, tmp_path_factory):
+    """Quantized-weight caches (``--int8``, ``--quantize`` on a folder) go to a temporary folder,
+    never the user's ``~/.cache/vlmkit``; a test that wants its own sets ``VLMKIT_CACHE`` again."""
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path_factory.mktemp("vlmkit-cache")))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny ops: one torch thread is as fast, and immune to OpenMP spin-waits on a busy 2-core machine."""

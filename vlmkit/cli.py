@@ -143,11 +143,11 @@ def generate(
     top_p: TopP = None,
     seed: Seed = None,
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
-    int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate; see docs/speed.md)."),
+    int8: bool = typer.Option(False, "--int8", help="The fastest int8 scheme for this CPU: w8a8 (int8 activations too) where its prompts are not slower than float32, else w8 (weight-only); CPU, approximate; see docs/speed.md."),
     video: Optional[list[Path]] = typer.Option(None, "--video", help="A video file (checkpoints that take video); repeat for several."),
     fps: Optional[float] = typer.Option(None, "--fps", help="With --video: frames sampled per second of video (default: the checkpoint's)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="With --video: the most frames per video (default: the checkpoint's)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="CPU speed scheme: auto, fp32, w8, w4 or w8a8 (= --int8); see docs/speed.md."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="CPU speed scheme: auto, fp32, w8, w4, w8a8 or int8 (= --int8); see docs/speed.md."),
 ) -> None:
     """Answer PROMPT about the images (and videos): the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .cli_video import check_video_flags, video_batch
@@ -162,10 +162,7 @@ def generate(
     images = read_images(image or [])
     with Waiting(err, f"loading {source} ..."):
         model, processor = load_model_and_processor(source)
-    if int8:
-        with Waiting(err, "quantizing to int8 ..."):
-            quantize_and_say(err, model)
-    elif quantize is not None:
+    if quantize is not None:  # --int8 is --quantize int8
         with Waiting(err, f"quantizing ({quantize}) ..."):
             quantize_scheme(err, model, quantize, source)
     if prompts is not None:
@@ -236,7 +233,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
     max_batch: int = typer.Option(_serve_default("max_batch"), "--max-batch", help="Most requests decoded together."),
     max_queue: int = typer.Option(_serve_default("max_queue"), "--max-queue", help="Most requests waiting for a slot; more get 429."),
-    int8: bool = typer.Option(False, "--int8", help="Quantize the text model and vision tower to int8 (CPU, approximate)."),
+    int8: bool = typer.Option(False, "--int8", help="The fastest int8 scheme for this CPU (w8a8 or weight-only w8; CPU, approximate; see docs/speed.md)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Allow file:// image URLs under this folder."),
     request_timeout: float = typer.Option(_serve_default("request_timeout"), "--request-timeout", help="Seconds from arrival to the last token."),
@@ -259,7 +256,7 @@ def serve(
     err = rich_console(stderr=True)
     model, processor = load_model_and_processor(source)
     if int8:
-        quantize_and_say(err, model)
+        quantize_and_say(err, model, source)
     run(model, processor, options, model_name=options.model_name or source)
 
 
@@ -300,8 +297,8 @@ def bench(
     source: str = typer.Argument(..., help="A checkpoint folder (or Hub repo id) both libraries can load."),
     repeats: int = typer.Option(3, "--repeats", help="Timed samples per side and row (medians are shown)."),
     quick: bool = typer.Option(False, "--quick", help="Skip the 17-tile rows."),
-    int8: bool = typer.Option(False, "--int8", help="Also compare vlmkit int8 (quantize_int8) with vlmkit float32."),
-    quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="Also compare this scheme (auto, fp32, w8, w4, w8a8) with vlmkit float32; repeatable."),
+    int8: bool = typer.Option(False, "--int8", help="Also compare vlmkit --int8 (the fastest int8 scheme for this CPU: w8a8 or w8) with vlmkit float32."),
+    quantize: Optional[list[str]] = typer.Option(None, "--quantize", help="Also compare this scheme (auto, fp32, w8, w4, w8a8, int8) with vlmkit float32; repeatable."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for both sides (default: torch's)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps per decode sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),

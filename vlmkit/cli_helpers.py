@@ -162,47 +162,43 @@ def load_model_and_processor(source: str):
     return model, load_processor(source)
 
 
-def quantize_and_say(err, model) -> None:
-    """:func:`vlmkit.quantize.quantize_int8` with its defaults, and one stderr line saying so."""
-    import time
-
-    from .quantize import Int8Linear, quantize_int8
-
-    start = time.perf_counter()
-    quantize_int8(model)
-    layers = sum(isinstance(m, Int8Linear) for m in model.modules())
-    err.print(f"int8: {layers} linear layers quantized in {time.perf_counter() - start:.1f} s (LM head float32)", markup=False)
-    from .quant_schemes import has_int8_dot
-
-    if not has_int8_dot():
-        err.print("int8: this CPU has no VNNI/AMX int8 instructions, so --int8 makes prompts and images much slower "
-                  "than float32 here; --quantize auto picks the fastest scheme for this CPU (docs/speed.md)", markup=False)  # fmt: skip
+def quantize_and_say(err, model, source: str) -> None:  # noqa: ANN001
+    """``--int8``: :func:`quantize_scheme` with scheme ``int8`` (``w8a8`` or ``w8``, whichever is
+    the fastest int8 scheme for this CPU), one stderr line saying which and why."""
+    quantize_scheme(err, model, "int8", source)
 
 
 def check_quantize(scheme: str | None, int8: bool) -> str | None:
-    """``--quantize`` checked before the model loads (None: not given)."""
+    """``--quantize`` / ``--int8`` checked before the model loads: the scheme to apply (``int8``
+    for ``--int8``), None for neither."""
     from .errors import VlmkitError
     from .quant_schemes import SCHEMES
 
     if scheme is None:
-        return None
+        return "int8" if int8 else None
     if scheme not in SCHEMES:
         raise VlmkitError(f"--quantize {scheme!r} is not a scheme", hint=f"choose one of {', '.join(SCHEMES)}")
     if int8:
-        raise VlmkitError("--int8 and --quantize were both given", hint="--int8 is --quantize w8a8: give one")
+        raise VlmkitError("--int8 and --quantize were both given", hint="--int8 is --quantize int8: give one")
     return scheme
 
 
 def quantize_scheme(err, model, scheme: str, source: str) -> None:  # noqa: ANN001
-    """:func:`vlmkit.quant_schemes.quantize`; one stderr line with what was chosen and the cache."""
-    from .quant_schemes import quantize
+    """:func:`vlmkit.quant_schemes.quantize` (cached when SOURCE is a local folder); one stderr line
+    with what was applied, why (``auto``/``int8``: the reason and the timings), the layers and the
+    cache; one more where ``w8a8`` was asked for on a CPU without int8 dot products."""
+    from .quant_schemes import has_int8_dot, quantize
 
     local = Path(source).is_dir()
     report = quantize(model, scheme, source=source if local else None)
-    auto = report.get("auto")
-    chosen = report["scheme"] + (f" (auto: {auto['ms']} ms per layer group, CPU {auto['cpu']['capability']})" if auto else "")
+    choice = report.get("choice")
+    why = f" ({choice['why']}; timed {choice['timed']}, ms {choice['ms']}, CPU {choice['cpu']['capability']})" if choice else ""
     cache = report.get("cache", "off") + ("" if local else " (SOURCE is not a local folder)")
-    err.print(f"quantize: {chosen}; {report['layers']} layers in {report['seconds']:.2f} s; cache {cache}", markup=False)
+    label = "int8" if scheme == "int8" else "quantize"
+    err.print(f"{label}: {report['scheme']}{why}; {report['layers']} layers in {report['seconds']:.2f} s; cache {cache}", markup=False)
+    if scheme == "w8a8" and not has_int8_dot():
+        err.print("w8a8: this CPU has no VNNI/AMX int8 instructions, so prompts and images run much slower than "
+                  "float32 here; --int8 picks the fastest int8 scheme for this CPU (docs/speed.md)", markup=False)  # fmt: skip
 
 
 def image_line(processor, path: Path, img, kwargs: dict) -> str:

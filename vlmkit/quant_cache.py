@@ -6,14 +6,17 @@ scheme, the torch version and the CPU capability (packed int4 layouts are kernel
 Hashing the header instead of the whole file keeps a cache hit well under a second; a rewritten
 file changes its size/mtime/header and so its key. The folder is ``$VLMKIT_CACHE/quant``
 (default ``~/.cache/vlmkit/quant``). Files are written to a temporary name and renamed, so a
-crash never leaves a half-written entry; nothing is unpickled.
+crash never leaves a half-written entry; nothing is unpickled. A file that cannot be read or
+does not fit the model is ignored with a one-line warning and rewritten.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +24,8 @@ import torch
 from .errors import VlmkitError
 
 __all__ = ["cache_dir", "cache_key", "load_cached", "save_cached"]
+
+log = logging.getLogger(__name__)
 
 #: a safetensors header larger than this is not a safetensors file we hash
 MAX_HEADER = 100 << 20
@@ -65,14 +70,33 @@ def _path(key: str, scheme: str, folder: Path) -> Path:
     return folder / f"{key}-{scheme}.safetensors"
 
 
-def load_cached(key: str, scheme: str, folder: Path) -> dict[str, torch.Tensor] | None:
-    """The cached tensors for ``key`` (None when absent)."""
+def load_cached(key: str, scheme: str, folder: Path,
+                check: Callable[[dict[str, torch.Tensor]], str | None] | None = None) -> dict[str, torch.Tensor] | None:  # fmt: skip
+    """The cached tensors for ``key`` (None when absent).
+
+    A file that cannot be read (corrupt, truncated, not safetensors), that was written for another
+    scheme, or whose tensors ``check`` rejects (it returns why, or None when they fit) is ignored
+    with a one-line warning on the ``vlmkit`` log, and None is returned: the caller quantizes
+    again and overwrites it."""
     path = _path(key, scheme, folder)
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("scheme")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 -- safetensors raises its own error types, and OSError
+        return _ignore(path, f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if stored != scheme:
+        return _ignore(path, f"it was written for scheme {stored!r}, not {scheme!r}")
+    why = check(tensors) if check is not None else None
+    return tensors if why is None else _ignore(path, why)
+
+
+def _ignore(path: Path, why: str) -> None:
+    log.warning("ignoring the quantization cache file %s: %s; quantizing again and rewriting it", path, why)
 
 
 def save_cached(key: str, scheme: str, folder: Path, tensors: dict[str, torch.Tensor]) -> Path:

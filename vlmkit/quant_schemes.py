@@ -5,14 +5,18 @@ Schemes (:data:`SCHEMES`):
 * ``fp32`` -- no quantization: the float32 decode layout only (:mod:`vlmkit.decode_layout`);
 * ``w8`` / ``w4`` -- weight-only int8 / int4 for one-row decode of the text backbone and its LM
   head (:mod:`vlmkit.weight_only`); prompts, batches and vision stay float32;
-* ``w8a8`` -- :func:`vlmkit.quantize.quantize_int8` (dynamic int8 activations, SmoothQuant;
-  the CLI's ``--int8``): vision and prefill too, but without VNNI/AMX it is slower at prefill;
-* ``auto`` -- the fastest of ``fp32``/``w8``/``w4`` on *this* CPU: each is timed on the model's
-  own largest weight group (A/B alternated) and a weight-only scheme wins only when >= 10%
-  faster than float32. The CPU flags and timings are kept in the returned report.
+* ``w8a8`` -- :func:`vlmkit.quantize.quantize_int8` (dynamic int8 activations, SmoothQuant):
+  vision and prefill too, but without VNNI/AMX it is far slower at prefill;
+* ``int8`` (the CLI's ``--int8``) -- the fastest int8 scheme for *this* CPU: ``w8a8`` where the CPU
+  has int8 dot products and a timing on the model's weights says its prompts are not slower than
+  float32, otherwise ``w8`` (:func:`~vlmkit.scheme_choice.choose_int8`);
+* ``auto`` -- the fastest of ``fp32``/``w8``/``w4`` (and ``w8a8`` where the CPU has int8 dot
+  products), timed one-row and multi-row on the model's own largest weight group
+  (:func:`~vlmkit.scheme_choice.choose_scheme`).
 
-Weight-only layers can be cached on disk (:mod:`vlmkit.quant_cache`) when ``source`` (the
-checkpoint folder) is given: a second run loads them instead of re-quantizing.
+For ``auto`` and ``int8`` the report's ``choice`` holds the timings, the reason and the CPU flags.
+Quantized layers (every scheme but ``fp32``) are cached on disk (:mod:`vlmkit.quant_cache`) when
+``source`` (the checkpoint folder) is given: a second run loads them instead of re-quantizing.
 """
 
 from __future__ import annotations
@@ -26,106 +30,84 @@ from torch import nn
 
 from .decode_layout import ensure_decode_layout
 from .errors import VlmkitError
+from .int8_store import apply_int8, int8_mismatch, int8_tensors
 from .quant_cache import cache_dir, cache_key, load_cached, save_cached
-from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, faster_than_float, w4_group
+from .quantize import DEFAULT_SLOTS, Int8Linear, check_quantizable, quantize_int8
+from .scheme_choice import INT8_DOT_FLAGS, choose_int8, choose_scheme, cpu_flags, float_linears, has_int8_dot
+from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, w4_group
 
-__all__ = ["SCHEMES", "INT8_DOT_FLAGS", "quantize", "cpu_flags", "choose_scheme", "has_int8_dot"]
+__all__ = ["SCHEMES", "CHOSEN", "INT8_DOT_FLAGS", "quantize", "cpu_flags", "choose_scheme", "choose_int8", "has_int8_dot"]
 
-SCHEMES = ("auto", "fp32", "w8", "w4", "w8a8")
-#: CPU flags worth printing beside speed figures
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-
-
-def cpu_flags() -> dict[str, Any]:
-    """torch's CPU capability and the :data:`INTERESTING_FLAGS` in ``/proc/cpuinfo`` (Linux)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "flags": [f for f in INTERESTING_FLAGS if f in flags]}
+SCHEMES = ("auto", "fp32", "w8", "w4", "w8a8", "int8")
+#: the schemes resolved per CPU at run time, and what resolves each
+CHOSEN = {"auto": choose_scheme, "int8": choose_int8}
 
 
-#: CPU flags with int8 dot-product instructions, which the dynamic ``w8a8`` mode needs to be fast.
-INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def has_int8_dot(flags: dict[str, Any] | None = None) -> bool:
-    """Whether this CPU has VNNI or AMX int8 instructions (see :func:`cpu_flags`); without them the
-    ``w8a8`` (``--int8``) prompts run far slower than float32 (measured 13-16x on an AVX2-only EPYC)."""
-    found = (flags or cpu_flags())["flags"]
-    return any(f in found for f in INT8_DOT_FLAGS)
-
-
-def _linears(backbone: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """``(parent, attribute, linear)`` for the backbone's float32 ``nn.Linear`` layers."""
-    out = []
-    for name, module in backbone.named_modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.Linear) and not isinstance(child, WeightOnlyLinear) and child.weight.dtype == torch.float32:
-                out.append((module, attr, child))
-    return out
-
-
-def choose_scheme(backbone: nn.Module, rounds: int = 5) -> dict[str, Any]:
-    """Time ``fp32``/``w8``/``w4`` one-row products on the backbone's largest weight group; returns
-    ``{"scheme", "ms": {scheme: ms}, "cpu": cpu_flags()}``."""
-    ensure_decode_layout(backbone)
-    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for _, _, lin in _linears(backbone):
-        groups.setdefault(tuple(lin.weight.shape), []).append(lin.weight)
-    if not groups:
-        return {"scheme": "fp32", "ms": {}, "cpu": cpu_flags()}
-    weights = max(groups.values(), key=lambda ws: len(ws) * ws[0].numel())
-    ms: dict[str, float] = {}
-    best, best_ms = "fp32", None
-    for scheme in ("w8", "w4"):
-        if scheme == "w4" and w4_group(weights[0].shape[1]) is None:
-            continue
-        faster, fp, q = faster_than_float(weights, scheme, rounds)
-        ms["fp32"], ms[scheme] = round(fp, 3), round(q, 3)
-        if faster and (best_ms is None or q < best_ms):
-            best, best_ms = scheme, q
-    return {"scheme": best, "ms": ms, "cpu": cpu_flags()}
-
-
-def quantize(model: nn.Module, scheme: str = "auto", *, source: str | os.PathLike | None = None,
-             cache: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
-    """Apply ``scheme`` (one of :data:`SCHEMES`) to ``model`` (a float32 CPU VLM) in place.
-
-    Returns a report: ``scheme`` (the one applied; ``auto`` resolved), ``layers`` quantized,
-    ``kept_float`` (layer names left float32 and why), ``cache`` (``hit``/``written``/``off``),
-    ``seconds``, and for ``auto`` the timings and CPU flags it chose by."""
+def _check(model: nn.Module, scheme: str, flags: Any, timings: Any) -> nn.Module:
+    """``model``'s backbone, once ``scheme`` and the options are checked."""
     if scheme not in SCHEMES:
         raise VlmkitError(f"quantization scheme {scheme!r} is not known", hint=f"choose one of {', '.join(SCHEMES)}")
+    if scheme not in CHOSEN and (flags is not None or timings is not None):
+        raise VlmkitError(f"flags= and timings= only apply to the schemes chosen per CPU ({', '.join(CHOSEN)}), not {scheme!r}",
+                          hint="drop them, or quantize with scheme 'auto' or 'int8'")  # fmt: skip
+    if flags is not None and not (isinstance(flags, dict) and isinstance(flags.get("flags"), (list, tuple))):
+        raise VlmkitError(f"flags must be a dict like cpu_flags() returns; got {flags!r}",
+                          hint='e.g. {"capability": "AVX2", "flags": ["avx2", "fma"]}')  # fmt: skip
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise VlmkitError("the model has no backbone slot to quantize", hint="quantize a vlmkit VLM (vlmkit.build_from_hf)")
     if getattr(model, "quantized", None):
         raise VlmkitError(f"the model is already quantized ({model.quantized})", hint="quantize a float32 model once")
+    return backbone
+
+
+def quantize(model: nn.Module, scheme: str = "auto", *, source: str | os.PathLike | None = None,
+             cache: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
+             timings: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Apply ``scheme`` (one of :data:`SCHEMES`) to ``model`` (a float32 CPU VLM) in place.
+
+    ``source`` (the checkpoint folder) turns the on-disk cache on, in ``cache`` (default
+    :func:`~vlmkit.quant_cache.cache_dir`). For ``auto``/``int8`` only: ``flags`` (a
+    :func:`cpu_flags` dict) and ``timings`` (a :func:`~vlmkit.scheme_choice.time_schemes` dict)
+    replace reading the CPU and timing it.
+
+    Returns a report: ``requested``, ``scheme`` (the one applied), ``layers`` quantized,
+    ``kept_float`` (weight-only: layer names left float32 and why), ``cache``
+    (``hit``/``written``/``updated``/``off``), ``seconds``, and for ``auto``/``int8`` the
+    ``choice`` (``why``, ``ms``, ``timed``, ``cpu``)."""
+    backbone = _check(model, scheme, flags, timings)
     start = time.perf_counter()
     report: dict[str, Any] = {"requested": scheme}
-    if scheme == "auto":
-        report["auto"] = choose_scheme(backbone)
-        scheme = report["auto"]["scheme"]
+    if scheme in CHOSEN:
+        report["choice"] = CHOSEN[scheme](backbone, flags=flags, timings=timings)
+        scheme = report["choice"]["scheme"]
     report["scheme"] = scheme
     if scheme == "w8a8":
-        from .quantize import Int8Linear, quantize_int8
-
-        quantize_int8(model)
-        report["layers"] = sum(isinstance(m, Int8Linear) for m in model.modules())
+        report.update(_w8a8(model, source, cache))
     elif scheme in WEIGHT_ONLY:
         report.update(_weight_only(model, backbone, scheme, source, cache))
         model.quantized = scheme
     else:
         ensure_decode_layout(backbone)
-        report["layers"] = 0
+        report.update(layers=0, cache="off")
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _w8a8(model: nn.Module, source, cache) -> dict[str, Any]:  # noqa: ANN001
+    """:func:`~vlmkit.quantize.quantize_int8` with its defaults, or its tensors from the cache."""
+    check_quantizable(model, DEFAULT_SLOTS, None)  # before the cache is read: a bf16 model is refused, not "mismatched"
+    if source is None:
+        quantize_int8(model)
+        return {"layers": sum(isinstance(m, Int8Linear) for m in model.modules()), "cache": "off"}
+    folder, key = cache_dir(cache), cache_key(source, "w8a8")
+    stored = load_cached(key, "w8a8", folder, check=lambda tensors: int8_mismatch(model, tensors))
+    if stored is not None:
+        return {"layers": apply_int8(model, stored), "cache": "hit"}
+    before = list(model.parameters())  # kept alive, so no replaced parameter's id is reused
+    quantize_int8(model)
+    save_cached(key, "w8a8", folder, int8_tensors(model, before))
+    return {"layers": sum(isinstance(m, Int8Linear) for m in model.modules()), "cache": "written"}
 
 
 def _head_linear(backbone: nn.Module) -> nn.Linear | None:
@@ -138,11 +120,40 @@ def _head_linear(backbone: nn.Module) -> nn.Linear | None:
     return head
 
 
+def _expected(lin: nn.Linear, scheme: str) -> dict[str, tuple[torch.dtype, int, tuple[int, ...] | None]]:
+    """Each part of ``lin``'s ``scheme`` copy: ``(dtype, bytes, shape)`` (the packed int4 layout's
+    shape is the kernel's business: only its bytes are checked)."""
+    out, inp = lin.out_features, lin.in_features
+    if scheme == "w8":
+        return {"q8": (torch.int8, out * inp, (out, inp)), "scale": (torch.float32, 4 * out, (out,))}
+    groups = inp // (w4_group(inp) or inp)
+    return {"q4": (torch.uint8, out * inp // 2, None), "scale_zero": (torch.float32, 8 * groups * out, (groups, out, 2))}
+
+
+def _weight_only_mismatch(targets: list, scheme: str, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why cached ``tensors`` do not fit the ``targets`` layers (None when they do; layers the cache
+    lacks are quantized and added)."""
+    by_name = {name: lin for _, _, lin, name in targets}
+    for key, value in tensors.items():
+        name, _, part = key.partition("::")
+        if name not in by_name:
+            continue  # another model's layer: kept in the file, unused
+        want = _expected(by_name[name], scheme).get(part)
+        if (want is None or value.dtype != want[0] or value.numel() * value.element_size() != want[1]
+                or (want[2] is not None and tuple(value.shape) != want[2])):  # fmt: skip
+            return f"{key} is {value.dtype} {tuple(value.shape)}, which does not fit the model's {name}"
+    for name, lin in by_name.items():
+        parts = {k.partition("::")[2] for k in tensors if k.partition("::")[0] == name}
+        if parts and parts != set(_expected(lin, scheme)):
+            return f"{name} stores {sorted(parts)}, expected {sorted(_expected(lin, scheme))}"
+    return None
+
+
 def _weight_only(model: nn.Module, backbone: nn.Module, scheme: str, source, cache) -> dict[str, Any]:  # noqa: ANN001
     """Swap the backbone's linears (and a tied head) for :class:`WeightOnlyLinear` ``scheme``
     (their float weights, read only by prompts and batches, keep their layout)."""
     names = {id(m): n for n, m in backbone.named_modules()}
-    targets = [(p, a, lin, f"{names[id(p)]}.{a}".lstrip(".")) for p, a, lin in _linears(backbone)]
+    targets = [(p, a, lin, f"{names[id(p)]}.{a}".lstrip(".")) for p, a, lin in float_linears(backbone)]
     head = _head_linear(backbone)
     if head is not None:
         targets.append((backbone, "lm_head", head, "lm_head"))
@@ -151,7 +162,7 @@ def _weight_only(model: nn.Module, backbone: nn.Module, scheme: str, source, cac
     status = "off"
     if source is not None:
         folder, key = cache_dir(cache), cache_key(source, scheme)
-        stored = load_cached(key, scheme, folder) or {}
+        stored = load_cached(key, scheme, folder, check=lambda tensors: _weight_only_mismatch(targets, scheme, tensors)) or {}
         status = "hit" if stored else "written"
     kept, made, fresh = {}, 0, {}
     for parent, attr, lin, name in targets:

@@ -36,7 +36,7 @@ from torch import nn
 from .decode_layout import GemvLinear
 from .errors import VlmkitError
 
-__all__ = ["Int8Linear", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
+__all__ = ["Int8Linear", "int8_targets", "check_quantizable", "quantize_int8", "int8_available", "cpu_has_vnni", "DEFAULT_SLOTS"]
 
 #: The slots :func:`quantize_int8` quantizes by default.
 DEFAULT_SLOTS = ("backbone", "vision_tower")
@@ -63,6 +63,15 @@ def cpu_has_vnni() -> bool:
         return False
 
 
+def _row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """``(out, in)`` int8 -> ``(out,)`` float32 row sums, exact: summed in float32 (about twice as
+    fast as an int32 sum here) while ``127 * in`` stays below 2**24, where every partial sum is an
+    integer float32 holds exactly; in int32 beyond."""
+    if 127 * qweight.shape[1] < 2**24:
+        return qweight.to(torch.float32).sum(dim=1)
+    return qweight.sum(dim=1, dtype=torch.int32).to(torch.float32)
+
+
 def _reduce_range() -> bool:
     """7-bit activations on CPUs whose int8 dot product can saturate (no VNNI), as torch does."""
     return not cpu_has_vnni()
@@ -74,22 +83,22 @@ class Int8Linear(nn.Module):
     Built from a float32 weight with :meth:`from_linear` / :meth:`from_weight`; the float weight
     is not kept. ``forward`` takes float32 ``(..., in_features)`` and returns float32
     ``(..., out_features)``. Every row (token / patch) of the input gets its own 8-bit
-    asymmetric scale: one row (a decode step) runs the pre-packed kernel
-    (``torch.ops.quantized.linear_dynamic``, which quantizes its whole input with one scale),
+    asymmetric scale: one row (a decode step) runs the packed kernel
+    (``torch.ops.quantized.linear_dynamic``, which quantizes its whole input with one scale; the
+    weight is packed for it at the first one-row call),
     several rows (a prompt, image patches) quantize row by row and run ``torch._int_mm`` -- a
     single scale over a whole prompt would let one outlier token (e.g. the first) flatten
     every other token's activations.
     """
 
-    def __init__(self, packed: object, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 *, reduce_range: bool) -> None:  # fmt: skip
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, *, reduce_range: bool) -> None:
         super().__init__()
-        self._packed = packed  # the kernel's pre-packed int8 weight and bias (a torch ScriptObject)
+        self._packed: object | None = None  # the kernel's pre-packed weight and bias (a ScriptObject), on first use
         self.out_features, self.in_features = qweight.shape
         self.reduce_range = reduce_range
         self._qweight_t = qweight.t()  # (in, out) int8 view, for torch._int_mm
         self._scales = scales.to(torch.float32)  # (out,)
-        self._colsum = qweight.sum(dim=1, dtype=torch.int32).to(torch.float32)  # (out,) for zero points
+        self._colsum = _row_sums(qweight)  # (out,) float32, for zero points
         self._bias = bias
         #: bytes a one-row call reads: the packed int8 weight, its scales (and the bias)
         self.nbytes = qweight.numel() + 8 * self.out_features + (0 if bias is None else 4 * bias.numel())
@@ -98,16 +107,34 @@ class Int8Linear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         """Quantize a ``(out, in)`` float weight (and optional ``(out,)`` bias)."""
         weight = weight.detach().to(torch.float32).contiguous()  # a decode layout may store it transposed
-        out_features = weight.shape[0]
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         qint = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
-        zero = torch.zeros(out_features, dtype=torch.long)
+        return cls.from_quantized(qint, scales, bias)
+
+    @classmethod
+    def from_quantized(cls, qint: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """From ``(out, in)`` int8 values, their ``(out,)`` float32 scales and an optional
+        ``(out,)`` bias (what :func:`from_weight` computes, e.g. read back from a cache). The
+        one-row kernel's packed copy (``linear_prepack``, this CPU's layout) is made at the first
+        one-row call: layers that only ever see several rows (the vision tower) never pay for it."""
         bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
-            warnings.simplefilter("ignore")
-            qweight = torch._make_per_channel_quantized_tensor(qint, scales.to(torch.float64), zero, 0)
-            packed = torch.ops.quantized.linear_prepack(qweight, bias)
-        return cls(packed, qint, scales, bias, reduce_range=_reduce_range())
+        return cls(qint.contiguous(), scales, bias, reduce_range=_reduce_range())
+
+    def _pack(self) -> object:
+        """The one-row kernel's packed weight and bias (made once)."""
+        if self._packed is None:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # torch >= 2.10 flags quantized tensor creation as deprecated
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(self._qweight_t.t(), self._scales.to(torch.float64), zero, 0)
+                self._packed = torch.ops.quantized.linear_prepack(qweight, self._bias)
+        return self._packed
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What :meth:`from_quantized` needs: ``qweight`` ``(out, in)`` int8, ``scales`` ``(out,)``
+        and, when the layer has one, ``bias`` ``(out,)``."""
+        out = {"qweight": self._qweight_t.t().contiguous(), "scales": self._scales}
+        return out if self._bias is None else {**out, "bias": self._bias}
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -119,7 +146,7 @@ class Int8Linear(nn.Module):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] == 1:
-            y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)
+            y = torch.ops.quantized.linear_dynamic(rows, self._pack(), self.reduce_range)
         else:
             y = self._per_row(rows)
         return y.view(*lead, self.out_features)
@@ -144,20 +171,28 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights, int8 activations per token"
 
 
-def _swap_linears(module: nn.Module, skip: frozenset[str] = frozenset(), prefix: str = "") -> int:
-    """Replace every ``nn.Linear`` below ``module`` by an :class:`Int8Linear`, except those whose
-    dotted name (relative to ``module``) is in ``skip``; returns how many were replaced."""
-    count = 0
+def int8_targets(module: nn.Module, skip: frozenset[str] = frozenset(), prefix: str = "") -> list[tuple[nn.Module, str, str, nn.Linear]]:
+    """``(parent, attribute, dotted name, linear)`` of every plain ``nn.Linear`` below ``module``
+    (the ones :func:`quantize_int8` swaps), except those whose dotted name (relative to
+    ``module``, ``prefix`` prepended) is in ``skip``."""
+    out = []
     for name, child in list(module.named_children()):
         full = prefix + name
         if full in skip:
             continue
         if isinstance(child, nn.Linear) and type(child).forward in (nn.Linear.forward, GemvLinear.forward):
-            setattr(module, name, Int8Linear.from_linear(child))
-            count += 1
+            out.append((module, name, full, child))
         else:
-            count += _swap_linears(child, skip, full + ".")
-    return count
+            out.extend(int8_targets(child, skip, full + "."))
+    return out
+
+
+def _swap_linears(module: nn.Module, skip: frozenset[str] = frozenset()) -> int:
+    """Replace every target of :func:`int8_targets` by an :class:`Int8Linear`; returns how many."""
+    targets = int8_targets(module, skip)
+    for parent, attr, _, linear in targets:
+        setattr(parent, attr, Int8Linear.from_linear(linear))
+    return len(targets)
 
 
 def quantize_int8(
@@ -186,7 +221,7 @@ def quantize_int8(
     torch without quantized kernels.
     """
     slots = (slots,) if isinstance(slots, str) else tuple(slots)
-    _check_quantizable(model, slots, calibration)
+    check_quantizable(model, slots, calibration)
     with torch.no_grad():
         for slot in slots:
             _quantize_slot(getattr(model, slot), slot == "backbone", smooth=smooth, calibration=calibration,
@@ -195,7 +230,7 @@ def quantize_int8(
     return model
 
 
-def _check_quantizable(model: nn.Module, slots: tuple[str, ...], calibration: torch.Tensor | None) -> None:
+def check_quantizable(model: nn.Module, slots: tuple[str, ...], calibration: torch.Tensor | None) -> None:
     """Raise :class:`VlmkitError` unless ``slots`` of ``model`` can be quantized with ``calibration``."""
     if not int8_available():
         raise VlmkitError("this torch build has no quantized CPU kernels (torch.ops.quantized.linear_dynamic)",

@@ -9,22 +9,19 @@ rows (so prefill and vision are never slower than float32) and a quantized copy 
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on the packed weight.
 
 The float weight stays, so memory grows by the quantized copy (+25% for ``w8``, +~14% for
-``w4``). Whether these kernels beat float32 depends on the CPU: :func:`faster_than_float`
-times them on the model's own weights (see :func:`vlmkit.quantize.quantize`, scheme ``auto``).
+``w4``). Whether these kernels beat float32 depends on the CPU: :mod:`vlmkit.scheme_choice`
+times them on the model's own weights (:func:`vlmkit.quant_schemes.quantize`, scheme ``auto``).
 Shapes: ``x`` ``(..., in)`` -> ``(..., out)``.
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 from torch import nn
 
 from .decode_layout import linear_rows
 
-__all__ = ["WeightOnlyLinear", "WEIGHT_ONLY", "W4_GROUPS", "quantize_w8", "quantize_w4", "faster_than_float"]
+__all__ = ["WeightOnlyLinear", "WEIGHT_ONLY", "W4_GROUPS", "quantize_w8", "quantize_w4"]
 
 #: The weight-only schemes and what their quantized copy holds.
 WEIGHT_ONLY = {"w8": "int8 per output channel", "w4": "int4, groups of input channels"}
@@ -97,28 +94,3 @@ class WeightOnlyLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, one-row calls {self.scheme} ({WEIGHT_ONLY[self.scheme]})"
-
-
-def faster_than_float(weights: list[torch.Tensor], scheme: str, rounds: int = 5) -> tuple[bool, float, float]:
-    """Time one-row products over ``weights`` (``(out, in)``, one shape): float32 (their decode
-    layout) vs ``scheme``, A/B alternated. Returns ``(faster, float ms, quantized ms)`` (medians)."""
-    layers = [nn.Linear(w.shape[1], w.shape[0], bias=False) for w in weights]
-    for layer, w in zip(layers, weights):
-        layer.weight = nn.Parameter(w.detach(), requires_grad=False)
-    quant = [WeightOnlyLinear.from_linear(layer, scheme) for layer in layers]
-    x = torch.randn(1, weights[0].shape[1])
-    a, b = [], []
-    with torch.inference_mode():
-        for fn in ([linear_rows(x, w) for w in weights], [q(x) for q in quant]):
-            del fn  # warm-up done by building the lists
-        for _ in range(rounds):
-            start = time.perf_counter()
-            for w in weights:
-                linear_rows(x, w)
-            a.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            for q in quant:
-                q(x)
-            b.append(time.perf_counter() - start)
-    fa, fb = statistics.median(a) * 1e3, statistics.median(b) * 1e3
-    return fb < 0.9 * fa, fa, fb

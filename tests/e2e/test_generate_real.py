@@ -128,5 +128,5 @@ def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, ca
     assert "--top-p" in capsys.readouterr().err
     assert main(["generate", str(smolvlm_real_folder), "--prompt", QUESTION, "-n", "12", "--int8"]) == 0
     out, err = capsys.readouterr()
-    assert "int8: " in err and "linear layers quantized" in err and "tokens/s" in err
+    assert "int8: w8" in err and " layers in " in err and "tokens/s" in err  # w8a8 or w8, whichever fits this CPU
     assert out.strip()  # an answer (int8 is approximate: not asserted token for token)

@@ -46,23 +46,72 @@ def test_generate_with_quantize_runs(tmp_path, capsys, scheme):
         assert "quantize: w8;" in captured.err
 
 
-@pytest.mark.parametrize("flags, warned", [([], True), (["avx2", "avx512_vnni"], False), (["amx_int8"], False)])
-def test_int8_warns_on_a_cpu_without_int8_dot_instructions(monkeypatch, flags, warned):
+class _Err:
+    """A console stand-in that keeps the lines printed."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, line, markup=False):  # noqa: ANN001, ARG002
+        self.lines.append(line)
+
+
+def test_check_quantize_maps_int8_to_the_int8_scheme():
+    from vlmkit.cli_helpers import check_quantize
+
+    assert check_quantize(None, True) == "int8" and check_quantize(None, False) is None and check_quantize("w8a8", False) == "w8a8"
+
+
+@pytest.mark.parametrize("flags", [["avx2", "fma"], ["avx2", "avx512_vnni"], ["amx_int8"]])
+def test_int8_says_which_scheme_and_why(monkeypatch, flags):
+    """--int8 on a CPU without int8 dot products is w8 (no timing decides it, no warning);
+    with them it is w8a8 or w8 as this CPU's timing says, and the line says why."""
     import vlmkit
-    from vlmkit import quant_schemes
+    from vlmkit import scheme_choice
     from vlmkit.cli_helpers import quantize_and_say
 
     from .test_generation import TINY
 
-    class Err:
-        lines: list[str] = []
+    monkeypatch.setattr(scheme_choice, "cpu_flags", lambda: {"capability": "AVX2", "flags": flags})
+    err = _Err()
+    model = vlmkit.build(TINY, load_weights=False)
+    quantize_and_say(err, model, "/not/a/folder")
+    assert len(err.lines) == 1, err.lines
+    line = err.lines[0]
+    assert line.startswith(("int8: w8a8 (", "int8: w8 (")) and " layers in " in line and "timed one row" in line
+    if flags == ["avx2", "fma"]:
+        assert line.startswith("int8: w8 (this CPU has no VNNI/AMX") and model.quantized == "w8"
+    elif line.startswith("int8: w8a8"):
+        assert "prompts are not slower than float32" in line and model.quantized == "int8"
 
-        def print(self, line, markup=False):  # noqa: ANN001, ARG002
-            self.lines.append(line)
 
-    monkeypatch.setattr(quant_schemes, "cpu_flags", lambda: {"capability": "AVX2", "flags": flags})
-    err = Err()
-    err.lines = []
-    quantize_and_say(err, vlmkit.build(TINY, load_weights=False))
-    assert err.lines[0].startswith("int8: ") and "linear layers quantized" in err.lines[0]
-    assert any("no VNNI/AMX" in line and "--quantize auto" in line for line in err.lines) == warned
+@pytest.mark.parametrize("flags, warned", [([], True), (["avx2", "avx512_vnni"], False), (["amx_int8"], False)])
+def test_explicit_w8a8_warns_on_a_cpu_without_int8_dot_instructions(monkeypatch, flags, warned):
+    import vlmkit
+    from vlmkit import scheme_choice
+    from vlmkit.cli_helpers import quantize_scheme
+
+    from .test_generation import TINY
+
+    monkeypatch.setattr(scheme_choice, "cpu_flags", lambda: {"capability": "AVX2", "flags": flags})
+    err = _Err()
+    quantize_scheme(err, vlmkit.build(TINY, load_weights=False), "w8a8", "/not/a/folder")
+    assert err.lines[0].startswith("quantize: w8a8; ") and " layers in " in err.lines[0]
+    assert any("no VNNI/AMX" in line and "--int8 picks" in line for line in err.lines) == warned
+
+
+def test_generate_int8_on_a_folder_loads_the_cache_the_second_time(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    from vlmkit import scheme_choice
+
+    from ..e2e._tiny_smolvlm import tiny_smolvlm_folder
+
+    monkeypatch.setattr(scheme_choice, "cpu_flags", lambda: {"capability": "AVX2", "flags": ["avx2"]})  # --int8: w8
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path / "cache"))
+    folder = tiny_smolvlm_folder()
+    for want in ("written", "hit"):
+        for flag in (["--int8"], ["--quantize", "w8a8"]):
+            code = main(["generate", str(folder), "-p", "Hello?", "-n", "2", *flag])
+            err = capsys.readouterr().err
+            assert code == 0, err
+            assert f"cache {want}" in err and ("int8: w8 (" if flag == ["--int8"] else "quantize: w8a8;") in err, err

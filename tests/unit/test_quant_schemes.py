@@ -10,7 +10,7 @@ from torch import nn
 
 from vlmkit.errors import VlmkitError
 from vlmkit.quant_cache import cache_key
-from vlmkit.quant_schemes import SCHEMES, choose_scheme, cpu_flags, quantize
+from vlmkit.quant_schemes import SCHEMES, choose_scheme, cpu_flags, has_int8_dot, quantize
 from vlmkit.weight_only import WeightOnlyLinear, quantize_w4, quantize_w8
 
 from .test_quantize import _model, _prompt
@@ -82,10 +82,11 @@ def test_fp32_scheme_and_auto_choose_by_timing():
     model = _model().eval()
     assert quantize(model, "fp32")["layers"] == 0 and model.backbone.decode_layout
     report = choose_scheme(_model().backbone, rounds=2)
-    assert report["scheme"] in ("fp32", "w8", "w4") and set(report["ms"]) >= {"fp32", "w8"}
+    assert report["scheme"] in ("fp32", "w8", "w4", "w8a8") and set(report["ms"]["one_row"]) >= {"fp32", "w8"}
+    assert ("w8a8" in report["ms"]["multi_row"]) == has_int8_dot() and report["why"] and report["timed"]
     assert report["cpu"]["capability"] and isinstance(cpu_flags()["flags"], list)
     auto = quantize(_model().eval(), "auto")
-    assert auto["requested"] == "auto" and auto["scheme"] == auto["auto"]["scheme"]
+    assert auto["requested"] == "auto" and auto["scheme"] == auto["choice"]["scheme"]
 
 
 def test_w8a8_is_the_dynamic_int8_path():

@@ -22,7 +22,8 @@ Measured:
 * the **decode floor**: measured memory bandwidth (a sum over a 1 GiB tensor) divided by the
   bytes a decode step reads (every backbone weight once, the LM head included).
 
-``--int8`` adds :func:`vlmkit.quantize.quantize_int8` against vlmkit float32: speed-ups, the
+``--int8`` adds the fastest int8 scheme for this CPU (``quantize(model, "int8")``: ``w8a8``, i.e.
+:func:`vlmkit.quantize.quantize_int8`, or weight-only ``w8``) against vlmkit float32: speed-ups, the
 largest logit difference on two prompts, and greedy agreement on a fixed prompt set.
 
 Entry points: ``vlmkit bench SOURCE`` and ``python benchmarks/run_bench.py SOURCE``; from Python

@@ -1,5 +1,7 @@
-"""The ``--int8`` section: vlmkit with :func:`vlmkit.quantize.quantize_int8` against vlmkit float32
-(speed rows, bytes per decode token) and :func:`int8_accuracy` (logit differences, greedy agreement
+"""The ``--int8`` section: vlmkit with the fastest int8 scheme for this CPU
+(:func:`vlmkit.quant_schemes.quantize` scheme ``int8``: ``w8a8``, i.e.
+:func:`vlmkit.quantize.quantize_int8`, or weight-only ``w8``) against vlmkit float32 (speed rows,
+bytes per decode token) and :func:`int8_accuracy` (logit differences, greedy agreement
 on :data:`~vlmkit.bench.prompts.AGREEMENT_PROMPTS`)."""
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from .sides import VlmkitSide
 
 def int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], keys: list[str], repeats: int,
                   new_tokens: int, bandwidth: float) -> dict[str, Any]:  # fmt: skip
-    """Quantize a fresh copy of the model, time it against ``fp32`` in alternation and measure
-    its accuracy; the JSON-ready ``int8`` section of the result."""
+    """Quantize a fresh copy of the model with scheme ``int8`` (not from the cache: the quantize
+    row is a real quantization), time it against ``fp32`` in alternation and measure its
+    accuracy; the JSON-ready ``int8`` section of the result (``scheme``, ``why``: what ``int8``
+    resolved to on this CPU, and why)."""
     import torch
 
-    from ..quantize import quantize_int8
+    from ..quant_schemes import quantize
 
     q = VlmkitSide(folder)
     q.load()
     start = time.perf_counter()
-    quantize_int8(q.model)
+    report = quantize(q.model, "int8")
     rows = {k: Metric(k, *INT8_ROWS[k]) for k in keys}
     rows["quantize_s"].add("int8", time.perf_counter() - start)
     pair = {"int8": q, "fp32": fp32}
@@ -40,6 +44,8 @@ def int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], key
         accuracy = int8_accuracy(fp32, q, folder, prompts)
     per_token = decode_bytes_per_token(q.model.backbone)
     return {
+        "scheme": report["scheme"],
+        "why": report["choice"]["why"],
         "rows": [rows[k].as_dict("int8", "fp32") for k in keys],
         "accuracy": accuracy,
         "bytes_per_token_mb": per_token / 1e6,

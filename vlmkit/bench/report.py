@@ -112,7 +112,10 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
 
 def _print_int8(q: dict[str, Any], console: Any) -> None:
     """The int8 vs float32 table and the int8 accuracy line."""
-    console.print(_rows_table("vlmkit int8 (quantize_int8) vs vlmkit float32", "int8", "fp32", "ratio int8/fp32", q["rows"]))
+    title = f"vlmkit --int8 (applied: {q.get('scheme', 'w8a8')}) vs vlmkit float32"
+    console.print(_rows_table(title, "int8", "fp32", "ratio int8/fp32", q["rows"]))
+    if "why" in q:
+        console.print(f"--int8 chose {q['scheme']}: {q['why']}", markup=False)
     acc = q["accuracy"]
     console.print(
         "int8 accuracy: max |logit diff| at the next token "
@@ -158,7 +161,8 @@ def _print_scheme(q: dict[str, Any], console: Any) -> None:
     title = f"vlmkit --quantize {q['requested']} (applied: {q['scheme']}) vs vlmkit float32"
     console.print(_rows_table(title, "q", "fp32", "ratio q/fp32", q["rows"]))
     acc = q["accuracy"]
-    extra = f"; auto timed one-row ms {rep['auto']['ms']}" if "auto" in rep else ""
+    choice = rep.get("choice")
+    extra = f"; {q['requested']}: {choice['why']} (timed {choice['timed']}, ms {choice['ms']})" if choice else ""
     console.print(
         f"{q['scheme']}: {rep.get('layers', 0)} layers in {rep['seconds']:.2f} s (cache {rep.get('cache', 'off')}), second run "
         f"{q['cache_second_run_s']:.2f} s (cache {q['cache_second_run']}); {fmt_value(q['bytes_per_token_mb'])} MB per token, "

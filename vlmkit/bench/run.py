@@ -267,12 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", help="checkpoint folder (or Hub repo id)")
     parser.add_argument("--repeats", type=int, default=3, help="timed samples per side and row (default 3)")
     parser.add_argument("--quick", action="store_true", help="skip the 17-tile rows")
-    parser.add_argument("--int8", action="store_true", help="also compare vlmkit int8 with vlmkit float32")
+    parser.add_argument("--int8", action="store_true", help="also compare vlmkit --int8 (the fastest int8 scheme for this CPU) with vlmkit float32")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per decode sample (default 32)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the results to this JSON file")
     parser.add_argument("--quantize", action="append", default=[], metavar="SCHEME",
-                        help="also compare this scheme (auto, fp32, w8, w4, w8a8) with vlmkit float32; repeatable")
+                        help="also compare this scheme (auto, fp32, w8, w4, w8a8, int8) with vlmkit float32; repeatable")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode-layout and batched rows")
     return parser
 
