@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["QUESTION", "HELDOUT", "write_digits_vqa", "digit_row"]
+__all__ = ["QUESTION", "HELDOUT", "write_digits_vqa", "digit_row", "shifted"]
 
 QUESTION = "What digit is this?"
 #: The held-out split: the last 300 of the 1,797 digits.
@@ -29,12 +29,27 @@ def digit_row(image: str, answer: str, question: str = QUESTION) -> dict:
     ]}  # fmt: skip
 
 
-def write_digits_vqa(folder: str | Path, *, train_rows: int | None = None, heldout_rows: int = HELDOUT) -> dict[str, Path]:
+def shifted(pixels, dy: int, dx: int):  # noqa: ANN001, ANN201 - numpy in, numpy out
+    """``(H, W)`` pixels moved ``dy`` rows down and ``dx`` columns right; what moves in is 0 (paper)."""
+    import numpy as np
+
+    out = np.zeros_like(pixels)
+    h, w = pixels.shape
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = pixels[max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)]
+    return out
+
+
+def write_digits_vqa(folder: str | Path, *, train_rows: int | None = None, heldout_rows: int = HELDOUT,
+                     augment: int = 0, seed: int = 0) -> dict[str, Path]:  # fmt: skip
     """Write the PNGs and ``train.jsonl`` / ``heldout.jsonl``; returns their paths by split.
 
     ``train_rows`` keeps only the first rows of the training split (``None``: all 1,497);
-    ``heldout_rows`` the first rows of the held-out split.
+    ``heldout_rows`` the first rows of the held-out split. ``augment`` adds that many copies of
+    each training image, each moved by one pixel in a random direction (seeded by ``seed``;
+    ``img/aug/NNNN-k.png``); the held-out split is never augmented.
     """
+    if not isinstance(augment, int) or isinstance(augment, bool) or augment < 0:
+        raise ValueError(f"augment must be a whole number of copies >= 0, not {augment!r}")
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -55,9 +70,29 @@ def write_digits_vqa(folder: str | Path, *, train_rows: int | None = None, heldo
                 pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)  # 0..16 -> 0..255 grey
                 Image.fromarray(pixels, mode="L").save(png)
             lines.append(json.dumps(digit_row(f"img/{png.name}", str(int(digits.target[i])))))
+        if name == "train" and augment:
+            lines += _augmented_rows(folder, digits, indices, augment, seed)
         out[name] = folder / f"{name}.jsonl"
         out[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
+
+
+def _augmented_rows(folder: Path, digits, indices: list[int], copies: int, seed: int) -> list[str]:  # noqa: ANN001
+    import numpy as np
+    from PIL import Image
+
+    moves = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    rng = np.random.default_rng(seed)
+    (folder / "img" / "aug").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in indices:
+        pixels = (digits.images[i] * (255 / 16)).round().astype(np.uint8)
+        for k in range(copies):
+            dy, dx = moves[int(rng.integers(len(moves)))]
+            png = folder / "img" / "aug" / f"{i:04d}-{k}.png"
+            Image.fromarray(shifted(pixels, dy, dx), mode="L").save(png)
+            lines.append(json.dumps(digit_row(f"img/aug/{png.name}", str(int(digits.target[i])))))
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
