@@ -193,6 +193,8 @@ def quantize_scheme(err, model, scheme: str, source: str) -> None:  # noqa: ANN0
     report = quantize(model, scheme, source=source if local else None)
     choice = report.get("choice")
     why = f" ({choice['why']}; timed {choice['timed']}, ms {choice['ms']}, CPU {choice['cpu']['capability']})" if choice else ""
+    if choice and choice.get("cached"):
+        why = f" (chosen by an earlier run on this CPU, from the cache: {choice['why']})"
     cache = report.get("cache", "off") + ("" if local else " (SOURCE is not a local folder)")
     label = "int8" if scheme == "int8" else "quantize"
     err.print(f"{label}: {report['scheme']}{why}; {report['layers']} layers in {report['seconds']:.2f} s; cache {cache}", markup=False)

@@ -23,12 +23,14 @@ import torch
 
 from .errors import VlmkitError
 
-__all__ = ["cache_dir", "cache_key", "load_cached", "save_cached"]
+__all__ = ["cache_dir", "cache_key", "load_cached", "save_cached", "load_choice", "save_choice"]
 
 log = logging.getLogger(__name__)
 
 #: a safetensors header larger than this is not a safetensors file we hash
 MAX_HEADER = 100 << 20
+#: a cached scheme choice (a small JSON report) larger than this is not one
+MAX_CHOICE_BYTES = 64 << 10
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -108,6 +110,48 @@ def save_cached(key: str, scheme: str, folder: Path, tensors: dict[str, torch.Te
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"scheme": scheme})
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _choice_path(key: str, folder: Path) -> Path:
+    return folder / f"{key}-choice.json"
+
+
+def load_choice(key: str, folder: Path, cpu: dict, schemes: tuple[str, ...]) -> dict | None:
+    """A scheme choice saved by :func:`save_choice` for ``key`` on a CPU with these ``cpu`` flags
+    (None when absent; a file that is unreadable, too large, for other flags or another scheme
+    set is ignored with a one-line warning, and the caller times the schemes again)."""
+    import json
+
+    path = _choice_path(key, folder)
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > MAX_CHOICE_BYTES:
+            raise ValueError(f"larger than {MAX_CHOICE_BYTES} bytes")
+        choice = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return _ignore(path, f"it cannot be read ({type(exc).__name__}: {exc})")
+    if not isinstance(choice, dict) or choice.get("scheme") not in schemes:
+        return _ignore(path, "it names no known scheme")
+    if choice.get("cpu") != cpu:
+        return _ignore(path, f"it was timed on a CPU with other flags ({choice.get('cpu')!r})")
+    return choice
+
+
+def save_choice(key: str, folder: Path, choice: dict) -> Path:
+    """Write the JSON ``choice`` report for ``key`` atomically; returns the file's path."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = _choice_path(key, folder)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(choice), encoding="utf-8")
         os.replace(tmp, path)
     finally:
         if tmp.exists():

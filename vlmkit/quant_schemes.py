@@ -31,7 +31,7 @@ from torch import nn
 from .decode_layout import ensure_decode_layout
 from .errors import VlmkitError
 from .int8_store import apply_int8, int8_mismatch, int8_tensors
-from .quant_cache import cache_dir, cache_key, load_cached, save_cached
+from .quant_cache import cache_dir, cache_key, load_cached, load_choice, save_cached, save_choice
 from .quantize import DEFAULT_SLOTS, Int8Linear, check_quantizable, quantize_int8
 from .scheme_choice import INT8_DOT_FLAGS, choose_int8, choose_scheme, cpu_flags, float_linears, has_int8_dot
 from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, w4_group
@@ -79,7 +79,7 @@ def quantize(model: nn.Module, scheme: str = "auto", *, source: str | os.PathLik
     start = time.perf_counter()
     report: dict[str, Any] = {"requested": scheme}
     if scheme in CHOSEN:
-        report["choice"] = CHOSEN[scheme](backbone, flags=flags, timings=timings)
+        report["choice"] = _choose(scheme, backbone, flags, timings, source, cache)
         scheme = report["choice"]["scheme"]
     report["scheme"] = scheme
     if scheme == "w8a8":
@@ -92,6 +92,21 @@ def quantize(model: nn.Module, scheme: str = "auto", *, source: str | os.PathLik
         report.update(layers=0, cache="off")
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report
+
+
+def _choose(scheme: str, backbone: nn.Module, flags, timings, source, cache) -> dict[str, Any]:  # noqa: ANN001
+    """``auto``/``int8``'s choice: timed on this CPU, or (with ``source``) read back from the cache
+    where an earlier run on a CPU with the same flags saved it (``"cached": True``), so a second
+    run neither times nor re-quantizes. Given ``flags``/``timings`` are never cached."""
+    if source is None or flags is not None or timings is not None:
+        return CHOSEN[scheme](backbone, flags=flags, timings=timings)
+    folder, key, here = cache_dir(cache), cache_key(source, f"choice-{scheme}"), cpu_flags()
+    stored = load_choice(key, folder, here, tuple(s for s in SCHEMES if s not in CHOSEN))
+    if stored is not None:
+        return {**stored, "cached": True}
+    choice = CHOSEN[scheme](backbone, flags=None, timings=None)
+    save_choice(key, folder, choice)
+    return choice
 
 
 def _w8a8(model: nn.Module, source, cache) -> dict[str, Any]:  # noqa: ANN001

@@ -77,3 +77,34 @@ def test_a_bad_cache_file_is_ignored_with_one_warning_and_rewritten(tmp_path, ca
     assert len(warnings) == 1 and str(path) in warnings[0] and "\n" not in warnings[0], warnings
     assert report["cache"] == "written" and torch.equal(got, want)
     assert _run(source, tmp_path / "cache", scheme)[0]["cache"] == "hit"  # rewritten whole
+
+
+def test_the_int8_and_auto_choice_is_cached_per_source_and_cpu(tmp_path, caplog, monkeypatch):
+    """A second run reads the earlier run's choice (no timing); a choice timed on a CPU with other
+    flags, or a damaged file, is ignored with one warning and the schemes are timed again."""
+    import json
+
+    import vlmkit.quant_schemes as qs
+
+    source = _save_source(_model(), tmp_path / "src")
+    cache = tmp_path / "cache"
+    calls = []
+    real = dict(qs.CHOSEN)
+    monkeypatch.setattr(qs, "CHOSEN", {k: (lambda b, f=fn, k=k, **kw: calls.append(k) or f(b, **kw)) for k, fn in real.items()})
+    for scheme in ("int8", "auto"):
+        first = _run(source, cache, scheme)[0]
+        second = _run(source, cache, scheme)[0]
+        assert "cached" not in first["choice"] and second["choice"]["cached"] is True
+        assert second["scheme"] == first["scheme"] and second["choice"]["why"] == first["choice"]["why"]
+    assert calls == ["int8", "auto"]  # each timed once
+    path = cache_dir(cache) / f"{cache_key(source, 'choice-int8')}-choice.json"
+    stored = json.loads(path.read_text())
+    for damage in ({**stored, "cpu": {"capability": "other", "flags": []}}, "not json {"):
+        path.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+        with caplog.at_level(logging.WARNING, logger="vlmkit"):
+            caplog.clear()
+            again = _run(source, cache, "int8")[0]
+        assert "cached" not in again["choice"] and len([r for r in caplog.records if "choice.json" in r.getMessage()]) == 1
+    assert calls == ["int8", "auto", "int8", "int8"]
+    given = _run(source, cache, "int8", flags={"capability": "x", "flags": []})[0]  # given flags: never cached
+    assert "cached" not in given["choice"] and given["scheme"] == "w8"
