@@ -142,7 +142,7 @@ def _print_cpu(result: dict[str, Any], console: Any) -> None:
     if cpu is None:
         return
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
-    lcpp = cpu["llama_cpp"] or "not installed (pip install llama-cpp-python to compare on the same GGUF)"
+    lcpp = (result.get("llama_cpp") or {}).get("version") or "not installed (pip install llama-cpp-python to compare on the same GGUF)"
     console.print(f"CPU: {result['info']['machine'].get('cpu')}; torch capability {cpu['capability']}; flags "
                   f"{' '.join(cpu['flags']) or '-'}; load average {load}; llama.cpp: {lcpp}", markup=False)  # fmt: skip
 
@@ -172,6 +172,26 @@ def _print_scheme(q: dict[str, Any], console: Any) -> None:
     )
 
 
+def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
+    """vlmkit against llama.cpp on the same GGUF weights (:mod:`vlmkit.bench.llama_cpp`)."""
+    from .llama_cpp import comparison_rows
+
+    section = result.get("llama_cpp") or {}
+    if section.get("version") is None:
+        return
+    rows = comparison_rows(result)
+    if rows:
+        title = f"vlmkit vs llama.cpp {section['version']} ({Path(section.get('gguf', '')).name} and its F32/Q8_0 rewrites)"
+        console.print(_rows_table(title, "vlmkit", "llama.cpp", "ratio v/l", rows))
+    for kind, figures in (section.get("kinds") or {}).items():
+        note = figures.get("error") or (None if figures.get("extra_bufts", True) else
+                                        f"ran without extra buffer types after: {figures.get('first_try')}")  # fmt: skip
+        if note:
+            console.print(f"llama.cpp {kind}: {note}", markup=False)
+    if section.get("error"):
+        console.print(f"llama.cpp: {section['error']}", markup=False)
+
+
 def print_report(result: dict[str, Any], console: Any) -> None:
     """Print a run's results on ``console``: the main table and lines, then the int8 section if any."""
     _print_main(result, console)
@@ -181,5 +201,6 @@ def print_report(result: dict[str, Any], console: Any) -> None:
         _print_decode(result["decode"], console)
     for q in result.get("schemes", []):
         _print_scheme(q, console)
+    print_llama_cpp(result, console)
     _print_cpu(result, console)
     console.print(GOAL_NOTE, markup=False)

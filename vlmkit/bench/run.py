@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .int8 import int8_section
+from .llama_cpp import llama_cpp_section
 from .schemes import layout_and_batch, scheme_section
 from .measure import (
     ROWS,
@@ -90,6 +91,8 @@ def run_bench(
             say("int8...")
             result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
         _decode_sections(result, folder, sides["vlmkit"], prompts, repeats, new_tokens, bandwidth, decode, quantize, say)
+        say("llama.cpp on the same weights (when llama-cpp-python is installed)...")
+        result["llama_cpp"] = _llama_cpp(threads, prompts[0].length, new_tokens, repeats, subprocess_timeout)
     sides.clear()
     print_report(result, console)
     if json_path is not None:
@@ -104,7 +107,7 @@ def _decode_sections(result: dict[str, Any], folder: Path, fp32: VlmkitSide, pro
 
     from ..quant_schemes import cpu_flags
 
-    result["cpu"] = {**cpu_flags(), "llama_cpp": _llama_cpp_version()}
+    result["cpu"] = cpu_flags()
     with torch.inference_mode():
         if decode:
             say("decode layout and batched decode...")
@@ -114,13 +117,11 @@ def _decode_sections(result: dict[str, Any], folder: Path, fp32: VlmkitSide, pro
             result.setdefault("schemes", []).append(scheme_section(folder, fp32, prompts, scheme, repeats, new_tokens, bandwidth))
 
 
-def _llama_cpp_version() -> str | None:
-    """llama-cpp-python's version when installed (an optional comparison, not a dependency)."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    return str(getattr(llama_cpp, "__version__", "installed"))
+def _llama_cpp(threads: int, prompt_len: int, new_tokens: int, repeats: int, timeout: float) -> dict[str, Any]:
+    """llama.cpp's rows (:mod:`vlmkit.bench.llama_cpp`); its GGUFs are cached beside the quantized weights."""
+    from ..quant_cache import cache_dir
+
+    return llama_cpp_section(threads, prompt_len, new_tokens, repeats, cache_dir() / "llama_cpp", timeout)
 
 
 def _check_schemes(schemes: Sequence[str]) -> tuple[str, ...]:

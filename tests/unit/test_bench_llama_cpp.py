@@ -1,0 +1,67 @@
+"""The llama.cpp comparison of ``vlmkit bench`` (:mod:`vlmkit.bench.llama_cpp`): its rows and the
+not-installed path (llama-cpp-python is optional; the measurement itself runs in the bench)."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+from rich.console import Console
+
+from vlmkit.bench.llama_cpp import GOALS, KINDS, comparison_rows, llama_cpp_section, vlmkit_counterparts
+from vlmkit.bench.report import print_llama_cpp
+
+
+def _result(kinds: dict) -> dict:
+    return {
+        "rows": [{"key": "decode_tps", "vlmkit": 36.0}, {"key": "vision_1_ms", "vlmkit": 800.0}],
+        "schemes": [
+            {"scheme": "w8", "rows": [{"key": "decode_tps", "q": 20.0}]},
+            {"scheme": "w8a8", "rows": [{"key": "decode_tps", "q": 60.0}]},
+        ],
+        "llama_cpp": {"version": "0.3.36", "gguf": "/x/SmolLM2-135M-Instruct.Q4_1.gguf", "kinds": kinds},
+    }
+
+
+def test_counterparts_take_the_main_table_and_the_fastest_int8_scheme() -> None:
+    assert vlmkit_counterparts(_result({})) == {"fp32": 36.0, "int8": 60.0, "w4": None}
+
+
+def test_rows_set_each_kind_against_its_counterpart_with_the_issue_goals() -> None:
+    kinds = {
+        "F32": {"prefill_tok_s": 760.0, "decode_tok_s": 48.0, "extra_bufts": True},
+        "Q8_0": {"prefill_tok_s": 630.0, "decode_tok_s": 90.0, "extra_bufts": False, "first_try": "signal 11"},
+        "Q4_1": {"error": "exit status 1: boom"},
+    }
+    rows = {r["key"]: r for r in comparison_rows(_result(kinds))}
+    assert set(rows) == {"decode_F32", "prefill_F32", "decode_Q8_0", "prefill_Q8_0"}  # Q4_1 failed: no row
+    assert rows["decode_F32"]["ratio"] == pytest.approx(36.0 / 48.0)
+    assert rows["decode_F32"]["goal"] is None and rows["decode_F32"]["met"] is None
+    assert rows["decode_Q8_0"]["ratio"] == pytest.approx(60.0 / 90.0)
+    assert rows["decode_Q8_0"]["goal"] == GOALS["Q8_0"] == 1.0 and rows["decode_Q8_0"]["met"] is False
+    assert rows["prefill_Q8_0"]["llama.cpp"] == 630.0 and rows["prefill_Q8_0"]["ratio"] is None
+    out = io.StringIO()
+    print_llama_cpp(_result(kinds), Console(file=out, width=200))
+    text = out.getvalue()
+    assert "vlmkit int8 vs llama.cpp Q8_0" in text and "0.667" in text
+    assert "llama.cpp Q4_1: exit status 1: boom" in text  # a failed kind is said, not dropped
+    assert "Q8_0: ran without extra buffer types after: signal 11" in text
+
+
+def print_report_part(result: dict, out: io.StringIO) -> None:
+    from vlmkit.bench import report
+
+    report._print_llama_cpp(result, Console(file=out, width=200))
+
+
+def test_not_installed_gives_no_figures(monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    assert llama_cpp_section(2, 16, 4, 1, tmp_path, 60.0) == {"version": None}
+    assert comparison_rows({"llama_cpp": {"version": None}}) == []
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_every_kind_has_a_counterpart_and_a_goal_entry() -> None:
+    assert set(KINDS) == set(GOALS) == {"F32", "Q8_0", "Q4_1"}
+    assert set(KINDS.values()) == set(vlmkit_counterparts({}))
