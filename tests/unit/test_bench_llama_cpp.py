@@ -20,7 +20,8 @@ def _result(kinds: dict) -> dict:
             {"scheme": "w8", "rows": [{"key": "decode_tps", "q": 20.0}]},
             {"scheme": "w8a8", "rows": [{"key": "decode_tps", "q": 60.0}]},
         ],
-        "llama_cpp": {"version": "0.3.36", "gguf": "/x/SmolLM2-135M-Instruct.Q4_1.gguf", "kinds": kinds},
+        "llama_cpp": {"version": "0.3.36", "gguf": "/x/SmolLM2-135M-Instruct.Q4_1.gguf", "prompt_len": 17,
+                      "kinds": kinds},
     }
 
 
@@ -45,6 +46,7 @@ def test_rows_set_each_kind_against_its_counterpart_with_the_issue_goals() -> No
     print_llama_cpp(_result(kinds), Console(file=out, width=200))
     text = out.getvalue()
     assert "vlmkit int8 vs llama.cpp Q8_0" in text and "0.667" in text
+    assert "prefill, llama.cpp F32 (17 tok)" in text
     assert "llama.cpp Q4_1: exit status 1: boom" in text  # a failed kind is said, not dropped
     assert "Q8_0: ran without extra buffer types after: signal 11" in text
 

@@ -60,7 +60,7 @@ def llama_cpp_section(threads: int, prompt_len: int, new_tokens: int, repeats: i
         kinds[kind] = _child(args, timeout)
         if kinds[kind].get("signal"):
             kinds[kind] = {**_child([*args, "--no-extra-bufts"], timeout), "first_try": kinds[kind]["error"]}
-    return {"version": version, "gguf": str(gguf), "kinds": kinds}
+    return {"version": version, "gguf": str(gguf), "prompt_len": prompt_len, "kinds": kinds}
 
 
 def _version() -> str | None:
@@ -117,7 +117,8 @@ def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"key": f"decode_{kind}", "label": f"decode, vlmkit {KINDS[kind]} vs llama.cpp {kind}",
                      "unit": "tok/s", "higher_is_better": True, "vlmkit": mine, "llama.cpp": theirs, "ratio": ratio,
                      "goal": goal, "met": None if goal is None or ratio is None else ratio >= goal})  # fmt: skip
-        rows.append({"key": f"prefill_{kind}", "label": f"prefill, llama.cpp {kind}", "unit": "tok/s",
+        label = f"prefill, llama.cpp {kind} ({section.get('prompt_len', '?')} tok)"
+        rows.append({"key": f"prefill_{kind}", "label": label, "unit": "tok/s",
                      "higher_is_better": True, "vlmkit": None, "llama.cpp": figures["prefill_tok_s"], "ratio": None,
                      "goal": None, "met": None})  # fmt: skip
     return rows
