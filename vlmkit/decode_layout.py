@@ -2,17 +2,20 @@
 
 A decode step multiplies one row ``x`` ``(1, in)`` by every weight ``W`` ``(out, in)``. On some
 CPUs MKL's one-row ``sgemm`` on the row-major ``W`` streams the weights at about half the memory
-bandwidth (measured: the 49280 x 576 LM head of SmolLM2-135M on an AMD EPYC), while
-``torch.mv`` on a weight whose *storage* is ``W^T`` ``(in, out)`` (a column-major ``W``) streams
-near the bandwidth. :func:`prepare_decode` picks, per weight shape, the faster of the two layouts
-(timed on the model's own weights, A/B alternated) and re-stores the chosen weights transposed:
+bandwidth (measured: the 49280 x 576 LM head of SmolLM2-135M on an AMD EPYC). Two faster paths
+exist: ``torch.mv`` on a weight whose *storage* is ``W^T`` ``(in, out)`` (a column-major ``W``),
+and vlmkit's own kernel on the row-major ``W`` (:func:`vlmkit.native.gemv_f32`, compiled on first
+use; where it is unavailable a row-major one-row call runs ``F.linear``). :func:`prepare_decode`
+picks, per weight shape, the faster of the two layouts (timed on the model's own weights, A/B
+alternated: ``rows`` times vlmkit's kernel where it is available) and re-stores the chosen
+weights:
 
-* the layout **replaces** the weight (``weight`` stays an ``(out, in)`` parameter, now a view of
-  ``(in, out)`` storage), so memory does not grow; values are bit-identical, only the summation
+* the transposed layout **replaces** the weight (``weight`` stays an ``(out, in)`` parameter,
+  now a view of ``(in, out)`` storage), so memory does not grow; values are bit-identical, only the summation
   order of the products changes (float32 logits move by ~1e-6);
 * every :class:`torch.nn.Linear` of the backbone becomes a :class:`GemvLinear` (a subclass: its
   state dict, ``isinstance`` checks and training are unchanged); a one-row input runs
-  :func:`linear_rows` (``torch.mv``), several rows (prompts, batched decode) the usual ``F.linear``;
+  :func:`linear_rows` (``torch.mv`` or vlmkit's kernel), several rows (prompts, batched decode) the usual ``F.linear``;
 * a tied LM head (``lm_head is None``) re-stores ``embed_tokens.weight`` the same way; the token
   lookup reads its rows through the view (a strided gather, a few KB per token).
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .errors import VlmkitError
 
 __all__ = ["GemvLinear", "LAYOUTS", "linear_rows", "prepare_decode", "ensure_decode_layout", "is_transposed"]
@@ -50,13 +54,20 @@ def is_transposed(weight: torch.Tensor) -> bool:
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias``: ``(..., in) -> (..., out)`` for a ``(out, in)`` ``weight``.
 
-    One row with a column-major weight (see :func:`is_transposed`) runs ``torch.mv`` on it;
-    everything else runs :func:`torch.nn.functional.linear`."""
-    if x.numel() == x.shape[-1] and is_transposed(weight):
-        y = torch.mv(weight, x.reshape(-1))
-        if bias is not None:
-            y = y.add_(bias) if not y.requires_grad else y + bias
-        return y.view(*x.shape[:-1], weight.shape[0])
+    One row (outside autograd) with a row-major float32 CPU weight runs vlmkit's own kernel
+    (:func:`vlmkit.native.gemv_f32`) where it is available; one row with a column-major weight
+    (see :func:`is_transposed`) runs ``torch.mv`` on it; everything else runs
+    :func:`torch.nn.functional.linear`."""
+    if x.numel() == x.shape[-1]:
+        if is_transposed(weight):
+            y = torch.mv(weight, x.reshape(-1))
+            if bias is not None:
+                y = y.add_(bias) if not y.requires_grad else y + bias
+            return y.view(*x.shape[:-1], weight.shape[0])
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            y = native.gemv_f32(x, weight, bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

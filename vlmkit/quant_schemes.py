@@ -136,13 +136,13 @@ def _head_linear(backbone: nn.Module) -> nn.Linear | None:
 
 
 def _expected(lin: nn.Linear, scheme: str) -> dict[str, tuple[torch.dtype, int, tuple[int, ...] | None]]:
-    """Each part of ``lin``'s ``scheme`` copy: ``(dtype, bytes, shape)`` (the packed int4 layout's
-    shape is the kernel's business: only its bytes are checked)."""
+    """Each part of ``lin``'s ``scheme`` copy: ``(dtype, bytes, shape)``."""
     out, inp = lin.out_features, lin.in_features
     if scheme == "w8":
         return {"q8": (torch.int8, out * inp, (out, inp)), "scale": (torch.float32, 4 * out, (out,))}
     groups = inp // (w4_group(inp) or inp)
-    return {"q4": (torch.uint8, out * inp // 2, None), "scale_zero": (torch.float32, 8 * groups * out, (groups, out, 2))}
+    per_group = (torch.float32, 4 * groups * out, (out, groups))
+    return {"q4": (torch.uint8, out * inp // 2, (out, inp // 2)), "scale": per_group, "lo": per_group}
 
 
 def _weight_only_mismatch(targets: list, scheme: str, tensors: dict[str, torch.Tensor]) -> str | None:

@@ -3,10 +3,14 @@ within 1e-4 and identical greedy tokens, with every weight stored transposed and
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import vlmkit
+from vlmkit import native
+from vlmkit.components.llama_fused import FusedDecode, plan_of
 from vlmkit.decode_layout import GemvLinear, is_transposed, prepare_decode
 from vlmkit.generation import default_pad_id, default_stop_ids
 
@@ -24,8 +28,21 @@ def hf_and_folder(request, tmp_path_factory):
     return make_checkpoint(request.param, folder), folder
 
 
-@pytest.mark.parametrize("layout", ["transposed", "rows"])
-def test_layout_keeps_greedy_tokens_and_step_logits(hf_and_folder, layout):
+@pytest.mark.parametrize(
+    "layout,kernels", [("transposed", "vlmkit"), ("rows", "vlmkit"), ("rows", "torch")], ids=["transposed-vlmkit", "rows-vlmkit", "rows-torch"]
+)
+def test_layout_keeps_greedy_tokens_and_step_logits(hf_and_folder, layout, kernels):
+    """``*-vlmkit``: one-token steps through vlmkit.native (the fused Llama step, its one-row
+    kernels); ``rows-torch``: the modules with torch's kernels (F.linear)."""
+    if kernels == "vlmkit" and not native.available():
+        pytest.skip(f"vlmkit's one-row kernels are not available here: {native.status()}")
+    with contextlib.nullcontext() if kernels == "vlmkit" else native.disabled():
+        bb = _check_layout(hf_and_folder, layout)
+    # with vlmkit's kernels every one-token step ran the native Llama step (llama_fused)
+    assert isinstance(plan_of(bb), FusedDecode) == (kernels == "vlmkit"), plan_of(bb)
+
+
+def _check_layout(hf_and_folder, layout):
     hf, folder = hf_and_folder
     ours = vlmkit.build_from_hf(folder)
     chosen = prepare_decode(ours.backbone, layout)
@@ -49,6 +66,7 @@ def test_layout_keeps_greedy_tokens_and_step_logits(hf_and_folder, layout):
             pos = ids.shape[1] - 1 + step
             logits = bb.logits(bb(bb.embed(seq[:, pos : pos + 1]), cache=cache))[:, -1]
             assert (logits - want.logits[step]).abs().max() < 1e-4
+    return bb
 
 
 def test_tied_head_stays_tied_and_embedding_lookup_unchanged(hf_and_folder):

@@ -151,4 +151,4 @@ def test_a_linear_sharing_an_embedding_weight_stays_shared():
     assert module.lm_head.weight is module.embed_tokens.weight and is_transposed(module.embed_tokens.weight)
     assert len(list(module.parameters())) == 1
     with torch.no_grad():
-        assert (module.lm_head(module.embed_tokens(ids)) - want).abs().max() < 1e-6
+        assert (module.lm_head(module.embed_tokens(ids)) - want).abs().max() < 1e-5  # summation order differs by CPU (MKL paths)

@@ -11,7 +11,7 @@ from torch import nn
 from vlmkit.errors import VlmkitError
 from vlmkit.quant_cache import cache_key
 from vlmkit.quant_schemes import SCHEMES, choose_scheme, cpu_flags, has_int8_dot, quantize
-from vlmkit.weight_only import WeightOnlyLinear, quantize_w4, quantize_w8
+from vlmkit.weight_only import WeightOnlyLinear, quantize_w4, quantize_w8, unpack_w4
 
 from .test_quantize import _model, _prompt
 
@@ -55,7 +55,11 @@ def test_one_row_kernel_equals_its_dequantized_weight(scheme, bias):
 def test_w4_packing_keeps_the_group_layout():
     w = torch.randn(32, 128)
     packed = quantize_w4(w, 64)
-    assert packed["scale_zero"].shape == (2, 32, 2)
+    assert packed["q4"].shape == (32, 64) and packed["scale"].shape == packed["lo"].shape == (32, 2)
+    q = unpack_w4(packed)
+    assert q.shape == (32, 128) and int(q.min()) >= 0 and int(q.max()) <= 15
+    deq = (q.float().reshape(32, 2, 64) * packed["scale"][..., None] + packed["lo"][..., None]).reshape(32, 128)
+    assert torch.allclose(deq, _dequant_w4(w, 64), atol=1e-6)
 
 
 @pytest.mark.parametrize("scheme", ["w8", "w4"])

@@ -41,6 +41,7 @@ from ..errors import divisors
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
 from ..kv_cache import KVCache
+from .llama_fused import fused_step
 from .llama_layers import (  # noqa: F401 - re-exported: these lived here before the split
     HAS_SDPA_GQA,
     ACTIVATIONS,
@@ -357,9 +358,13 @@ class LlamaBackbone(nn.Module):
         device = inputs_embeds.device
         mask, is_causal = self._mask(attention_mask, B, T, past, device)
         cos, sin = self.rope(position_ids, past, T, device, inputs_embeds.dtype)
-        h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, is_causal, cache)
+        h = None
+        if B == T == 1 and mask is None and cache is not None and not torch.is_grad_enabled() and device.type == "cpu":
+            h = fused_step(self, inputs_embeds, cos, sin, cache)  # one native call; None: run the modules
+        if h is None:
+            h = inputs_embeds
+            for layer in self.layers:
+                h = layer(h, cos, sin, mask, is_causal, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(h)

@@ -1,0 +1,190 @@
+"""vlmkit's own one-row kernels (vlmkit.native): equal to torch's products on awkward shapes,
+used by the decode paths, switched off on request, and a missing or broken compiler is reported
+(the callers keep torch's kernels) instead of failing."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlmkit import native
+from vlmkit.decode_layout import GemvLinear, linear_rows
+from vlmkit.weight_only import WeightOnlyLinear, quantize_w4, quantize_w8, unpack_w4
+
+needs_kernels = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
+
+SHAPES = [(1, 1), (3, 5), (4, 16), (7, 33), (64, 576), (1003, 577), (49, 1536)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernels(tmp_path_factory, monkeypatch):
+    """Every test compiles into (or loads from) one session-wide temporary cache."""
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path_factory.getbasetemp() / "vlmkit-cache"))
+    native.reload()
+    yield
+    monkeypatch.undo()
+    native.reload()
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
+def test_f32_and_i8_match_torch(shape, threads):
+    assert native.available(), native.status()
+    out, inp = shape
+    g = torch.Generator().manual_seed(out * 1000 + inp)
+    w, x, b = torch.randn(out, inp, generator=g), torch.randn(1, inp, generator=g), torch.randn(out, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.gemv_f32(x, w, b)
+        q = quantize_w8(w)
+        got8 = native.gemv_i8(x, q["q8"], q["scale"], None)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, w, b)[0], rtol=1e-5, atol=1e-5 * inp**0.5)
+    want8 = F.linear(x, q["q8"].float() * q["scale"][:, None])[0]
+    torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5 * inp**0.5)
+
+
+@needs_kernels
+def test_inputs_the_kernels_do_not_take_return_none():
+    assert native.available(), native.status()
+    w, x = torch.randn(8, 16), torch.randn(16)
+    assert native.gemv_f32(x, w.t().contiguous().t()) is None  # not row-major
+    assert native.gemv_f32(x.double(), w.double()) is None
+    assert native.gemv_f32(torch.randn(2, 16), w) is None  # two rows: torch's matmul
+    assert native.gemv_i8(x, w, torch.ones(8)) is None  # float weight for the int8 kernel
+    with pytest.raises(ValueError, match="bias must be a contiguous float32"):
+        native.gemv_f32(x, w, torch.ones(7))
+
+
+@needs_kernels
+def test_decode_paths_use_the_kernels_and_disabled_switches_them_off(monkeypatch):
+    assert native.available(), native.status()
+    calls = []
+    real = native.gemv_f32
+
+    def counted(*args):
+        y = real(*args)
+        if y is not None:
+            calls.append(1)
+        return y
+
+    monkeypatch.setattr(native, "gemv_f32", counted)
+    layer = GemvLinear.from_linear(torch.nn.Linear(16, 8))
+    x = torch.randn(1, 1, 16)
+    with torch.inference_mode():
+        want = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), want)
+        assert calls == [1]
+        with native.disabled():
+            assert not native.available() and native.status().startswith("off")
+            torch.testing.assert_close(linear_rows(x, layer.weight, layer.bias), want)
+        assert native.available()
+    # under autograd a one-row call keeps torch's differentiable product
+    y = layer(torch.randn(1, 16, requires_grad=True))
+    assert y.requires_grad and calls == [1]  # not the kernel: it has no backward
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+@needs_kernels
+def test_w8_decode_row_runs_the_int8_kernel():
+    assert native.available(), native.status()
+    lin = torch.nn.Linear(40, 12)
+    layer = WeightOnlyLinear.from_linear(lin, "w8")
+    x = torch.randn(1, 40)
+    q = layer.quantized
+    want = F.linear(x, q["q8"].float() * q["scale"][:, None], lin.bias)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        with native.disabled():  # torch's _weight_int8pack_mm: same values
+            torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_second_load_reuses_the_compiled_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path))
+    assert native.reload(), native.status()
+    built = sorted((tmp_path / "native").glob("gemv-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    runs = []
+    real_run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, "run", lambda args, **kw: runs.append(args) or real_run(args, **kw))
+    assert native.reload(), native.status()
+    assert built[0].stat().st_mtime_ns == stamp and built[0].name in native.status()
+    assert runs and all("-o" not in args for args in runs)  # asked the compiler's version, compiled nothing
+
+
+def test_no_compiler_is_reported_and_torch_keeps_working(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "vlmkit-no-such-cc")
+    with caplog.at_level(logging.WARNING, logger="vlmkit.native"):
+        assert not native.reload()
+    assert "no C compiler (vlmkit-no-such-cc not on PATH)" in native.status()
+    assert "native kernels unavailable" in caplog.text and "use torch's kernels" in caplog.text
+    w, x = torch.randn(6, 10), torch.randn(1, 10)
+    torch.testing.assert_close(linear_rows(x, w), F.linear(x, w))
+
+
+def test_a_compiler_that_fails_is_reported(tmp_path, monkeypatch):
+    fake = tmp_path / "bad-cc"
+    fake.write_text("#!/bin/sh\necho 'bad-cc: error: this compiler always fails' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("VLMKIT_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(fake))
+    assert not native.reload()
+    why = native.status()
+    assert "could not compile gemv.c" in why and "this compiler always fails" in why
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-written file left behind
+
+
+def test_environment_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("VLMKIT_NATIVE", "0")
+    assert not native.reload()
+    assert native.status().startswith("off")
+    assert native.gemv_f32(torch.randn(4), torch.randn(3, 4)) is None
+
+
+Q4_SHAPES = [(1, 32, 32), (5, 64, 32), (7, 192, 64), (130, 576, 64), (33, 1536, 128)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", Q4_SHAPES, ids=[f"{o}x{i}g{g}" for o, i, g in Q4_SHAPES])
+def test_q4_matches_its_dequantized_weight(shape, threads):
+    assert native.available(), native.status()
+    out, inp, group = shape
+    g = torch.Generator().manual_seed(out + inp)
+    w, x, b = torch.randn(out, inp, generator=g), torch.randn(1, inp, generator=g), torch.randn(out, generator=g)
+    q = quantize_w4(w, group)
+    deq = (unpack_w4(q).float().reshape(out, -1, group) * q["scale"][..., None] + q["lo"][..., None]).reshape(out, inp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = native.gemv_q4(x, q["q4"], q["scale"], q["lo"], group, b)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, F.linear(x, deq, b)[0], rtol=1e-5, atol=1e-5 * inp**0.5)
+    assert native.gemv_q4(x, q["q4"], q["scale"], q["lo"], group + 1) is None  # not a group size it takes
+
+
+@needs_kernels
+def test_w4_layer_gives_the_same_values_with_and_without_the_kernel():
+    assert native.available(), native.status()
+    lin = torch.nn.Linear(128, 32)  # torch's int4 packing takes multiples of 16 outputs
+    layer = WeightOnlyLinear.from_linear(lin, "w4")
+    x = torch.randn(1, 1, 128)
+    with torch.inference_mode():
+        mine = layer(x)
+        assert layer.torch_w4 is None  # torch's repacked copy is made only when it is needed
+        with native.disabled():
+            theirs = layer(x)
+        assert layer.torch_w4 is not None
+    torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,246 @@
+/* One-row matrix-vector products for vlmkit's CPU decode step (vlmkit/native/__init__.py).
+ *
+ * y[o] = scale[o] * sum_i W[o, i] * x[i] + bias[o],  o in [0, out),  W row-major (out, in).
+ *
+ * Each output row is a dot product over contiguous memory, so the weights stream from memory
+ * front to back; x (a few KB) stays in L1. Four rows are done at a time against one load of x,
+ * with two accumulators per row to hide the FMA latency. Rows are split across OpenMP threads in
+ * contiguous blocks. W is float32 (gemv_f32), int8 with one float32 scale per row (gemv_i8: the
+ * int8 values are widened to float32 in registers; x stays float32) or 4-bit (gemv_q4, below).
+ * Compiled on first use with the system C compiler (-O3 -march=native); no Python headers.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+int vlmkit_gemv_abi(void) { return 3; }
+
+const char *vlmkit_gemv_isa(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
+/* ---------------------------------------------------------------- float32 weights */
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define VSUM(a) _mm512_reduce_add_ps(a)
+#define VLOAD_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VADD(a, b) _mm256_add_ps(a, b)
+static inline float VSUM(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#define VLOAD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#endif
+
+#ifdef LANES
+/* Four rows w[0..3] (each n long, stride n) against x: y[0..3]. */
+#define DOT4_BODY(LOADW)                                                                   \
+    vec a0 = VZERO(), a1 = VZERO(), a2 = VZERO(), a3 = VZERO();                            \
+    vec b0 = VZERO(), b1 = VZERO(), b2 = VZERO(), b3 = VZERO();                            \
+    int i = 0;                                                                             \
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {                                           \
+        vec x0 = VLOAD(x + i), x1 = VLOAD(x + i + LANES);                                  \
+        a0 = VFMA(LOADW(w0 + i), x0, a0); b0 = VFMA(LOADW(w0 + i + LANES), x1, b0);        \
+        a1 = VFMA(LOADW(w1 + i), x0, a1); b1 = VFMA(LOADW(w1 + i + LANES), x1, b1);        \
+        a2 = VFMA(LOADW(w2 + i), x0, a2); b2 = VFMA(LOADW(w2 + i + LANES), x1, b2);        \
+        a3 = VFMA(LOADW(w3 + i), x0, a3); b3 = VFMA(LOADW(w3 + i + LANES), x1, b3);        \
+    }                                                                                      \
+    for (; i + LANES <= n; i += LANES) {                                                   \
+        vec x0 = VLOAD(x + i);                                                             \
+        a0 = VFMA(LOADW(w0 + i), x0, a0); a1 = VFMA(LOADW(w1 + i), x0, a1);                \
+        a2 = VFMA(LOADW(w2 + i), x0, a2); a3 = VFMA(LOADW(w3 + i), x0, a3);                \
+    }                                                                                      \
+    float s0 = VSUM(VADD(a0, b0)), s1 = VSUM(VADD(a1, b1));                                \
+    float s2 = VSUM(VADD(a2, b2)), s3 = VSUM(VADD(a3, b3));                                \
+    for (; i < n; i++) {                                                                   \
+        s0 += (float)w0[i] * x[i]; s1 += (float)w1[i] * x[i];                              \
+        s2 += (float)w2[i] * x[i]; s3 += (float)w3[i] * x[i];                              \
+    }                                                                                      \
+    y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
+#else
+#define DOT4_BODY(LOADW)                                                                   \
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;                                          \
+    for (int i = 0; i < n; i++) {                                                          \
+        s0 += (float)w0[i] * x[i]; s1 += (float)w1[i] * x[i];                              \
+        s2 += (float)w2[i] * x[i]; s3 += (float)w3[i] * x[i];                              \
+    }                                                                                      \
+    y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
+#endif
+
+static inline void dot4_f32(const float *restrict w0, const float *restrict x, int n, float *restrict y) {
+    const float *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
+    DOT4_BODY(VLOAD)
+}
+
+static inline void dot4_i8(const int8_t *restrict w0, const float *restrict x, int n, float *restrict y) {
+    const int8_t *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
+    DOT4_BODY(VLOAD_I8)
+}
+
+static inline float dot1_f32(const float *restrict w, const float *restrict x, int n) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += w[i] * x[i];
+    return s;
+}
+
+static inline float dot1_i8(const int8_t *restrict w, const float *restrict x, int n) {
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += (float)w[i] * x[i];
+    return s;
+}
+
+/* The rows of thread t of nt: [lo, hi), in blocks of 4 rows. */
+static inline void split(int out, int t, int nt, int *lo, int *hi) {
+    int blocks = out / 4, per = blocks / nt, extra = blocks % nt;
+    int first = t * per + (t < extra ? t : extra);
+    *lo = 4 * first;
+    *hi = 4 * (first + per + (t < extra ? 1 : 0));
+}
+
+void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const float *restrict bias,
+                     float *restrict y, int out, int in, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int lo, hi;
+        split(out, t, nt, &lo, &hi);
+        for (int o = lo; o < hi; o += 4) dot4_f32(W + (size_t)o * in, x, in, y + o);
+    }
+    for (int o = out / 4 * 4; o < out; o++) y[o] = dot1_f32(W + (size_t)o * in, x, in);
+    if (bias)
+        for (int o = 0; o < out; o++) y[o] += bias[o];
+}
+
+void vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const float *restrict x,
+                    const float *restrict bias, float *restrict y, int out, int in, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        int lo, hi;
+        split(out, t, nt, &lo, &hi);
+        for (int o = lo; o < hi; o += 4) {
+            dot4_i8(W + (size_t)o * in, x, in, y + o);
+            for (int k = 0; k < 4; k++) y[o + k] *= scale[o + k];
+        }
+    }
+    for (int o = out / 4 * 4; o < out; o++) y[o] = dot1_i8(W + (size_t)o * in, x, in) * scale[o];
+    if (bias)
+        for (int o = 0; o < out; o++) y[o] += bias[o];
+}
+
+/* ---------------------------------------------------------------- 4-bit weights
+ * W[o, i] ~ q[o, i] * scale[o, g] + lo[o, g], q in 0..15, g = i / group (group a multiple of 32).
+ * q is packed per block of 32 inputs into 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]
+ * (high nibble). So y[o] = sum_g scale[o, g] * dot(q[o, g], x[g]) + sum_g lo[o, g] * xsum[g],
+ * with xsum[g] the sum of x over group g (computed once per call).
+ */
+#if defined(__AVX512F__)
+static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m512 *lo16, __m512 *hi16) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    __m512i m = _mm512_set1_epi32(15);
+    *lo16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, m)), _mm512_loadu_ps(x), *lo16);
+    *hi16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + 16), *hi16);
+}
+static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+                           const float *restrict x, const float *restrict xsum, int in, int group) {
+    __m512 total = _mm512_setzero_ps();
+    int groups = in / group, blocks = group / 32;
+    float offset = 0.f;
+    for (int g = 0; g < groups; g++) {
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, &a, &b);
+        total = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(sc[g]), total);
+        offset += lo[g] * xsum[g];
+    }
+    return _mm512_reduce_add_ps(total) + offset;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m256 *acc) {
+    __m256i m = _mm256_set1_epi32(15);
+    __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_loadu_ps(x), acc[0]);
+    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m)), _mm256_loadu_ps(x + 8), acc[1]);
+    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + 16), acc[0]);
+    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + 24), acc[1]);
+}
+static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+                           const float *restrict x, const float *restrict xsum, int in, int group) {
+    __m256 total = _mm256_setzero_ps();
+    int groups = in / group, blocks = group / 32;
+    float offset = 0.f;
+    for (int g = 0; g < groups; g++) {
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, acc);
+        total = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(sc[g]), total);
+        offset += lo[g] * xsum[g];
+    }
+    return VSUM(total) + offset;
+}
+#else
+static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+                           const float *restrict x, const float *restrict xsum, int in, int group) {
+    float total = 0.f;
+    for (int g = 0; g < in / group; g++) {
+        float s = 0.f;
+        for (int i = g * group; i < (g + 1) * group; i += 32) {
+            const uint8_t *b = p + (size_t)(i / 32) * 16;
+            for (int j = 0; j < 16; j++) s += (float)(b[j] & 15) * x[i + j] + (float)(b[j] >> 4) * x[i + 16 + j];
+        }
+        total += sc[g] * s + lo[g] * xsum[g];
+    }
+    return total;
+}
+#endif
+
+/* xsum: caller-provided scratch of in / group floats. Returns 0, or -1 for a bad shape. */
+int vlmkit_gemv_q4(const uint8_t *restrict Q, const float *restrict scale, const float *restrict lo,
+                   const float *restrict x, const float *restrict bias, float *restrict xsum, float *restrict y,
+                   int out, int in, int group, int nthreads) {
+    if (group <= 0 || group % 32 || in % group) return -1;
+    int groups = in / group;
+    for (int g = 0; g < groups; g++) {
+        float s = 0.f;
+        for (int i = g * group; i < (g + 1) * group; i++) s += x[i];
+        xsum[g] = s;
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int o = 0; o < out; o++)
+        y[o] = q4_row(Q + (size_t)o * (in / 2), scale + (size_t)o * groups, lo + (size_t)o * groups, x, xsum, in, group);
+    if (bias)
+        for (int o = 0; o < out; o++) y[o] += bias[o];
+    return 0;
+}
+#include "llama_step.c"
