@@ -128,6 +128,9 @@ class Backbone(Component, Protocol):
     the params' own ``hidden_size`` / ``vocab_size`` fields.
     Optional: ``generate_from_embeds(inputs_embeds, attention_mask, **gen_kwargs)`` or a
     transformers-style ``generate(inputs_embeds=...)``; see :mod:`vlmkit.generation`.
+    Optional: ``native_decode(scheme) -> bool``, whether a one-token step with ``scheme``'s layers
+    (``fp32``, ``w8``, ``w4``, ``w8a8``) runs as one native call (:mod:`vlmkit.native`); the
+    ``int8`` choice (:func:`vlmkit.scheme_choice.choose_int8`) weighs it.
     """
 
     hidden_size: int

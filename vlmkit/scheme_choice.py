@@ -210,9 +210,12 @@ def choose_scheme(backbone: nn.Module, rounds: int = 5, *, flags: dict[str, Any]
     return {**picked, "ms": ms, "timed": timings.get("timed", "given timings"), "cpu": flags}
 
 
-def _int8_pick(dot: bool, flags: dict[str, Any], timings: dict[str, Any]) -> tuple[str, str]:
+def _int8_pick(dot: bool, flags: dict[str, Any], timings: dict[str, Any], native_w8: bool = False) -> tuple[str, str]:
     """``(scheme, why)`` of :func:`choose_int8`."""
     one, multi, rows = timings["one_row"], timings.get("multi_row", {}), timings.get("rows", PROMPT_ROWS)
+    if native_w8:
+        return "w8", ("the backbone decodes w8 (weight-only int8, prompts and images stay float32) in one native "
+                      "call per token, which w8a8's dynamic int8 layers cannot use")  # fmt: skip
     if not dot:
         scheme = "w8"
         why = (f"this CPU has no VNNI/AMX int8 dot products (flags: {' '.join(flags['flags']) or '-'}), where w8a8 "
@@ -241,6 +244,10 @@ def choose_int8(backbone: nn.Module, rounds: int = 5, *, flags: dict[str, Any] |
     "why", "ms", "timed", "cpu"}``."""
     flags = flags if flags is not None else cpu_flags()
     dot = has_int8_dot(flags)
+    native_decode = getattr(backbone, "native_decode", None)
+    if timings is None and callable(native_decode) and native_decode("w8") and not native_decode("w8a8"):
+        why = _int8_pick(dot, flags, {"one_row": {}}, native_w8=True)[1]
+        return {"scheme": "w8", "why": why, "ms": {}, "timed": "nothing (the native step decides)", "cpu": flags}
     if timings is None:
         ensure_decode_layout(backbone)
         weights = weight_group(backbone)

@@ -62,22 +62,33 @@ def test_check_quantize_maps_int8_to_the_int8_scheme():
     assert check_quantize(None, True) == "int8" and check_quantize(None, False) is None and check_quantize("w8a8", False) == "w8a8"
 
 
+@pytest.mark.parametrize("kernels", ["vlmkit", "torch"])
 @pytest.mark.parametrize("flags", [["avx2", "fma"], ["avx2", "avx512_vnni"], ["amx_int8"]])
-def test_int8_says_which_scheme_and_why(monkeypatch, flags):
-    """--int8 on a CPU without int8 dot products is w8 (no timing decides it, no warning);
-    with them it is w8a8 or w8 as this CPU's timing says, and the line says why."""
+def test_int8_says_which_scheme_and_why(monkeypatch, flags, kernels):
+    """--int8 where the backbone decodes w8 in one native call is w8 (nothing timed); else on a CPU
+    without int8 dot products w8 (no timing decides it, no warning); with them w8a8 or w8 as this
+    CPU's timing says; the line says why."""
+    import contextlib
+
     import vlmkit
-    from vlmkit import scheme_choice
+    from vlmkit import native, scheme_choice
     from vlmkit.cli_helpers import quantize_and_say
 
     from .test_generation import TINY
 
+    if kernels == "vlmkit" and not native.available():
+        pytest.skip(f"vlmkit's native kernels: {native.status()}")
     monkeypatch.setattr(scheme_choice, "cpu_flags", lambda: {"capability": "AVX2", "flags": flags})
     err = _Err()
     model = vlmkit.build(TINY, load_weights=False)
-    quantize_and_say(err, model, "/not/a/folder")
+    with contextlib.nullcontext() if kernels == "vlmkit" else native.disabled():
+        quantize_and_say(err, model, "/not/a/folder")
     assert len(err.lines) == 1, err.lines
     line = err.lines[0]
+    if kernels == "vlmkit":
+        assert line.startswith("int8: w8 (the backbone decodes w8") and "one native call per token" in line
+        assert "timed nothing" in line and model.quantized == "w8"
+        return
     assert line.startswith(("int8: w8a8 (", "int8: w8 (")) and " layers in " in line and "timed one row" in line
     if flags == ["avx2", "fma"]:
         assert line.startswith("int8: w8 (this CPU has no VNNI/AMX") and model.quantized == "w8"

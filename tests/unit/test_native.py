@@ -188,3 +188,18 @@ def test_w4_layer_gives_the_same_values_with_and_without_the_kernel():
             theirs = layer(x)
         assert layer.torch_w4 is not None
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+def test_a_broken_cached_library_is_reported_and_removed(tmp_path, monkeypatch):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    monkeypatch.setenv("VLMKIT_CACHE", str(good))
+    assert native.reload(), native.status()
+    (built,) = (good / "native").glob("gemv-*.so")
+    (bad / "native").mkdir(parents=True)
+    broken = bad / "native" / built.name  # the name this machine's build has, never loaded
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setenv("VLMKIT_CACHE", str(bad))
+    assert not native.reload()
+    assert "cannot load" in native.status() and not broken.exists()
+    assert native.reload(), native.status()  # rebuilt on the next try

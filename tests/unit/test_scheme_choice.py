@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlmkit import native
+
 from vlmkit.errors import VlmkitError
 from vlmkit.quant_schemes import quantize
 from vlmkit.quantize import Int8Linear, int8_available
@@ -65,8 +67,18 @@ def test_int8_is_w8a8_only_where_int8_dot_products_make_prompts_not_slower(flags
 
 
 def test_int8_without_int8_dot_products_never_times_w8a8():
-    choice = choose_int8(_model().backbone, flags=AVX2, rounds=2)
+    with native.disabled():  # without the native step, int8 times the layers
+        choice = choose_int8(_model().backbone, flags=AVX2, rounds=2)
     assert choice["scheme"] == "w8" and set(choice["ms"]["one_row"]) == {"fp32", "w8"} and choice["ms"]["multi_row"] == {}
+
+
+@pytest.mark.skipif(not native.available(), reason=f"vlmkit's native kernels: {native.status()}")
+@pytest.mark.parametrize("flags", [AVX2, VNNI, AMX], ids=["avx2", "vnni", "amx"])
+def test_int8_is_w8_where_the_backbone_decodes_it_natively(flags):
+    backbone = _model().backbone
+    assert backbone.native_decode("w8") and not backbone.native_decode("w8a8")
+    choice = choose_int8(backbone, flags=flags)
+    assert choice["scheme"] == "w8" and "one native call per token" in choice["why"] and choice["ms"] == {}
 
 
 def test_timing_runs_one_and_many_rows_on_the_weight_group():
@@ -76,7 +88,8 @@ def test_timing_runs_one_and_many_rows_on_the_weight_group():
     assert set(timed["one_row"]) == {"fp32", "w8", "w4", "w8a8"} and set(timed["multi_row"]) == {"fp32", "w8a8"}
     assert all(ms > 0 for kind in ("one_row", "multi_row") for ms in timed[kind].values())
     assert timed["rows"] == PROMPT_ROWS and "3 of 3 (96x64)" in timed["timed"]
-    real = choose_int8(_model().backbone, flags=VNNI, rounds=2)  # this CPU's kernels, whatever it has
+    with native.disabled():
+        real = choose_int8(_model().backbone, flags=VNNI, rounds=2)  # this CPU's kernels, whatever it has
     assert real["scheme"] in ("w8a8", "w8") and set(real["ms"]["multi_row"]) == {"fp32", "w8a8"}
 
 

@@ -36,12 +36,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from torch import nn
 
+from .. import native
 from ..decode_layout import linear_rows
 from ..errors import divisors
 from ..hookspecs import hookimpl
 from ..keymap import KeyMap, KeyRule
 from ..kv_cache import KVCache
-from .llama_fused import fused_step
+from .llama_fused import NATIVE_SCHEMES, fused_step
 from .llama_layers import (  # noqa: F401 - re-exported: these lived here before the split
     HAS_SDPA_GQA,
     ACTIVATIONS,
@@ -378,6 +379,11 @@ class LlamaBackbone(nn.Module):
         if self.lm_head is None:
             return linear_rows(hidden, self.embed_tokens.weight)
         return self.lm_head(hidden)
+
+    def native_decode(self, scheme: str) -> bool:
+        """Whether one-token steps with ``scheme``'s layers (``fp32``, ``w8``, ``w4``; not
+        ``w8a8``) run as one native call (:mod:`vlmkit.components.llama_fused`) on this machine."""
+        return scheme in NATIVE_SCHEMES and self.params.hidden_act == "silu" and native.available()
 
     def extra_repr(self) -> str:
         p = self.params

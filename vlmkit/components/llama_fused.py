@@ -35,7 +35,10 @@ from ..kv_cache import KVCache
 from ..weight_only import WeightOnlyLinear
 from .llama_layers import RMSNorm
 
-__all__ = ["FusedDecode", "fused_step", "plan_of"]
+__all__ = ["FusedDecode", "NATIVE_SCHEMES", "fused_step", "plan_of"]
+
+#: the layer schemes the native step runs (W8A8's dynamic int8 layers are not among them)
+NATIVE_SCHEMES = ("fp32", "w8", "w4")
 
 log = logging.getLogger(__name__)
 #: backbone -> (the KV cache the plan was made for, the plan or why there is none)

@@ -121,7 +121,12 @@ def _load() -> ctypes.CDLL | None:
     if path is None:
         _state["why"] = f"{cc} could not compile {SOURCE.name}: {how}"
         return None
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:  # e.g. a file another tool truncated: drop it, the next process rebuilds it
+        path.unlink(missing_ok=True)
+        _state["why"] = f"cannot load {path} ({exc}); removed it"
+        return None
     if lib.vlmkit_gemv_abi() != ABI:
         _state["why"] = f"{path} is not this vlmkit's kernel (ABI {lib.vlmkit_gemv_abi()} != {ABI})"
         return None
