@@ -55,19 +55,21 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``x @ weight.T + bias``: ``(..., in) -> (..., out)`` for a ``(out, in)`` ``weight``.
 
     One row (outside autograd) with a row-major float32 CPU weight runs vlmkit's own kernel
-    (:func:`vlmkit.native.gemv_f32`) where it is available; one row with a column-major weight
+    (:func:`vlmkit.native.gemv_f32`) where it is available, and so do 2 to
+    :data:`vlmkit.native.MAX_ROWS` rows (:func:`vlmkit.native.gemm_rows`); one row with a column-major weight
     (see :func:`is_transposed`) runs ``torch.mv`` on it; everything else runs
     :func:`torch.nn.functional.linear`."""
-    if x.numel() == x.shape[-1]:
-        if is_transposed(weight):
-            y = torch.mv(weight, x.reshape(-1))
-            if bias is not None:
-                y = y.add_(bias) if not y.requires_grad else y + bias
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows == 1 and is_transposed(weight):
+        y = torch.mv(weight, x.reshape(-1))
+        if bias is not None:
+            y = y.add_(bias) if not y.requires_grad else y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if rows <= native.MAX_ROWS and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # one row, or a few (a batched decode step): each weight row read once, for all rows
+        y = native.gemv_f32(x, weight, bias) if rows == 1 else native.gemm_rows(x, weight, bias)
+        if y is not None:
             return y.view(*x.shape[:-1], weight.shape[0])
-        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-            y = native.gemv_f32(x, weight, bias)
-            if y is not None:
-                return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

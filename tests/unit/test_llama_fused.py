@@ -120,12 +120,40 @@ def test_a_hook_or_a_swapped_layer_makes_the_step_use_the_modules():
     assert plan_of(bb) is not plan and isinstance(plan_of(bb), FusedDecode)
 
 
-def test_autograd_and_batches_never_take_the_native_step():
+@pytest.mark.parametrize("scheme", ["fp32", "w8", "w4"])
+def test_unpadded_rows_decode_together_as_each_row_alone(scheme):
+    """A batched step's layers read the same weights a one-row step does (the int8/int4 copy for w8/w4)."""
+    bb = _backbone(vocab_size=96)
+    if scheme != "fp32":
+        wrapper = nn.Module()
+        wrapper.backbone = bb
+        quantize(wrapper, scheme)
+    g = torch.Generator().manual_seed(2)
+    ids, steps = torch.randint(0, 96, (3, 7), generator=g), torch.randint(0, 96, (3, 5), generator=g)
+
+    def run(rows):
+        with torch.inference_mode():
+            cache = bb.new_cache(len(rows), 12)
+            bb(bb.embed(ids[rows]), cache=cache)
+            # hidden states: the LM head is outside the step (a WeightOnlyLinear head runs its
+            # float32 weight for several rows, its int8/int4 copy for one)
+            return torch.stack([bb(bb.embed(steps[rows, i : i + 1]), cache=cache)[:, -1] for i in range(5)], 1)
+
+    together = run([0, 1, 2])
+    assert isinstance(plan_of(bb), FusedDecode)
+    with native.disabled():  # each row alone, through the modules and torch's kernels
+        alone = torch.cat([run([b]) for b in range(3)])
+    assert (together - alone).abs().max() < 1e-4 * max(1.0, alone.abs().max().item())
+
+
+def test_padded_rows_and_autograd_never_take_the_native_step():
     bb = _backbone().requires_grad_(False)
     with torch.no_grad():
         cache = bb.new_cache(2, 8)
-        bb(bb.embed(torch.tensor([[3, 4, 5], [6, 7, 8]])), cache=cache)
-        bb(bb.embed(torch.tensor([[6], [7]])), cache=cache)  # two rows: the modules
+        mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        bb(bb.embed(torch.tensor([[0, 4, 5], [6, 7, 8]])), attention_mask=mask, cache=cache)
+        step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        bb(bb.embed(torch.tensor([[6], [7]])), attention_mask=step_mask, cache=cache)  # padded: the modules
     assert plan_of(bb) is None
     cache = bb.new_cache(1, 8)
     bb(bb.embed(torch.tensor([[3, 4, 5]])), cache=cache)

@@ -360,7 +360,7 @@ class LlamaBackbone(nn.Module):
         mask, is_causal = self._mask(attention_mask, B, T, past, device)
         cos, sin = self.rope(position_ids, past, T, device, inputs_embeds.dtype)
         h = None
-        if B == T == 1 and mask is None and cache is not None and not torch.is_grad_enabled() and device.type == "cpu":
+        if T == 1 and mask is None and cache is not None and not torch.is_grad_enabled() and device.type == "cpu":
             h = fused_step(self, inputs_embeds, cos, sin, cache)  # one native call; None: run the modules
         if h is None:
             h = inputs_embeds

@@ -1,6 +1,6 @@
 """The Llama decode step in one native call (``vlmkit/native/llama_step.c``).
 
-A decode step of :class:`~vlmkit.components.llama.LlamaBackbone` with one row and one new token
+A decode step of :class:`~vlmkit.components.llama.LlamaBackbone` (one new token per row)
 runs ~25 small torch ops per layer around its four matrix-vector products; on a 30-layer model
 that per-op overhead costs as much as reading the weights. :class:`FusedDecode` runs every layer
 (RMSNorm, qkv, RoPE, the KV-cache write, attention, o_proj, residual, RMSNorm, gate/up, SiLU,
@@ -9,7 +9,9 @@ down, residual) in one call of vlmkit's native kernels, with the same weights in
 * float32 weights row-major (vlmkit's one-row kernel) or stored transposed (the decode layout),
   and the weight-only ``w8`` / ``w4`` copies of :class:`~vlmkit.weight_only.WeightOnlyLinear`;
 * the KV cache is the backbone's own :class:`~vlmkit.kv_cache.KVCache` (written in place), the
-  RoPE cos/sin the backbone's table; the final norm and the LM head stay in torch.
+  RoPE cos/sin the backbone's table; the final norm and the LM head stay in torch;
+* ``B`` unpadded rows at once (batched decode): each block of weight rows is read (and
+  dequantized) once for all rows; a padded batch (a mask) runs the modules.
 
 :meth:`FusedDecode.build` says why a backbone cannot use it (any other layer type, e.g. W8A8's
 ``Int8Linear`` or a LoRA wrapper; a hook on a module; an activation other than SiLU; not float32
@@ -102,6 +104,7 @@ class FusedDecode:
     def __init__(self, backbone: nn.Module, lib: ctypes.CDLL, layers: Any, keep: list, refs: list) -> None:
         self.lib, self.layers, self.keep, self.refs = lib, layers, keep, refs
         self.hooked = [m for _, _, m in refs]
+        self.transposed = any(getattr(layers[i], part).kind == 1 for i in range(len(layers)) for part in ("qkv", "o", "gate_up", "down"))
         p = backbone.params
         self.dims = _Dims(layers=p.num_hidden_layers, hidden=p.hidden_size, heads=p.num_attention_heads,
                           kv_heads=p.num_key_value_heads, head_dim=p.head_dim, inter=p.intermediate_size,
@@ -162,23 +165,27 @@ class FusedDecode:
         """The first planned module with a forward (pre-)hook, or None."""
         return next((m for m in self.hooked if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks)), None)
 
-    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any) -> torch.Tensor:
-        """``h`` ``(1, 1, D)`` -> ``(1, 1, D)`` after every layer; writes the cache at ``cache.length``
-        (the caller checked room and advances it)."""
-        out = h.reshape(-1).clone()
+    def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any) -> torch.Tensor | None:
+        """``h`` ``(B, 1, D)`` -> ``(B, 1, D)`` after every layer, every row at position
+        ``cache.length`` (no padding); writes the cache there (the caller checked room and
+        advances it). None for ``B > 1`` with a weight stored transposed (the modules run it)."""
+        B = h.shape[0]
+        if B > 1 and self.transposed:
+            return None
+        out = h.reshape(B, -1).clone()
         cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
         cap = cache.capacity
-        scratch = torch.empty(self.lib.vlmkit_llama_scratch(ctypes.byref(self.dims), cap), dtype=torch.float32)
+        scratch = torch.empty(self.lib.vlmkit_llama_scratch(ctypes.byref(self.dims), cap, B), dtype=torch.float32)
         rc = self.lib.vlmkit_llama_step(ctypes.byref(self.dims), self.layers, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                        cache.keys.data_ptr(), cache.values.data_ptr(), cap, cache.length,
-                                        scratch.data_ptr(), torch.get_num_threads())  # fmt: skip
+                                        cache.keys.data_ptr(), cache.values.data_ptr(), cap, cache.length, B,
+                                        scratch.data_ptr(), scratch.numel(), torch.get_num_threads())  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"vlmkit's native decode step failed (code {rc})")
-        return out.view(1, 1, -1)
+        return out.view(B, 1, -1)
 
 
 def fused_step(backbone: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Any) -> torch.Tensor | None:
-    """Every layer of ``backbone`` over one token ``h`` ``(1, 1, D)`` in one native call, or None
+    """Every layer of ``backbone`` over one token per row, ``h`` ``(B, 1, D)``, in one native call, or None
     when this backbone cannot run it now (the caller runs its modules). The plan is made once per
     KV cache (a generation) and checked before each step."""
     if type(cache) is not KVCache or h.dtype != torch.float32 or cache.dtype != torch.float32 or not cache.keys.is_contiguous():

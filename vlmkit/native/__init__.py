@@ -39,7 +39,7 @@ import torch
 
 from ..quant_cache import cache_dir
 
-__all__ = ["available", "library", "status", "disabled", "reload", "gemv_f32", "gemv_i8", "gemv_q4", "FLAGS"]
+__all__ = ["available", "library", "status", "disabled", "reload", "gemv_f32", "gemm_rows", "gemv_i8", "gemv_q4", "FLAGS", "MAX_ROWS"]
 
 log = logging.getLogger("vlmkit.native")
 
@@ -50,9 +50,11 @@ FLAGS = (
     ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared"),
     ("-O3", "-ffp-contract=off", "-fPIC", "-shared"),
 )
+#: the most rows :func:`gemm_rows` takes (a batched decode step; more rows are torch's GEMM's job)
+MAX_ROWS = 16
 #: seconds a compile may take
 COMPILE_TIMEOUT = 120
-ABI = 3
+ABI = 5
 
 _state: dict[str, object] = {"lib": None, "why": None, "tried": False, "off": 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -134,9 +136,10 @@ def _load() -> ctypes.CDLL | None:
     lib.vlmkit_gemv_f32.argtypes = [_P, _P, _P, _P, _I, _I, _I]
     lib.vlmkit_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
     lib.vlmkit_gemv_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
-    lib.vlmkit_llama_scratch.argtypes = [_P, _I]
+    lib.vlmkit_gemm_f32_rows.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+    lib.vlmkit_llama_scratch.argtypes = [_P, _I, _I]
     lib.vlmkit_llama_scratch.restype = ctypes.c_long
-    lib.vlmkit_llama_step.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _P, _I]
+    lib.vlmkit_llama_step.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_long, _I]
     _state["why"] = f"{path.name} ({lib.vlmkit_gemv_isa().decode()}; {how})"
     return lib
 
@@ -214,6 +217,25 @@ def gemv_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     out = torch.empty(weight.shape[0], dtype=torch.float32)
     lib.vlmkit_gemv_f32(weight.data_ptr(), x.data_ptr(), _bias_ptr(bias, out.numel()), out.data_ptr(),
                         weight.shape[0], weight.shape[1], torch.get_num_threads())  # fmt: skip
+    return out
+
+
+def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` for 2..:data:`MAX_ROWS` rows: ``x`` float32 ``(..., in)``, float32
+    ``weight`` ``(out, in)`` contiguous -> ``(R, out)`` (``R`` rows of ``x``), each weight row read
+    once for all rows. None when the kernels are unavailable or the inputs do not fit."""
+    lib = _lib()
+    rows = x.numel() // max(1, x.shape[-1])
+    if lib is None or not 2 <= rows <= MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu":
+        return None
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    if x.shape[-1] != weight.shape[1] or not 0 < weight.shape[0] < 2**31:
+        return None
+    x = x.reshape(rows, -1).contiguous()
+    out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    lib.vlmkit_gemm_f32_rows(weight.data_ptr(), x.data_ptr(), _bias_ptr(bias, weight.shape[0]), out.data_ptr(),
+                             rows, weight.shape[0], weight.shape[1], torch.get_num_threads())  # fmt: skip
     return out
 
 

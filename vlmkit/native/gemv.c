@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-int vlmkit_gemv_abi(void) { return 3; }
+int vlmkit_gemv_abi(void) { return 5; }
 
 const char *vlmkit_gemv_isa(void) {
 #if defined(__AVX512F__)

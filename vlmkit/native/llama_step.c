@@ -55,6 +55,105 @@ static int mat_vec(const vk_mat *m, const float *x, float *y, float *scratch, in
     }
 }
 
+/* Rows o..o+n-1 of m as float32 (n <= 4, stride in): a pointer into W for float32 rows, else
+ * dequantized into buf (w = q * scale for int8, q * scale + lo for 4-bit). */
+static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict buf) {
+    int in = m->in;
+    if (m->kind == 0) return (const float *)m->w + (size_t)o * in;
+    for (int r = 0; r < n; r++) {
+        float *dst = buf + (size_t)r * in;
+        if (m->kind == 2) {
+            const int8_t *q = (const int8_t *)m->w + (size_t)(o + r) * in;
+            float sc = m->scale[o + r];
+            for (int i = 0; i < in; i++) dst[i] = (float)q[i] * sc;
+        } else {
+            int groups = in / m->group;
+            const uint8_t *q = (const uint8_t *)m->w + (size_t)(o + r) * (in / 2);
+            const float *sc = m->scale + (size_t)(o + r) * groups, *lo = m->lo + (size_t)(o + r) * groups;
+            for (int i = 0; i < in; i += 32) {
+                float s = sc[i / m->group], z = lo[i / m->group];
+                const uint8_t *b = q + i / 2;
+                for (int j = 0; j < 16; j++) {
+                    dst[i + j] = (float)(b[j] & 15) * s + z;
+                    dst[i + 16 + j] = (float)(b[j] >> 4) * s + z;
+                }
+            }
+        }
+    }
+    return buf;
+}
+
+#ifdef LANES
+/* Four weight rows (stride n) against four inputs (stride n): Y[b * ldy + r], 16 accumulators so
+ * each load feeds four FMAs. */
+static void dot4x4(const float *restrict w0, const float *restrict x0, int n, float *restrict Y, int ldy) {
+    vec a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 4; b++) a[r][b] = VZERO();
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vec w[4], x[4];
+        for (int r = 0; r < 4; r++) w[r] = VLOAD(w0 + (size_t)r * n + i);
+        for (int b = 0; b < 4; b++) x[b] = VLOAD(x0 + (size_t)b * n + i);
+        for (int r = 0; r < 4; r++)
+            for (int b = 0; b < 4; b++) a[r][b] = VFMA(w[r], x[b], a[r][b]);
+    }
+    for (int r = 0; r < 4; r++)
+        for (int b = 0; b < 4; b++) {
+            float s = VSUM(a[r][b]);
+            for (int k = i; k < n; k++) s += w0[(size_t)r * n + k] * x0[(size_t)b * n + k];
+            Y[(size_t)b * ldy + r] = s;
+        }
+}
+#endif
+
+/* Y (B, out) = X (B, in) W^T (+ bias): each block of 4 weight rows is read (and dequantized)
+ * once and multiplied by all B rows of X while it sits in L1. Not for kind 1 (returns -1). */
+static int mat_rows(const vk_mat *m, const float *restrict X, float *restrict Y, int B, int nthreads) {
+    int out = m->out, in = m->in;
+    if (m->kind == 1 || (m->kind == 3 && (m->group <= 0 || m->group % 32 || in % m->group))) return -1;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        float buf[4 * (size_t)in];
+        int lo, hi;
+        split(out, t, nt, &lo, &hi);
+        for (int o = lo; o < hi; o += 4) {
+            const float *w = rows_as_float(m, o, 4, buf);
+            int b = 0;
+#ifdef LANES
+            for (; b + 4 <= B; b += 4) dot4x4(w, X + (size_t)b * in, in, Y + (size_t)b * out + o, out);
+#endif
+            for (; b < B; b++) dot4_f32(w, X + (size_t)b * in, in, Y + (size_t)b * out + o);
+        }
+    }
+    float buf1[in];
+    for (int o = out / 4 * 4; o < out; o++) {
+        const float *w = rows_as_float(m, o, 1, buf1);
+        for (int b = 0; b < B; b++) Y[(size_t)b * out + o] = dot1_f32(w, X + (size_t)b * in, in);
+    }
+    if (m->bias)
+        for (int b = 0; b < B; b++)
+            for (int o = 0; o < out; o++) Y[(size_t)b * out + o] += m->bias[o];
+    return 0;
+}
+
+/* Y (R, out) = X (R, in) W^T (+ bias) for a float32 row-major W: a few rows (a batched decode
+ * step's LM head) with the weights read once. */
+void vlmkit_gemm_f32_rows(const float *W, const float *X, const float *bias, float *Y, int R, int out, int in,
+                          int nthreads) {
+    vk_mat m = {0, out, in, 0, W, 0, 0, bias};
+    mat_rows(&m, X, Y, R, nthreads);
+}
+
+static int mat_op(const vk_mat *m, const float *X, float *Y, int B, float *small, int nthreads) {
+    return B == 1 ? mat_vec(m, X, Y, small, nthreads) : mat_rows(m, X, Y, B, nthreads);
+}
+
 static void rms_norm(const float *restrict x, const float *restrict w, float eps, int n, float *restrict out) {
     float ss = 0.f;
     for (int i = 0; i < n; i++) ss += x[i] * x[i];
@@ -74,16 +173,19 @@ static void rope(float *restrict x, const float *restrict cos, const float *rest
     }
 }
 
-/* q (H, d) against the cache of one layer: K, V (H_kv, cap, d), positions 0..len-1 -> out (H, d). */
-static void attend(const float *restrict q, const float *restrict K, const float *restrict V, int H, int H_kv,
+/* q (B, H, d) against the cache of one layer: K, V (B, H_kv, cap, d), positions 0..len-1 ->
+ * out (B, H, d); scores: B * H * len floats. */
+static void attend(const float *restrict q, const float *restrict K, const float *restrict V, int B, int H, int H_kv,
                    int d, int cap, int len, float *restrict scores, float *restrict out, int nthreads) {
     int rep = H / H_kv;
     float scale = 1.0f / sqrtf((float)d);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int h = 0; h < H; h++) {
-        const float *qh = q + (size_t)h * d;
-        const float *Kh = K + (size_t)(h / rep) * cap * d, *Vh = V + (size_t)(h / rep) * cap * d;
-        float *s = scores + (size_t)h * len, *oh = out + (size_t)h * d;
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, h = bh % H;
+        const float *qh = q + (size_t)bh * d;
+        size_t kv = ((size_t)b * H_kv + h / rep) * cap * d;
+        const float *Kh = K + kv, *Vh = V + kv;
+        float *s = scores + (size_t)bh * len, *oh = out + (size_t)bh * d;
         float mx = -INFINITY;
         for (int t = 0; t < len; t++) {
             const float *k = Kh + (size_t)t * d;
@@ -106,46 +208,56 @@ static void attend(const float *restrict q, const float *restrict K, const float
     }
 }
 
-/* Scratch floats vlmkit_llama_step needs for a cache of capacity cap. */
-long vlmkit_llama_scratch(const vk_dims *dm, int cap) {
+/* Scratch floats vlmkit_llama_step needs for B rows and a cache of capacity cap. */
+long vlmkit_llama_scratch(const vk_dims *dm, int cap, int B) {
     long H = dm->heads, Hk = dm->kv_heads, d = dm->head_dim, widest = dm->hidden;
     if (H * d > widest) widest = H * d;
     if (dm->inter > widest) widest = dm->inter;
-    /* normed, qkv, attention out, scores, gate|up, act, tmp, per-group sums of the 4-bit kernel */
-    return dm->hidden + (H + 2 * Hk) * d + H * d + H * (long)cap + 3L * dm->inter + dm->hidden + widest / 32 + 1;
+    /* per row: normed, qkv, q, attention out, scores, gate|up, act, tmp; then the 4-bit kernel's sums */
+    long row = dm->hidden + (H + 2 * Hk) * d + 2 * H * d + H * (long)cap + 3L * dm->inter + dm->hidden;
+    return B * row + widest / 32 + 1;
 }
 
-/* h (hidden,) in place through every layer. keys/values: (layers, 1, H_kv, cap, d) float32.
- * Returns 0, or -1 for a matrix it cannot run. */
+/* h (B, hidden) in place through every layer, all B rows at position pos (no padding).
+ * keys/values: (layers, B, H_kv, cap, d) float32. Returns 0, -1 for a matrix it cannot run, -2 for
+ * a bad size (pos outside the cache, scratch shorter than vlmkit_llama_scratch). */
 int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, const float *restrict cos,
-                      const float *restrict sin, float *keys, float *values, int cap, int pos, float *scratch,
-                      int nthreads) {
+                      const float *restrict sin, float *keys, float *values, int cap, int pos, int B,
+                      float *scratch, long scratch_len, int nthreads) {
     int D = dm->hidden, H = dm->heads, Hk = dm->kv_heads, d = dm->head_dim, I = dm->inter;
-    float *normed = scratch, *qkv = normed + D, *att = qkv + (H + 2 * Hk) * d, *scores = att + H * d;
-    float *gu = scores + (size_t)H * (pos + 1), *act = gu + 2 * I, *tmp = act + I, *small = tmp + D;
-    size_t layer_kv = (size_t)Hk * cap * d;
+    if (B < 1 || pos < 0 || pos >= cap || scratch_len < vlmkit_llama_scratch(dm, cap, B)) return -2;
+    int W = (H + 2 * Hk) * d, len = pos + 1;
+    float *normed = scratch, *qkv = normed + (size_t)B * D, *q = qkv + (size_t)B * W, *att = q + (size_t)B * H * d;
+    float *scores = att + (size_t)B * H * d, *gu = scores + (size_t)B * H * len, *act = gu + (size_t)B * 2 * I;
+    float *tmp = act + (size_t)B * I, *small = tmp + (size_t)B * D;
+    size_t layer_kv = (size_t)B * Hk * cap * d;
     for (int l = 0; l < dm->layers; l++) {
         const vk_layer *ly = L + l;
-        rms_norm(h, ly->norm1, dm->eps, D, normed);
-        if (mat_vec(&ly->qkv, normed, qkv, small, nthreads)) return -1;
-        for (int hh = 0; hh < H + Hk; hh++) rope(qkv + (size_t)hh * d, cos, sin, d);
+        for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * D, ly->norm1, dm->eps, D, normed + (size_t)b * D);
+        if (mat_op(&ly->qkv, normed, qkv, B, small, nthreads)) return -1;
         float *K = keys + l * layer_kv, *V = values + l * layer_kv;
-        for (int hh = 0; hh < Hk; hh++) {
-            float *kd = K + (size_t)hh * cap * d + (size_t)pos * d, *vd = V + (size_t)hh * cap * d + (size_t)pos * d;
-            const float *ks = qkv + (size_t)(H + hh) * d, *vs = qkv + (size_t)(H + Hk + hh) * d;
-            for (int j = 0; j < d; j++) { kd[j] = ks[j]; vd[j] = vs[j]; }
+        for (int b = 0; b < B; b++) {
+            float *row = qkv + (size_t)b * W;
+            for (int hh = 0; hh < H + Hk; hh++) rope(row + (size_t)hh * d, cos, sin, d);
+            for (int j = 0; j < H * d; j++) q[(size_t)b * H * d + j] = row[j];
+            for (int hh = 0; hh < Hk; hh++) {
+                size_t at = (((size_t)b * Hk + hh) * cap + pos) * d;
+                const float *ks = row + (size_t)(H + hh) * d, *vs = row + (size_t)(H + Hk + hh) * d;
+                for (int j = 0; j < d; j++) { K[at + j] = ks[j]; V[at + j] = vs[j]; }
+            }
         }
-        attend(qkv, K, V, H, Hk, d, cap, pos + 1, scores, att, nthreads);
-        if (mat_vec(&ly->o, att, tmp, small, nthreads)) return -1;
-        for (int i = 0; i < D; i++) h[i] = h[i] + tmp[i];
-        rms_norm(h, ly->norm2, dm->eps, D, normed);
-        if (mat_vec(&ly->gate_up, normed, gu, small, nthreads)) return -1;
-        for (int i = 0; i < I; i++) {
-            float g = gu[i];
-            act[i] = (g / (1.0f + expf(-g))) * gu[I + i];
+        attend(q, K, V, B, H, Hk, d, cap, len, scores, att, nthreads);
+        if (mat_op(&ly->o, att, tmp, B, small, nthreads)) return -1;
+        for (size_t i = 0; i < (size_t)B * D; i++) h[i] = h[i] + tmp[i];
+        for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * D, ly->norm2, dm->eps, D, normed + (size_t)b * D);
+        if (mat_op(&ly->gate_up, normed, gu, B, small, nthreads)) return -1;
+        for (int b = 0; b < B; b++) {
+            const float *g = gu + (size_t)b * 2 * I;
+            float *a = act + (size_t)b * I;
+            for (int i = 0; i < I; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * g[I + i];
         }
-        if (mat_vec(&ly->down, act, tmp, small, nthreads)) return -1;
-        for (int i = 0; i < D; i++) h[i] = h[i] + tmp[i];
+        if (mat_op(&ly->down, act, tmp, B, small, nthreads)) return -1;
+        for (size_t i = 0; i < (size_t)B * D; i++) h[i] = h[i] + tmp[i];
     }
     return 0;
 }
