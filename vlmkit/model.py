@@ -32,6 +32,11 @@ def patch_mask_from_pixels(pixel_attention_mask: torch.Tensor, patch_size: int) 
     return grid.sum(dim=(-1, -2)) > 0
 
 
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating parameter (float32 when it has none)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+
+
 class VLM(nn.Module):
     """A vision-language model: ``vision_tower -> connector -> aligner -> packer -> backbone``.
 
@@ -61,14 +66,15 @@ class VLM(nn.Module):
         flat = pixel_values.reshape(b * n, *pixel_values.shape[2:])
         real = flat.flatten(1).ne(0).any(dim=1)
         per_sample = real.view(b, n).sum(dim=1).tolist()
-        pixels = flat[real].to(self.dtype)
+        pixels = flat[real].to(_float_dtype(self.vision_tower))  # the tower's dtype (vlmkit.vision_dtype)
         patch_mask = None
         if pixel_attention_mask is not None:
             pmask = pixel_attention_mask.reshape(b * n, *pixel_attention_mask.shape[2:])[real]
             if not bool(pmask.all()):
                 patch_mask = patch_mask_from_pixels(pmask, self.vision_tower.patch_size)
+        text_dtype = _float_dtype(self.backbone)
         if pixels.shape[0] == 0:
-            return pixels.new_zeros(0, self.packer.tokens_per_image, self.backbone.hidden_size), per_sample
+            return pixels.new_zeros(0, self.packer.tokens_per_image, self.backbone.hidden_size, dtype=text_dtype), per_sample
         features = self.vision_tower(pixels, patch_mask)
         try:
             tokens = self.aligner(self.connector(features))
@@ -76,7 +82,7 @@ class VLM(nn.Module):
             raise self._pixel_size_error(pixel_values, exc.detail) from None
         if tokens.shape[1] != self.packer.tokens_per_image:
             raise self._pixel_size_error(pixel_values, f"they give {tokens.shape[1]} visual tokens per image")
-        return tokens, per_sample
+        return tokens.to(text_dtype), per_sample
 
     def _pixel_size_error(self, pixel_values: torch.Tensor, why: str) -> ProcessorError:
         side = self.vision_tower.image_size

@@ -33,7 +33,7 @@ from .errors import VlmkitError
 from .int8_store import apply_int8, int8_mismatch, int8_tensors
 from .quant_cache import cache_dir, cache_key, load_cached, load_choice, save_cached, save_choice
 from .quantize import DEFAULT_SLOTS, Int8Linear, check_quantizable, quantize_int8
-from .scheme_choice import INT8_DOT_FLAGS, choose_int8, choose_scheme, cpu_flags, float_linears, has_int8_dot
+from .scheme_choice import CHOICE_RULES, INT8_DOT_FLAGS, choose_int8, choose_scheme, cpu_flags, float_linears, has_int8_dot
 from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, w4_group
 
 __all__ = ["SCHEMES", "CHOSEN", "INT8_DOT_FLAGS", "quantize", "cpu_flags", "choose_scheme", "choose_int8", "has_int8_dot"]
@@ -100,7 +100,7 @@ def _choose(scheme: str, backbone: nn.Module, flags, timings, source, cache) -> 
     run neither times nor re-quantizes. Given ``flags``/``timings`` are never cached."""
     if source is None or flags is not None or timings is not None:
         return CHOSEN[scheme](backbone, flags=flags, timings=timings)
-    folder, key, here = cache_dir(cache), cache_key(source, f"choice-{scheme}"), cpu_flags()
+    folder, key, here = cache_dir(cache), cache_key(source, f"choice-{scheme}-rules{CHOICE_RULES}"), cpu_flags()
     stored = load_choice(key, folder, here, tuple(s for s in SCHEMES if s not in CHOSEN))
     if stored is not None:
         return {**stored, "cached": True}

@@ -35,7 +35,7 @@ from .errors import VlmkitError
 from .quantize import Int8Linear
 from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, w4_group
 
-__all__ = ["INT8_DOT_FLAGS", "PROMPT_ROWS", "DECODE_GAIN", "PROMPT_SLACK", "ONE_ROW_ELEMENTS", "BLOCK_ELEMENTS", "TIME_BUDGET_S", "cpu_flags", "has_int8_dot",
+__all__ = ["INT8_DOT_FLAGS", "PROMPT_ROWS", "DECODE_GAIN", "PROMPT_SLACK", "CHOICE_RULES", "ONE_ROW_ELEMENTS", "BLOCK_ELEMENTS", "TIME_BUDGET_S", "cpu_flags", "has_int8_dot",
            "float_linears", "weight_group", "time_schemes", "pick_scheme", "choose_scheme", "choose_int8"]  # fmt: skip
 
 #: CPU flags worth printing beside speed figures
@@ -55,6 +55,9 @@ TIME_BUDGET_S = 0.4
 DECODE_GAIN = 0.9
 #: ... and at most this share of float32's multi-row time ("not slower", within noise)
 PROMPT_SLACK = 1.05
+#: part of the cache key of a stored choice: bumped when the rules above change, so a choice an
+#: older vlmkit made (e.g. before the native decode step) is made again, not reused
+CHOICE_RULES = 2
 
 
 def cpu_flags() -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from vlmkit.bench import expected_rows, run_bench  # noqa: E402
+from vlmkit.vision_dtype import has_bf16_units  # noqa: E402
 
 from ..parity.tiny_hf import SHAPES, make_checkpoint  # noqa: E402
 
@@ -54,7 +55,16 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
     assert set(acc["next_token_logit_diff_per_prompt"]) == set(acc["max_logit_diff_per_prompt"])
     assert all(acc["next_token_logit_diff_per_prompt"][k] <= v for k, v in acc["max_logit_diff_per_prompt"].items())
 
+    vd = result["vision_dtype"]  # the bfloat16 vision tower where this CPU has bfloat16 units
+    if has_bf16_units():
+        assert _positive(vd["vs_transformers"]["bf16"]) and _positive(vd["vs_fp32"]["vlmkit"])
+        assert vd["vs_transformers"]["goal"] == 0.7 and 0 < vd["token_rel_err"] < 0.1
+        assert vd["report"]["dtype"] == "bfloat16"
+    else:
+        assert "none of avx512_bf16" in vd["skipped"]
+
     text = console.export_text()
+    assert "vision tower in bfloat16" in text
     for row in result["rows"] + result["int8"]["rows"]:
         assert row["label"] in text
     assert "decode floor" in text and "int8 accuracy" in text and "vision floor" in text

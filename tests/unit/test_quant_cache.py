@@ -97,7 +97,7 @@ def test_the_int8_and_auto_choice_is_cached_per_source_and_cpu(tmp_path, caplog,
         assert "cached" not in first["choice"] and second["choice"]["cached"] is True
         assert second["scheme"] == first["scheme"] and second["choice"]["why"] == first["choice"]["why"]
     assert calls == ["int8", "auto"]  # each timed once
-    path = cache_dir(cache) / f"{cache_key(source, 'choice-int8')}-choice.json"
+    path = cache_dir(cache) / f"{cache_key(source, f'choice-int8-rules{qs.CHOICE_RULES}')}-choice.json"
     stored = json.loads(path.read_text())
     for damage in ({**stored, "cpu": {"capability": "other", "flags": []}}, "not json {"):
         path.write_text(damage if isinstance(damage, str) else json.dumps(damage))

@@ -192,9 +192,27 @@ def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
         console.print(f"llama.cpp: {section['error']}", markup=False)
 
 
+def _print_vision_dtype(section: dict[str, Any], console: Any) -> None:
+    """The bfloat16 vision tower's rows (or why they were skipped)."""
+    if "skipped" in section:
+        console.print(f"vision tower in bfloat16: skipped ({section['skipped']})", markup=False)
+        return
+    vt, vf = section["vs_transformers"], section["vs_fp32"]
+    rows = [{**vt, "label": "vision encode, 1 tile: bf16 tower / transformers fp32"}]
+    console.print(_rows_table("vlmkit vision tower in bfloat16 (text model float32)", "bf16", "transformers", "ratio", rows))
+    console.print(
+        f"bf16 tower / vlmkit fp32 tower: {fmt_value(vf['ratio'])} ({fmt_value(vf['bf16'])} / {fmt_value(vf['vlmkit'])} ms); "
+        f"visual tokens differ from fp32's by {section['token_rel_err']:.2%} (relative norm); opt-in: "
+        "vlmkit.vision_dtype.set_vision_dtype(model, 'bfloat16')",
+        markup=False,
+    )
+
+
 def print_report(result: dict[str, Any], console: Any) -> None:
     """Print a run's results on ``console``: the main table and lines, then the int8 section if any."""
     _print_main(result, console)
+    if "vision_dtype" in result:
+        _print_vision_dtype(result["vision_dtype"], console)
     if "int8" in result:
         _print_int8(result["int8"], console)
     if "decode" in result:

@@ -14,6 +14,7 @@ from typing import Any
 from .int8 import int8_section
 from .llama_cpp import llama_cpp_section
 from .schemes import layout_and_batch, scheme_section
+from .vision import vision_dtype_section
 from .measure import (
     ROWS,
     SIDES,
@@ -87,6 +88,8 @@ def run_bench(
             "vision_floor": _vision_floor(rows["vision_1_ms"], sides["vlmkit"], prompts[1]),
             "checks": checks,
         }
+        say("vision tower in bfloat16...")
+        result["vision_dtype"] = vision_dtype_section(folder, sides, prompts[1], repeats)
         if int8:
             say("int8...")
             result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
