@@ -20,7 +20,9 @@ Measured:
 * **peak RSS**: each side in its own fresh subprocess (``ru_maxrss``), loading the model and
   generating a few tokens for one prompt;
 * the **decode floor**: measured memory bandwidth (a sum over a 1 GiB tensor) divided by the
-  bytes a decode step reads (every backbone weight once, the LM head included).
+  bytes a decode step reads (every backbone weight once, the LM head included);
+* a **bfloat16 vision tower** (:func:`vlmkit.vision_dtype.set_vision_dtype`) against vlmkit's and
+  transformers' float32 ones, where the CPU has bfloat16 units (:mod:`vlmkit.bench.vision`).
 
 ``--int8`` adds the fastest int8 scheme for this CPU (``quantize(model, "int8")``: ``w8a8``, i.e.
 :func:`vlmkit.quantize.quantize_int8`, or weight-only ``w8``) against vlmkit float32: speed-ups, the
