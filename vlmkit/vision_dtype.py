@@ -9,7 +9,7 @@ computing, gains nothing from bfloat16 and stays float32 (and keeps vlmkit's nat
 :func:`set_vision_dtype` casts the vision slots (:data:`VISION_SLOTS`: tower, connector,
 aligner) in place; :meth:`vlmkit.model.VLM.encode_images` feeds the tower pixels in its dtype
 and hands the visual tokens to the text model in the text model's dtype. It is an accuracy
-trade like int8: measured on real SmolVLM-256M vision weights, the visual tokens of a bfloat16
+trade like int8: measured on the bench's real checkpoint (docs/speed.md), the visual tokens of a bfloat16
 tower differ from float32's by ~1% (relative norm).
 """
 

@@ -47,7 +47,8 @@ def test_f32_and_i8_match_torch(shape, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, F.linear(x, w, b)[0], rtol=1e-5, atol=1e-5 * inp**0.5)
-    want8 = F.linear(x, q["q8"].float() * q["scale"][:, None])[0]
+    deq = q["q8"].float() * q["scale"][:, None]
+    want8 = F.linear(x, deq)[0]
     torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5 * inp**0.5)
 
 
@@ -102,7 +103,7 @@ def test_w8_decode_row_runs_the_int8_kernel():
     q = layer.quantized
     want = F.linear(x, q["q8"].float() * q["scale"][:, None], lin.bias)
     with torch.inference_mode():
-        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
         with native.disabled():  # torch's _weight_int8pack_mm: same values
             torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
 
@@ -203,3 +204,14 @@ def test_a_broken_cached_library_is_reported_and_removed(tmp_path, monkeypatch):
     assert not native.reload()
     assert "cannot load" in native.status() and not broken.exists()
     assert native.reload(), native.status()  # rebuilt on the next try
+
+
+@needs_kernels
+def test_int8_kernel_passes_nan_and_inf_through():
+    assert native.available(), native.status()
+    q = quantize_w8(torch.randn(8, 64))
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(64)
+        x[5] = bad
+        y = native.gemv_i8(x, q["q8"], q["scale"])
+        assert not torch.isfinite(y).all()  # never silently finite: the decode loop's check sees it

@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-int vlmkit_gemv_abi(void) { return 5; }
+int vlmkit_gemv_abi(void) { return 7; }
 
 const char *vlmkit_gemv_isa(void) {
 #if defined(__AVX512F__)
@@ -101,9 +101,20 @@ static inline void dot4_i8(const int8_t *restrict w0, const float *restrict x, i
     DOT4_BODY(VLOAD_I8)
 }
 
+/* One dot product, vectorized (a plain float loop cannot be: its sum order is fixed). */
 static inline float dot1_f32(const float *restrict w, const float *restrict x, int n) {
+    int i = 0;
     float s = 0.f;
-    for (int i = 0; i < n; i++) s += w[i] * x[i];
+#ifdef LANES
+    vec a = VZERO(), b = VZERO();
+    for (; i + 2 * LANES <= n; i += 2 * LANES) {
+        a = VFMA(VLOAD(w + i), VLOAD(x + i), a);
+        b = VFMA(VLOAD(w + i + LANES), VLOAD(x + i + LANES), b);
+    }
+    for (; i + LANES <= n; i += LANES) a = VFMA(VLOAD(w + i), VLOAD(x + i), a);
+    s = VSUM(VADD(a, b));
+#endif
+    for (; i < n; i++) s += w[i] * x[i];
     return s;
 }
 

@@ -188,10 +188,7 @@ static void attend(const float *restrict q, const float *restrict K, const float
         float *s = scores + (size_t)bh * len, *oh = out + (size_t)bh * d;
         float mx = -INFINITY;
         for (int t = 0; t < len; t++) {
-            const float *k = Kh + (size_t)t * d;
-            float dot = 0.f;
-            for (int j = 0; j < d; j++) dot += qh[j] * k[j];
-            s[t] = dot * scale;
+            s[t] = dot1_f32(qh, Kh + (size_t)t * d, d) * scale;
             if (s[t] > mx) mx = s[t];
         }
         float sum = 0.f;
