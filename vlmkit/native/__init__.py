@@ -54,7 +54,7 @@ FLAGS = (
 MAX_ROWS = 16
 #: seconds a compile may take
 COMPILE_TIMEOUT = 120
-ABI = 7
+ABI = 8
 
 _state: dict[str, object] = {"lib": None, "why": None, "tried": False, "off": 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int

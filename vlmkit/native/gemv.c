@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-int vlmkit_gemv_abi(void) { return 7; }
+int vlmkit_gemv_abi(void) { return 8; }
 
 const char *vlmkit_gemv_isa(void) {
 #if defined(__AVX512F__)
@@ -101,26 +101,37 @@ static inline void dot4_i8(const int8_t *restrict w0, const float *restrict x, i
     DOT4_BODY(VLOAD_I8)
 }
 
-/* One dot product, vectorized (a plain float loop cannot be: its sum order is fixed). */
+/* One dot product over a contiguous row, vectorized with four accumulators (a plain float loop
+ * cannot be: its sum order is fixed). The int8 product runs one row at a time: one sequential
+ * stream per thread, measured ~20% faster in the decode step than four interleaved int8 rows. */
+#ifdef LANES
+#define DOT1_BODY(LOADW)                                                                   \
+    vec a = VZERO(), b = VZERO(), c = VZERO(), e = VZERO();                                \
+    for (; i + 4 * LANES <= n; i += 4 * LANES) {                                           \
+        a = VFMA(LOADW(w + i), VLOAD(x + i), a);                                           \
+        b = VFMA(LOADW(w + i + LANES), VLOAD(x + i + LANES), b);                           \
+        c = VFMA(LOADW(w + i + 2 * LANES), VLOAD(x + i + 2 * LANES), c);                   \
+        e = VFMA(LOADW(w + i + 3 * LANES), VLOAD(x + i + 3 * LANES), e);                   \
+    }                                                                                      \
+    for (; i + LANES <= n; i += LANES) a = VFMA(LOADW(w + i), VLOAD(x + i), a);            \
+    s = VSUM(VADD(VADD(a, b), VADD(c, e)));
+#else
+#define DOT1_BODY(LOADW)
+#endif
+
 static inline float dot1_f32(const float *restrict w, const float *restrict x, int n) {
     int i = 0;
     float s = 0.f;
-#ifdef LANES
-    vec a = VZERO(), b = VZERO();
-    for (; i + 2 * LANES <= n; i += 2 * LANES) {
-        a = VFMA(VLOAD(w + i), VLOAD(x + i), a);
-        b = VFMA(VLOAD(w + i + LANES), VLOAD(x + i + LANES), b);
-    }
-    for (; i + LANES <= n; i += LANES) a = VFMA(VLOAD(w + i), VLOAD(x + i), a);
-    s = VSUM(VADD(a, b));
-#endif
+    DOT1_BODY(VLOAD)
     for (; i < n; i++) s += w[i] * x[i];
     return s;
 }
 
 static inline float dot1_i8(const int8_t *restrict w, const float *restrict x, int n) {
+    int i = 0;
     float s = 0.f;
-    for (int i = 0; i < n; i++) s += (float)w[i] * x[i];
+    DOT1_BODY(VLOAD_I8)
+    for (; i < n; i++) s += (float)w[i] * x[i];
     return s;
 }
 
@@ -132,8 +143,17 @@ static inline void split(int out, int t, int nt, int *lo, int *hi) {
     *hi = 4 * (first + per + (t < extra ? 1 : 0));
 }
 
+/* The rows of thread t of nt, one at a time: [lo, hi). */
+static inline void split_rows(int out, int t, int nt, int *lo, int *hi) {
+    int per = out / nt, extra = out % nt;
+    *lo = t * per + (t < extra ? t : extra);
+    *hi = *lo + per + (t < extra ? 1 : 0);
+}
+
 void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const float *restrict bias,
                      float *restrict y, int out, int in, int nthreads) {
+    /* float32: four rows per pass against one load of x (measured faster in the decode step than
+     * one row at a time here; int8 is the other way round: its loads are 4x smaller) */
 #pragma omp parallel num_threads(nthreads)
     {
         int t = 0, nt = 1;
@@ -160,15 +180,9 @@ void vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const
         nt = omp_get_num_threads();
 #endif
         int lo, hi;
-        split(out, t, nt, &lo, &hi);
-        for (int o = lo; o < hi; o += 4) {
-            dot4_i8(W + (size_t)o * in, x, in, y + o);
-            for (int k = 0; k < 4; k++) y[o + k] *= scale[o + k];
-        }
+        split_rows(out, t, nt, &lo, &hi);
+        for (int o = lo; o < hi; o++) y[o] = dot1_i8(W + (size_t)o * in, x, in) * scale[o] + (bias ? bias[o] : 0.f);
     }
-    for (int o = out / 4 * 4; o < out; o++) y[o] = dot1_i8(W + (size_t)o * in, x, in) * scale[o];
-    if (bias)
-        for (int o = 0; o < out; o++) y[o] += bias[o];
 }
 
 /* ---------------------------------------------------------------- 4-bit weights
