@@ -135,19 +135,19 @@ static inline float dot1_i8(const int8_t *restrict w, const float *restrict x, i
     return s;
 }
 
-/* The rows of thread t of nt: [lo, hi), in blocks of 4 rows. */
-static inline void split(int out, int t, int nt, int *lo, int *hi) {
-    int blocks = out / 4, per = blocks / nt, extra = blocks % nt;
+/* Called inside an OpenMP parallel region: this thread's share [lo, hi) of out rows, in whole
+ * units of `unit` rows (4: the four-row kernels, whose caller does the out % 4 tail rows; 1: one
+ * row at a time). Without OpenMP the one thread takes them all. */
+static inline void my_rows(int out, int unit, int *lo, int *hi) {
+    int t = 0, nt = 1;
+#ifdef _OPENMP
+    t = omp_get_thread_num();
+    nt = omp_get_num_threads();
+#endif
+    int units = out / unit, per = units / nt, extra = units % nt;
     int first = t * per + (t < extra ? t : extra);
-    *lo = 4 * first;
-    *hi = 4 * (first + per + (t < extra ? 1 : 0));
-}
-
-/* The rows of thread t of nt, one at a time: [lo, hi). */
-static inline void split_rows(int out, int t, int nt, int *lo, int *hi) {
-    int per = out / nt, extra = out % nt;
-    *lo = t * per + (t < extra ? t : extra);
-    *hi = *lo + per + (t < extra ? 1 : 0);
+    *lo = unit * first;
+    *hi = unit * (first + per + (t < extra ? 1 : 0));
 }
 
 void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const float *restrict bias,
@@ -156,13 +156,8 @@ void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const flo
      * one row at a time here; int8 is the other way round: its loads are 4x smaller) */
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
         int lo, hi;
-        split(out, t, nt, &lo, &hi);
+        my_rows(out, 4, &lo, &hi);
         for (int o = lo; o < hi; o += 4) dot4_f32(W + (size_t)o * in, x, in, y + o);
     }
     for (int o = out / 4 * 4; o < out; o++) y[o] = dot1_f32(W + (size_t)o * in, x, in);
@@ -174,13 +169,8 @@ void vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const
                     const float *restrict bias, float *restrict y, int out, int in, int nthreads) {
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
         int lo, hi;
-        split_rows(out, t, nt, &lo, &hi);
+        my_rows(out, 1, &lo, &hi);
         for (int o = lo; o < hi; o++) y[o] = dot1_i8(W + (size_t)o * in, x, in) * scale[o] + (bias ? bias[o] : 0.f);
     }
 }

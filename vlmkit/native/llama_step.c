@@ -114,14 +114,9 @@ static int mat_rows(const vk_mat *m, const float *restrict X, float *restrict Y,
     if (m->kind == 1 || (m->kind == 3 && (m->group <= 0 || m->group % 32 || in % m->group))) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
         float buf[4 * (size_t)in];
         int lo, hi;
-        split(out, t, nt, &lo, &hi);
+        my_rows(out, 4, &lo, &hi);
         for (int o = lo; o < hi; o += 4) {
             const float *w = rows_as_float(m, o, 4, buf);
             int b = 0;
