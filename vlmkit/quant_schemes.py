@@ -34,9 +34,9 @@ from .int8_store import apply_int8, int8_mismatch, int8_tensors
 from .quant_cache import cache_dir, cache_key, load_cached, load_choice, save_cached, save_choice
 from .quantize import DEFAULT_SLOTS, Int8Linear, check_quantizable, quantize_int8
 from .scheme_choice import CHOICE_RULES, INT8_DOT_FLAGS, choose_int8, choose_scheme, cpu_flags, float_linears, has_int8_dot
-from .weight_only import WEIGHT_ONLY, WeightOnlyLinear, w4_group
+from .weight_only import FORMAT, HEAD_SCHEME, WEIGHT_ONLY, WeightOnlyLinear, w4_group, w8_group
 
-__all__ = ["SCHEMES", "CHOSEN", "INT8_DOT_FLAGS", "quantize", "cpu_flags", "choose_scheme", "choose_int8", "has_int8_dot"]
+__all__ = ["SCHEMES", "CHOSEN", "INT8_DOT_FLAGS", "quantize", "cache_name", "cpu_flags", "choose_scheme", "choose_int8", "has_int8_dot"]
 
 SCHEMES = ("auto", "fp32", "w8", "w4", "w8a8", "int8")
 #: the schemes resolved per CPU at run time, and what resolves each
@@ -115,7 +115,7 @@ def _w8a8(model: nn.Module, source, cache) -> dict[str, Any]:  # noqa: ANN001
     if source is None:
         quantize_int8(model)
         return {"layers": sum(isinstance(m, Int8Linear) for m in model.modules()), "cache": "off"}
-    folder, key = cache_dir(cache), cache_key(source, "w8a8")
+    folder, key = cache_dir(cache), cache_key(source, cache_name("w8a8"))
     stored = load_cached(key, "w8a8", folder, check=lambda tensors: int8_mismatch(model, tensors))
     if stored is not None:
         return {"layers": apply_int8(model, stored), "cache": "hit"}
@@ -135,13 +135,26 @@ def _head_linear(backbone: nn.Module) -> nn.Linear | None:
     return head
 
 
+def cache_name(scheme: str) -> str:
+    """The name ``scheme``'s quantized layers are cached under (with ``source``, the
+    :func:`~vlmkit.quant_cache.cache_key` of the file): weight-only copies carry their layout
+    version (:data:`~vlmkit.weight_only.FORMAT`), so a new layout never reads an old file."""
+    return f"{scheme}-format{FORMAT}" if scheme in WEIGHT_ONLY else scheme
+
+
+def _layer_scheme(name: str, scheme: str) -> str:
+    """The scheme layer ``name`` gets under ``scheme`` (the LM head may differ: :data:`HEAD_SCHEME`)."""
+    return HEAD_SCHEME.get(scheme, scheme) if name == "lm_head" else scheme
+
+
 def _expected(lin: nn.Linear, scheme: str) -> dict[str, tuple[torch.dtype, int, tuple[int, ...] | None]]:
     """Each part of ``lin``'s ``scheme`` copy: ``(dtype, bytes, shape)``."""
     out, inp = lin.out_features, lin.in_features
     if scheme == "w8":
-        return {"q8": (torch.int8, out * inp, (out, inp)), "scale": (torch.float32, 4 * out, (out,))}
+        groups = inp // w8_group(inp)
+        return {"q8": (torch.int8, out * inp, (out, inp)), "scale": (torch.float32, 4 * out * groups, (out, groups))}
     groups = inp // (w4_group(inp) or inp)
-    per_group = (torch.float32, 4 * groups * out, (out, groups))
+    per_group = (torch.float16, 2 * groups * out, (out, groups))
     return {"q4": (torch.uint8, out * inp // 2, (out, inp // 2)), "scale": per_group, "lo": per_group}
 
 
@@ -153,20 +166,21 @@ def _weight_only_mismatch(targets: list, scheme: str, tensors: dict[str, torch.T
         name, _, part = key.partition("::")
         if name not in by_name:
             continue  # another model's layer: kept in the file, unused
-        want = _expected(by_name[name], scheme).get(part)
+        want = _expected(by_name[name], _layer_scheme(name, scheme)).get(part)
         if (want is None or value.dtype != want[0] or value.numel() * value.element_size() != want[1]
                 or (want[2] is not None and tuple(value.shape) != want[2])):  # fmt: skip
             return f"{key} is {value.dtype} {tuple(value.shape)}, which does not fit the model's {name}"
     for name, lin in by_name.items():
         parts = {k.partition("::")[2] for k in tensors if k.partition("::")[0] == name}
-        if parts and parts != set(_expected(lin, scheme)):
-            return f"{name} stores {sorted(parts)}, expected {sorted(_expected(lin, scheme))}"
+        if parts and parts != set(_expected(lin, _layer_scheme(name, scheme))):
+            return f"{name} stores {sorted(parts)}, expected {sorted(_expected(lin, _layer_scheme(name, scheme)))}"
     return None
 
 
 def _weight_only(model: nn.Module, backbone: nn.Module, scheme: str, source, cache) -> dict[str, Any]:  # noqa: ANN001
     """Swap the backbone's linears (and a tied head) for :class:`WeightOnlyLinear` ``scheme``
-    (their float weights, read only by prompts and batches, keep their layout)."""
+    (the head: :data:`~vlmkit.weight_only.HEAD_SCHEME`; their float weights, read only by prompts
+    and batches, keep their layout)."""
     names = {id(m): n for n, m in backbone.named_modules()}
     targets = [(p, a, lin, f"{names[id(p)]}.{a}".lstrip(".")) for p, a, lin in float_linears(backbone)]
     head = _head_linear(backbone)
@@ -176,16 +190,20 @@ def _weight_only(model: nn.Module, backbone: nn.Module, scheme: str, source, cac
     stored: dict[str, torch.Tensor] = {}
     status = "off"
     if source is not None:
-        folder, key = cache_dir(cache), cache_key(source, scheme)
+        folder, key = cache_dir(cache), cache_key(source, cache_name(scheme))
         stored = load_cached(key, scheme, folder, check=lambda tensors: _weight_only_mismatch(targets, scheme, tensors)) or {}
         status = "hit" if stored else "written"
     kept, made, fresh = {}, 0, {}
     for parent, attr, lin, name in targets:
-        if scheme == "w4" and w4_group(lin.in_features) is None:
+        this = _layer_scheme(name, scheme)
+        if this == "w4" and w4_group(lin.in_features) is None:
             kept[name] = f"in_features={lin.in_features} is not a multiple of 32 (int4 groups)"
             continue
         parts = {k.split("::", 1)[1]: v for k, v in stored.items() if k.split("::", 1)[0] == name}
-        layer = WeightOnlyLinear.from_linear(lin, scheme, parts or None)
+        try:
+            layer = WeightOnlyLinear.from_linear(lin, this, parts or None)
+        except VlmkitError as exc:
+            raise VlmkitError(f"{name}: {exc.message}", hint=exc.hint) from None
         if not parts:
             fresh.update({f"{name}::{k}": v for k, v in layer.quantized.items()})
         setattr(parent, attr, layer)

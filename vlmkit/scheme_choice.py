@@ -57,7 +57,7 @@ DECODE_GAIN = 0.9
 PROMPT_SLACK = 1.05
 #: part of the cache key of a stored choice: bumped when the rules above change, so a choice an
 #: older vlmkit made (e.g. before the native decode step) is made again, not reused
-CHOICE_RULES = 2
+CHOICE_RULES = 3
 
 
 def cpu_flags() -> dict[str, Any]:

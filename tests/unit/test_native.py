@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from vlmkit import native
 from vlmkit.decode_layout import GemvLinear, linear_rows
-from vlmkit.weight_only import WeightOnlyLinear, quantize_w4, quantize_w8, unpack_w4
+from vlmkit.weight_only import WeightOnlyLinear, dequantize, quantize_w4, quantize_w8
 
 needs_kernels = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) on PATH")
 
@@ -47,8 +47,8 @@ def test_f32_and_i8_match_torch(shape, threads):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, F.linear(x, w, b)[0], rtol=1e-5, atol=1e-5 * inp**0.5)
-    deq = q["q8"].float() * q["scale"][:, None]
-    want8 = F.linear(x, deq)[0]
+    assert q["scale"].shape == (out, inp // 32 if inp % 32 == 0 else 1)  # per 32 inputs, else per row
+    want8 = F.linear(x, dequantize(q))[0]
     torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5 * inp**0.5)
 
 
@@ -59,7 +59,13 @@ def test_inputs_the_kernels_do_not_take_return_none():
     assert native.gemv_f32(x, w.t().contiguous().t()) is None  # not row-major
     assert native.gemv_f32(x.double(), w.double()) is None
     assert native.gemv_f32(torch.randn(2, 16), w) is None  # two rows: torch's matmul
-    assert native.gemv_i8(x, w, torch.ones(8)) is None  # float weight for the int8 kernel
+    q8 = torch.ones(8, 64, dtype=torch.int8)
+    x64 = torch.randn(64)
+    assert native.gemv_i8(x, w, torch.ones(8, 1)) is None  # float weight for the int8 kernel
+    assert native.gemv_i8(x64, q8, torch.ones(8, 1, dtype=torch.float16)) is None  # float16 scales: not w8's layout
+    assert native.gemv_i8(x64, q8, torch.ones(8)) is None  # one scale per row as a vector: the old layout
+    assert native.gemv_i8(x64, q8, torch.ones(8, 4)) is None  # groups of 16: not a size it takes
+    assert native.gemv_i8(x64, q8, torch.ones(8, 2)) is not None
     with pytest.raises(ValueError, match="bias must be a contiguous float32"):
         native.gemv_f32(x, w, torch.ones(7))
 
@@ -95,16 +101,16 @@ def test_decode_paths_use_the_kernels_and_disabled_switches_them_off(monkeypatch
 
 
 @needs_kernels
-def test_w8_decode_row_runs_the_int8_kernel():
+@pytest.mark.parametrize("inp", [40, 96])  # one scale per row; three groups of 32
+def test_w8_decode_row_runs_the_int8_kernel(inp):
     assert native.available(), native.status()
-    lin = torch.nn.Linear(40, 12)
+    lin = torch.nn.Linear(inp, 12)
     layer = WeightOnlyLinear.from_linear(lin, "w8")
-    x = torch.randn(1, 40)
-    q = layer.quantized
-    want = F.linear(x, q["q8"].float() * q["scale"][:, None], lin.bias)
+    x = torch.randn(1, inp)
+    want = F.linear(x, dequantize(layer.quantized), lin.bias)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
-        with native.disabled():  # torch's _weight_int8pack_mm: same values
+        with native.disabled():  # torch on the widened copy: same values
             torch.testing.assert_close(layer(x), want, rtol=1e-4, atol=1e-4)
 
 
@@ -165,7 +171,7 @@ def test_q4_matches_its_dequantized_weight(shape, threads):
     g = torch.Generator().manual_seed(out + inp)
     w, x, b = torch.randn(out, inp, generator=g), torch.randn(1, inp, generator=g), torch.randn(out, generator=g)
     q = quantize_w4(w, group)
-    deq = (unpack_w4(q).float().reshape(out, -1, group) * q["scale"][..., None] + q["lo"][..., None]).reshape(out, inp)
+    deq = dequantize(q)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmkit.quant_cache import cache_dir, cache_key
-from vlmkit.quant_schemes import quantize
+from vlmkit.quant_schemes import cache_name, quantize
 from vlmkit.quantize import Int8Linear, int8_available
 
 from .test_quant_schemes import _save_source
@@ -33,7 +33,7 @@ def _run(source, cache, scheme="w8a8", **kw):
 
 
 def _file(tmp_path, scheme):
-    return cache_dir(tmp_path / "cache") / f"{cache_key(tmp_path / 'src', scheme)}-{scheme}.safetensors"
+    return cache_dir(tmp_path / "cache") / f"{cache_key(tmp_path / 'src', cache_name(scheme))}-{scheme}.safetensors"
 
 
 def test_w8a8_second_run_loads_the_cache_bit_identical(tmp_path):
@@ -77,6 +77,23 @@ def test_a_bad_cache_file_is_ignored_with_one_warning_and_rewritten(tmp_path, ca
     assert len(warnings) == 1 and str(path) in warnings[0] and "\n" not in warnings[0], warnings
     assert report["cache"] == "written" and torch.equal(got, want)
     assert _run(source, tmp_path / "cache", scheme)[0]["cache"] == "hit"  # rewritten whole
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+def test_a_cache_file_in_another_layout_is_not_used(tmp_path, caplog, scheme):
+    """An older layout's scales (w8: one per row; w4: float32) under this layout's key: refused, rewritten."""
+    source = _save_source(_model(), tmp_path / "src")
+    _, want, _, _ = _run(source, tmp_path / "cache", scheme)
+    path = _file(tmp_path, scheme)
+    old = (lambda v: v.amax(1).contiguous()) if scheme == "w8" else (lambda v: v.float())
+    tensors = {k: (old(v) if k.endswith("::scale") else v) for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"scheme": scheme})
+    with caplog.at_level(logging.WARNING, logger="vlmkit"):
+        report, got, _, model = _run(source, tmp_path / "cache", scheme)
+    assert report["cache"] == "written" and torch.equal(got, want)
+    assert any("does not fit" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    layer = model.backbone.layers[0].mlp.gate_up_proj
+    assert layer.quantized["scale"].dtype == (torch.float32 if scheme == "w8" else torch.float16)
 
 
 def test_the_int8_and_auto_choice_is_cached_per_source_and_cpu(tmp_path, caplog, monkeypatch):

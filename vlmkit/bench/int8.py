@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import INT8_ROWS, Metric, alternate, timed, decode_bytes_per_token
-from .prompts import MANY_TILES, Prompt, agreement_prompts
+from .prompts import AGREEMENT_TOKENS, MANY_TILES, Prompt, agreement_prompts
 from .sides import VlmkitSide
 
 
@@ -53,13 +53,15 @@ def int8_section(folder: Path, fp32: VlmkitSide, prompts: dict[int, Prompt], key
     }
 
 
-def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[int, Prompt], new_tokens: int = 16) -> dict[str, Any]:
+def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[int, Prompt],
+                  new_tokens: int = AGREEMENT_TOKENS) -> dict[str, Any]:  # fmt: skip
     """Accuracy of ``q`` against ``fp32``: on the text-only and 1-tile prompts, the largest
     |logit difference| at any position and at the last one (the next-token logits generation
     reads), and the relative L2 error of the 1-tile prompt's visual tokens; over a fixed prompt
     set, greedy continuations of ``new_tokens``: the share of prompts whose continuation is
     identical, and the teacher-forced top-1 agreement (both models read the float32
-    continuation; how often their next-token argmax agrees)."""
+    continuation; how often their next-token argmax agrees). ``fp32_continuations`` holds
+    float32's new tokens per prompt (set against llama.cpp's in :mod:`vlmkit.bench.llama_cpp`)."""
     import torch
 
     max_diff, last_diff = {}, {}
@@ -68,8 +70,10 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
         max_diff[p.name], last_diff[p.name] = float(diff.max()), float(diff[:, -1].max())
     prompt_ids = agreement_prompts(folder)
     exact = agree = total = 0
+    continuations = []
     for ids in prompt_ids:
         want = fp32.greedy(ids, new_tokens)
+        continuations.append(want[0, ids.shape[1] :].tolist())
         got = q.greedy(ids, new_tokens)
         exact += bool(torch.equal(want, got))
         t = ids.shape[1]
@@ -86,6 +90,7 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
         "new_tokens": new_tokens,
         "greedy_exact_match_rate": exact / len(prompt_ids),
         "teacher_forced_top1_agreement": agree / total,
+        "fp32_continuations": continuations,
     }
 
 

@@ -12,7 +12,10 @@ row says so: a llama-cpp-python 0.3.36 build with ``GGML_NATIVE`` crashed (SIGSE
 Q8_0 with them on an AMX Xeon.
 
 Measured per kind: prefill tokens/s over ``prompt_len`` token ids, then decode tokens/s over
-``new_tokens`` one-token evaluations (median of ``repeats``), ``n_threads`` = the bench's threads.
+``new_tokens`` one-token evaluations (median of ``repeats``), ``n_threads`` = the bench's threads;
+and, given the bench's agreement prompts, each kind's greedy continuations of them, so the
+report sets vlmkit's quantized-vs-float32 agreement beside llama.cpp's own (Q8_0 / Q4_1 against
+its F32) and says how often the two float32 implementations agree with each other.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KINDS", "GOALS", "llama_cpp_section", "vlmkit_counterparts", "comparison_rows", "main"]
+from .prompts import AGREEMENT_TOKENS
+
+__all__ = ["KINDS", "GOALS", "llama_cpp_section", "vlmkit_counterparts", "comparison_rows", "agreement_rows", "main"]
 
 #: llama.cpp weight kinds compared, and the vlmkit scheme each one is set against.
 KINDS = {"F32": "fp32", "Q8_0": "int8", "Q4_1": "w4"}
@@ -40,9 +45,11 @@ FIRST_ID = 1000
 
 
 def llama_cpp_section(threads: int, prompt_len: int, new_tokens: int, repeats: int, cache_dir: Path,
-                      timeout: float) -> dict[str, Any]:  # fmt: skip
-    """``{"version", "gguf", "kinds": {kind: {prefill_tok_s, decode_tok_s, extra_bufts} or {error}}}``;
-    ``{"version": None}`` when llama-cpp-python is not installed."""
+                      timeout: float, greedy: list[list[int]] | None = None,
+                      greedy_tokens: int = AGREEMENT_TOKENS) -> dict[str, Any]:  # fmt: skip
+    """``{"version", "gguf", "kinds": {kind: {prefill_tok_s, decode_tok_s, extra_bufts[, greedy]} or
+    {error}}}``; ``{"version": None}`` when llama-cpp-python is not installed. ``greedy``: prompts
+    (token ids) whose ``greedy_tokens``-token greedy continuations each kind also returns."""
     from ..errors import VlmkitError
     from ..recipes.smollm2 import gguf_path
 
@@ -54,13 +61,22 @@ def llama_cpp_section(threads: int, prompt_len: int, new_tokens: int, repeats: i
     except VlmkitError as exc:
         return {"version": version, "error": str(exc)}
     cache_dir.mkdir(parents=True, exist_ok=True)
+    extra: list[str] = []
+    prompts_file = cache_dir / f"greedy-prompts-{os.getpid()}.json"
+    if greedy:
+        prompts_file.write_text(json.dumps([[int(t) for t in ids] for ids in greedy]))
+        extra = ["--greedy", str(prompts_file), "--greedy-tokens", str(greedy_tokens)]
     kinds = {}
-    for kind in KINDS:
-        args = [str(gguf), kind, str(threads), str(prompt_len), str(new_tokens), str(repeats), str(cache_dir)]
-        kinds[kind] = _child(args, timeout)
-        if kinds[kind].get("signal"):
-            kinds[kind] = {**_child([*args, "--no-extra-bufts"], timeout), "first_try": kinds[kind]["error"]}
-    return {"version": version, "gguf": str(gguf), "prompt_len": prompt_len, "kinds": kinds}
+    try:
+        for kind in KINDS:
+            args = [str(gguf), kind, str(threads), str(prompt_len), str(new_tokens), str(repeats), str(cache_dir), *extra]
+            kinds[kind] = _child(args, timeout)
+            if kinds[kind].get("signal"):
+                kinds[kind] = {**_child([*args, "--no-extra-bufts"], timeout), "first_try": kinds[kind]["error"]}
+    finally:
+        prompts_file.unlink(missing_ok=True)
+    return {"version": version, "gguf": str(gguf), "prompt_len": prompt_len, "greedy_tokens": greedy_tokens if greedy else None,
+            "kinds": kinds}  # fmt: skip
 
 
 def _version() -> str | None:
@@ -124,6 +140,54 @@ def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _share(a: list, b: list) -> float | None:
+    """The share of positions where two lists of continuations are equal (None if they do not pair up)."""
+    return sum(x == y for x, y in zip(a, b)) / len(a) if a and len(a) == len(b) else None
+
+
+def _vlmkit_agreement(result: dict[str, Any]) -> tuple[dict[str, float], list | None]:
+    """vlmkit's greedy agreement with its float32 per counterpart slot (int8 / w4), and float32's continuations."""
+    rates: dict[str, float] = {}
+    fp32 = None
+    blocks = [("int8", result["int8"])] if result.get("int8") else []
+    blocks += [("int8" if q["scheme"] in ("w8", "w8a8") else q["scheme"], q) for q in result.get("schemes", [])]
+    for slot, block in blocks:
+        acc = block.get("accuracy") or {}
+        if "greedy_exact_match_rate" in acc:
+            rates[slot] = max(rates.get(slot, 0.0), acc["greedy_exact_match_rate"])
+        fp32 = fp32 or acc.get("fp32_continuations")
+    return rates, fp32
+
+
+def agreement_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Greedy agreement rows: vlmkit's scheme vs its float32 beside llama.cpp's kind vs its F32
+    (same prompts, same token count), and llama.cpp F32 vs vlmkit float32 (``vlmkit`` column
+    empty): how often two float32 implementations of the same weights agree. Empty without
+    llama.cpp continuations."""
+    section = result.get("llama_cpp") or {}
+    kinds = section.get("kinds") or {}
+    ref = (kinds.get("F32") or {}).get("greedy")
+    if not ref:
+        return []
+    ours, fp32 = _vlmkit_agreement(result)
+    n, tokens = len(ref), section.get("greedy_tokens")
+    rows = []
+    both = _share(ref, fp32) if fp32 else None
+    if both is not None:
+        rows.append(_agree_row("agree_fp32", f"greedy {tokens} tokens, llama.cpp F32 = vlmkit fp32 ({n} prompts)", None, both))
+    for kind in ("Q8_0", "Q4_1"):
+        theirs = _share((kinds.get(kind) or {}).get("greedy") or [], ref)
+        if theirs is not None:
+            label = f"greedy {tokens} tokens = float32, vlmkit {KINDS[kind]} vs llama.cpp {kind} ({n} prompts)"
+            rows.append(_agree_row(f"agree_{kind}", label, ours.get(KINDS[kind]), theirs))
+    return rows
+
+
+def _agree_row(key: str, label: str, mine: float | None, theirs: float) -> dict[str, Any]:
+    return {"key": key, "label": label, "unit": "share", "higher_is_better": True, "vlmkit": mine, "llama.cpp": theirs,
+            "ratio": mine / theirs if mine is not None and theirs else None, "goal": None, "met": None}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- child process
 def _weights(gguf: Path, kind: str, cache_dir: Path) -> Path:
     """The GGUF for ``kind``: the shipped file, or one written by ``llama_model_quantize`` (cached)."""
@@ -145,8 +209,8 @@ def _weights(gguf: Path, kind: str, cache_dir: Path) -> Path:
     return out
 
 
-def _measure(path: Path, threads: int, prompt_len: int, new_tokens: int, repeats: int, extra: bool) -> dict[str, Any]:
-    """Prefill and decode tokens/s of one GGUF through llama.cpp's C API."""
+def _open(path: Path, threads: int, n_ctx: int, n_batch: int, extra: bool) -> tuple[Any, Any, Any]:
+    """llama.cpp's model and context for ``path``, and ``run(ids)``: one ``llama_decode`` of ``ids``."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -154,8 +218,8 @@ def _measure(path: Path, threads: int, prompt_len: int, new_tokens: int, repeats
     mparams.use_extra_bufts = extra
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = prompt_len + new_tokens + 8
-    cparams.n_batch = cparams.n_ubatch = max(prompt_len, 1)
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = cparams.n_ubatch = max(n_batch, 1)
     cparams.n_threads = cparams.n_threads_batch = threads
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not model or not ctx:
@@ -165,6 +229,13 @@ def _measure(path: Path, threads: int, prompt_len: int, new_tokens: int, repeats
         arr = (llama_cpp.llama_token * len(ids))(*ids)
         if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(ids))) != 0:
             raise RuntimeError("llama_decode failed")
+
+    return model, ctx, run
+
+
+def _speed(ctx: Any, run: Any, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Prefill and decode tokens/s (medians of ``repeats``) on synthetic ids."""
+    import llama_cpp
 
     prefill, decode = [], []
     for _ in range(repeats):
@@ -176,12 +247,39 @@ def _measure(path: Path, threads: int, prompt_len: int, new_tokens: int, repeats
         for i in range(new_tokens):
             run([FIRST_ID + prompt_len + i])
         decode.append(new_tokens / (time.perf_counter() - start))
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "extra_bufts": extra, "bytes": path.stat().st_size}  # fmt: skip
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode)}
+
+
+def _greedy(model: Any, ctx: Any, run: Any, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Each prompt's ``new_tokens`` greedy tokens (argmax of llama.cpp's last logits, no stop token)."""
+    import llama_cpp
+    import numpy as np
+
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    out = []
+    for ids in prompts:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        run(ids)
+        tokens: list[int] = []
+        for _ in range(new_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(vocab,))
+            tokens.append(int(logits.argmax()))
+            run(tokens[-1:])
+        out.append(tokens)
+    return out
+
+
+def _read_prompts(path: Path) -> list[list[int]]:
+    """The agreement prompts the parent wrote (a JSON list of lists of token ids)."""
+    prompts = json.loads(path.read_text())
+    if not (isinstance(prompts, list) and all(isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompts)):
+        raise ValueError(f"{path} does not hold a list of token id lists")
+    return prompts
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child entry: ``GGUF KIND THREADS PROMPT_LEN NEW_TOKENS REPEATS CACHE_DIR [--no-extra-bufts]``."""
+    """Child entry: ``GGUF KIND THREADS PROMPT_LEN NEW_TOKENS REPEATS CACHE_DIR [--no-extra-bufts]
+    [--greedy PROMPTS.json [--greedy-tokens N]]``."""
     parser = argparse.ArgumentParser(prog="python -m vlmkit.bench.llama_cpp")
     parser.add_argument("gguf", type=Path)
     parser.add_argument("kind", choices=sorted(KINDS))
@@ -189,9 +287,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(name, type=int)
     parser.add_argument("cache_dir", type=Path)
     parser.add_argument("--no-extra-bufts", action="store_true")
+    parser.add_argument("--greedy", type=Path, help="a JSON file of prompts (token id lists) to continue greedily")
+    parser.add_argument("--greedy-tokens", type=int, default=AGREEMENT_TOKENS)
     a = parser.parse_args(argv)
     path = _weights(a.gguf, a.kind, a.cache_dir)
-    print(json.dumps(_measure(path, a.threads, a.prompt_len, a.new_tokens, a.repeats, not a.no_extra_bufts)))
+    prompts = _read_prompts(a.greedy) if a.greedy else []
+    longest = max([a.prompt_len, *(len(p) for p in prompts)])
+    model, ctx, run = _open(path, a.threads, longest + max(a.new_tokens, a.greedy_tokens) + 8, longest, not a.no_extra_bufts)
+    figures: dict[str, Any] = {**_speed(ctx, run, a.prompt_len, a.new_tokens, a.repeats), "extra_bufts": not a.no_extra_bufts,
+                               "bytes": path.stat().st_size}  # fmt: skip
+    if prompts:
+        figures["greedy"] = _greedy(model, ctx, run, prompts, a.greedy_tokens)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any
 MANY_TILES = 17
 TEXT_PROMPT = "Describe the water cycle in a few sentences."
 IMAGE_PROMPT = "Describe this image."
+#: Greedy tokens per prompt in the agreement check (vlmkit's schemes and llama.cpp's kinds alike).
+AGREEMENT_TOKENS = 16
 #: The fixed prompt set of the int8 agreement check (chat checkpoints).
 AGREEMENT_PROMPTS = (
     "What is the capital of France?",

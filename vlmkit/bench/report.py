@@ -174,12 +174,12 @@ def _print_scheme(q: dict[str, Any], console: Any) -> None:
 
 def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
     """vlmkit against llama.cpp on the same GGUF weights (:mod:`vlmkit.bench.llama_cpp`)."""
-    from .llama_cpp import comparison_rows
+    from .llama_cpp import agreement_rows, comparison_rows
 
     section = result.get("llama_cpp") or {}
     if section.get("version") is None:
         return
-    rows = comparison_rows(result)
+    rows = comparison_rows(result) + agreement_rows(result)
     if rows:
         title = f"vlmkit vs llama.cpp {section['version']} ({Path(section.get('gguf', '')).name} and its F32/Q8_0 rewrites)"
         console.print(_rows_table(title, "vlmkit", "llama.cpp", "ratio v/l", rows))

@@ -29,7 +29,7 @@ from .measure import (
     measure_matmul_gflops,
     vision_flops_per_tile,
 )
-from .prompts import MANY_TILES, Prompt, make_prompts
+from .prompts import MANY_TILES, Prompt, agreement_prompts, make_prompts
 from .report import make_console, machine_facts, print_report, write_json
 from .sides import HFSide, VlmkitSide
 
@@ -95,7 +95,8 @@ def run_bench(
             result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
         _decode_sections(result, folder, sides["vlmkit"], prompts, repeats, new_tokens, bandwidth, decode, quantize, say)
         say("llama.cpp on the same weights (when llama-cpp-python is installed)...")
-        result["llama_cpp"] = _llama_cpp(threads, prompts[0].length, new_tokens, repeats, subprocess_timeout)
+        greedy = [ids[0].tolist() for ids in agreement_prompts(folder)] if (int8 or quantize) else None
+        result["llama_cpp"] = _llama_cpp(threads, prompts[0].length, new_tokens, repeats, subprocess_timeout, greedy)
     sides.clear()
     print_report(result, console)
     if json_path is not None:
@@ -120,11 +121,13 @@ def _decode_sections(result: dict[str, Any], folder: Path, fp32: VlmkitSide, pro
             result.setdefault("schemes", []).append(scheme_section(folder, fp32, prompts, scheme, repeats, new_tokens, bandwidth))
 
 
-def _llama_cpp(threads: int, prompt_len: int, new_tokens: int, repeats: int, timeout: float) -> dict[str, Any]:
-    """llama.cpp's rows (:mod:`vlmkit.bench.llama_cpp`); its GGUFs are cached beside the quantized weights."""
+def _llama_cpp(threads: int, prompt_len: int, new_tokens: int, repeats: int, timeout: float,
+               greedy: list[list[int]] | None) -> dict[str, Any]:  # fmt: skip
+    """llama.cpp's rows (:mod:`vlmkit.bench.llama_cpp`; with ``greedy``, the agreement prompts'
+    continuations too); its GGUFs are cached beside the quantized weights."""
     from ..quant_cache import cache_dir
 
-    return llama_cpp_section(threads, prompt_len, new_tokens, repeats, cache_dir() / "llama_cpp", timeout)
+    return llama_cpp_section(threads, prompt_len, new_tokens, repeats, cache_dir() / "llama_cpp", timeout, greedy)
 
 
 def _check_schemes(schemes: Sequence[str]) -> tuple[str, ...]:

@@ -79,7 +79,8 @@ def _matrix(linear: nn.Module) -> tuple[_Mat, list[torch.Tensor]] | str:
     if isinstance(linear, WeightOnlyLinear):
         q = linear.quantized
         if linear.scheme == "w8":
-            mat.kind, mat.w, mat.scale, keep = 2, q["q8"].data_ptr(), q["scale"].data_ptr(), [q["q8"], q["scale"]]
+            mat.kind, mat.group, keep = 2, linear.group, [q["q8"], q["scale"]]
+            mat.w, mat.scale = q["q8"].data_ptr(), q["scale"].data_ptr()
         else:
             mat.kind, mat.group, keep = 3, linear.group, [q["q4"], q["scale"], q["lo"]]
             mat.w, mat.scale, mat.lo = q["q4"].data_ptr(), q["scale"].data_ptr(), q["lo"].data_ptr()

@@ -7,10 +7,10 @@ each output as a dot product over a contiguous weight row, four rows per pass ag
 ``x``, rows split across the OpenMP threads torch uses (:func:`torch.get_num_threads`):
 
 * :func:`gemv_f32`: float32 ``W`` ``(out, in)`` row-major -> ``(out,)``;
-* :func:`gemv_i8`: int8 ``W`` with one float32 scale per row (weight-only int8: ``x`` stays
-  float32, the int8 values are widened in registers) -> ``(out,)``;
+* :func:`gemv_i8`: int8 ``W`` with one float32 scale per group of inputs (weight-only int8:
+  ``x`` stays float32, the int8 values are widened in registers) -> ``(out,)``;
 * :func:`gemv_q4`: 4-bit ``W`` (``q * scale + lo`` per group of inputs, ``q`` in 0..15, two per
-  byte) -> ``(out,)``.
+  byte, float16 ``scale``/``lo``) -> ``(out,)``.
 
 The source is compiled once per machine with the C compiler ``$CC`` (else ``cc``), ``-O3
 -march=native -fopenmp``, into ``$VLMKIT_CACHE/native`` (default ``~/.cache/vlmkit/native``),
@@ -54,7 +54,7 @@ FLAGS = (
 MAX_ROWS = 16
 #: seconds a compile may take
 COMPILE_TIMEOUT = 120
-ABI = 8
+ABI = 9
 
 _state: dict[str, object] = {"lib": None, "why": None, "tried": False, "off": 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -134,7 +134,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib.vlmkit_gemv_isa.restype = ctypes.c_char_p
     lib.vlmkit_gemv_f32.argtypes = [_P, _P, _P, _P, _I, _I, _I]
-    lib.vlmkit_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I]
+    lib.vlmkit_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.vlmkit_gemv_q4.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
     lib.vlmkit_gemm_f32_rows.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
     lib.vlmkit_llama_scratch.argtypes = [_P, _I, _I]
@@ -239,19 +239,31 @@ def gemm_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return out
 
 
+def _groups(scale: torch.Tensor, out: int, inp: int) -> int:
+    """The group size a float32 ``(out, groups)`` scale gives ``inp`` inputs (0 when it does not fit)."""
+    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.dim() != 2 or scale.shape[0] != out:
+        return 0
+    groups = scale.shape[1]
+    group = inp // groups if groups and inp % groups == 0 else 0
+    return group if group == inp or (group and group % 32 == 0) else 0
+
+
 def gemv_i8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``(weight * scale[:, None]) @ x + bias`` for int8 ``weight`` ``(out, in)`` contiguous and
-    float32 ``scale`` ``(out,)``; ``x`` float32 ``(in,)`` -> ``(out,)``. None as :func:`gemv_f32`."""
+    """``W @ x + bias`` for int8 ``weight`` ``(out, in)`` contiguous with float32 ``scale``
+    ``(out, in // group)``: ``W[o, i] = weight[o, i] * scale[o, i // group]``, ``group`` a multiple
+    of 32 or ``in`` (one scale per row); ``x`` float32 ``(in,)`` -> ``(out,)``. None as :func:`gemv_f32`."""
     lib = _lib()
     if lib is None or weight.dtype != torch.int8 or not _fits(x, weight):
         return None
-    if scale.dtype != torch.float32 or not scale.is_contiguous() or scale.numel() != weight.shape[0]:
+    out, inp = weight.shape
+    group = _groups(scale, out, inp)
+    if not group:
         return None
     x = x.contiguous()
-    out = torch.empty(weight.shape[0], dtype=torch.float32)
-    lib.vlmkit_gemv_i8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), _bias_ptr(bias, out.numel()),
-                       out.data_ptr(), weight.shape[0], weight.shape[1], torch.get_num_threads())  # fmt: skip
-    return out
+    y = torch.empty(out, dtype=torch.float32)
+    rc = lib.vlmkit_gemv_i8(weight.data_ptr(), scale.data_ptr(), x.data_ptr(), _bias_ptr(bias, out),
+                            y.data_ptr(), out, inp, group, torch.get_num_threads())  # fmt: skip
+    return y if rc == 0 else None
 
 
 def gemv_q4(x: torch.Tensor, q4: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int,
@@ -259,7 +271,7 @@ def gemv_q4(x: torch.Tensor, q4: torch.Tensor, scale: torch.Tensor, lo: torch.Te
     """``W @ x + bias`` for a 4-bit ``W`` ``(out, in)``: ``W[o, i] = q[o, i] * scale[o, g] + lo[o, g]``,
     ``g = i // group`` (``group`` a multiple of 32 dividing ``in``). ``q4`` ``(out, in // 2)``
     uint8 holds, per block of 32 inputs, ``q[j] | q[j + 16] << 4`` in byte ``j``
-    (:func:`vlmkit.weight_only.quantize_w4`); ``scale``/``lo`` ``(out, in // group)`` float32;
+    (:func:`vlmkit.weight_only.quantize_w4`); ``scale``/``lo`` ``(out, in // group)`` float16;
     ``x`` float32 ``(in,)`` -> ``(out,)``. None as :func:`gemv_f32`."""
     lib = _lib()
     if lib is None or q4.dtype != torch.uint8 or q4.dim() != 2 or not q4.is_contiguous():
@@ -267,7 +279,7 @@ def gemv_q4(x: torch.Tensor, q4: torch.Tensor, scale: torch.Tensor, lo: torch.Te
     out, inp = q4.shape[0], 2 * q4.shape[1]
     groups = inp // group if group > 0 and group % 32 == 0 and inp % group == 0 else 0
     ok = groups and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() == inp
-    if not ok or any(t.dtype != torch.float32 or not t.is_contiguous() or t.shape != (out, groups) for t in (scale, lo)):
+    if not ok or any(t.dtype != torch.float16 or not t.is_contiguous() or t.shape != (out, groups) for t in (scale, lo)):
         return None
     x = x.contiguous()
     y = torch.empty(out, dtype=torch.float32)

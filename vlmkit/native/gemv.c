@@ -5,20 +5,33 @@
  * Each output row is a dot product over contiguous memory, so the weights stream from memory
  * front to back; x (a few KB) stays in L1. Four rows are done at a time against one load of x,
  * with two accumulators per row to hide the FMA latency. Rows are split across OpenMP threads in
- * contiguous blocks. W is float32 (gemv_f32), int8 with one float32 scale per row (gemv_i8: the
- * int8 values are widened to float32 in registers; x stays float32) or 4-bit (gemv_q4, below).
+ * contiguous blocks. W is float32 (gemv_f32), int8 with one float32 scale per group of inputs
+ * (gemv_i8: the int8 values are widened to float32 in registers; x stays float32) or 4-bit with
+ * IEEE float16 scales and minimums (gemv_q4, below; uint16_t bits widened per group).
  * Compiled on first use with the system C compiler (-O3 -march=native); no Python headers.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
-int vlmkit_gemv_abi(void) { return 8; }
+int vlmkit_gemv_abi(void) { return 9; }
+
+/* IEEE float16 bits -> float32: the F16C instruction where the CPU has it, else by hand. */
+#if defined(__F16C__)
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float h2f(uint16_t h) {
+    int e = (h >> 10) & 31, m = h & 1023;
+    float f = e == 0 ? ldexpf((float)m, -24) : e == 31 ? (m ? NAN : INFINITY) : ldexpf((float)(m | 1024), e - 25);
+    return (h & 0x8000) ? -f : f;
+}
+#endif
 
 const char *vlmkit_gemv_isa(void) {
 #if defined(__AVX512F__)
@@ -35,6 +48,7 @@ const char *vlmkit_gemv_isa(void) {
 #define LANES 16
 typedef __m512 vec;
 #define VZERO() _mm512_setzero_ps()
+#define VSET1(a) _mm512_set1_ps(a)
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm512_add_ps(a, b)
@@ -44,6 +58,7 @@ typedef __m512 vec;
 #define LANES 8
 typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
+#define VSET1(a) _mm256_set1_ps(a)
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
@@ -165,18 +180,53 @@ void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const flo
         for (int o = 0; o < out; o++) y[o] += bias[o];
 }
 
-void vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const float *restrict x,
-                    const float *restrict bias, float *restrict y, int out, int in, int nthreads) {
+/* One int8 row against x with one scale per group of `group` inputs: group == n (one scale for
+ * the row, any n) or a multiple of 32 dividing n (checked by the caller). */
+static inline float dot1_i8g(const int8_t *restrict w, const float *restrict sc, const float *restrict x, int n,
+                             int group) {
+    if (group == n) return dot1_i8(w, x, n) * sc[0];
+#ifdef LANES
+    vec total = VZERO();
+    for (int g0 = 0, k = 0; g0 < n; g0 += group, k++) {
+        vec a = VZERO(), b = VZERO();
+        for (int i = g0; i < g0 + group; i += 2 * LANES) {
+            a = VFMA(VLOAD_I8(w + i), VLOAD(x + i), a);
+            b = VFMA(VLOAD_I8(w + i + LANES), VLOAD(x + i + LANES), b);
+        }
+        total = VFMA(VADD(a, b), VSET1(sc[k]), total);
+    }
+    return VSUM(total);
+#else
+    float total = 0.f;
+    for (int g0 = 0, k = 0; g0 < n; g0 += group, k++) {
+        float s = 0.f;
+        for (int i = g0; i < g0 + group; i++) s += (float)w[i] * x[i];
+        total += s * sc[k];
+    }
+    return total;
+#endif
+}
+
+static inline int i8_group_ok(int in, int group) { return group == in || (group > 0 && group % 32 == 0 && in % group == 0); }
+
+/* scale: (out, in / group) float32. Returns 0, or -1 for a group size it does not take. */
+int vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const float *restrict x,
+                   const float *restrict bias, float *restrict y, int out, int in, int group, int nthreads) {
+    if (!i8_group_ok(in, group)) return -1;
+    int groups = in / group;
 #pragma omp parallel num_threads(nthreads)
     {
         int lo, hi;
         my_rows(out, 1, &lo, &hi);
-        for (int o = lo; o < hi; o++) y[o] = dot1_i8(W + (size_t)o * in, x, in) * scale[o] + (bias ? bias[o] : 0.f);
+        for (int o = lo; o < hi; o++)
+            y[o] = dot1_i8g(W + (size_t)o * in, scale + (size_t)o * groups, x, in, group) + (bias ? bias[o] : 0.f);
     }
+    return 0;
 }
 
 /* ---------------------------------------------------------------- 4-bit weights
- * W[o, i] ~ q[o, i] * scale[o, g] + lo[o, g], q in 0..15, g = i / group (group a multiple of 32).
+ * W[o, i] ~ q[o, i] * scale[o, g] + lo[o, g], q in 0..15, g = i / group (group a multiple of 32);
+ * scale and lo are float16 bits.
  * q is packed per block of 32 inputs into 16 bytes: byte j holds q[j] (low nibble) and q[j + 16]
  * (high nibble). So y[o] = sum_g scale[o, g] * dot(q[o, g], x[g]) + sum_g lo[o, g] * xsum[g],
  * with xsum[g] the sum of x over group g (computed once per call).
@@ -188,7 +238,7 @@ static inline void q4_block(const uint8_t *restrict p, const float *restrict x, 
     *lo16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, m)), _mm512_loadu_ps(x), *lo16);
     *hi16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + 16), *hi16);
 }
-static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
     __m512 total = _mm512_setzero_ps();
     int groups = in / group, blocks = group / 32;
@@ -196,8 +246,8 @@ static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, 
     for (int g = 0; g < groups; g++) {
         __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
         for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, &a, &b);
-        total = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(sc[g]), total);
-        offset += lo[g] * xsum[g];
+        total = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(h2f(sc[g])), total);
+        offset += h2f(lo[g]) * xsum[g];
     }
     return _mm512_reduce_add_ps(total) + offset;
 }
@@ -211,7 +261,7 @@ static inline void q4_block(const uint8_t *restrict p, const float *restrict x, 
     acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + 16), acc[0]);
     acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + 24), acc[1]);
 }
-static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
     __m256 total = _mm256_setzero_ps();
     int groups = in / group, blocks = group / 32;
@@ -219,13 +269,13 @@ static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, 
     for (int g = 0; g < groups; g++) {
         __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, acc);
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(sc[g]), total);
-        offset += lo[g] * xsum[g];
+        total = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(h2f(sc[g])), total);
+        offset += h2f(lo[g]) * xsum[g];
     }
     return VSUM(total) + offset;
 }
 #else
-static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, const float *restrict lo,
+static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
     float total = 0.f;
     for (int g = 0; g < in / group; g++) {
@@ -234,14 +284,14 @@ static inline float q4_row(const uint8_t *restrict p, const float *restrict sc, 
             const uint8_t *b = p + (size_t)(i / 32) * 16;
             for (int j = 0; j < 16; j++) s += (float)(b[j] & 15) * x[i + j] + (float)(b[j] >> 4) * x[i + 16 + j];
         }
-        total += sc[g] * s + lo[g] * xsum[g];
+        total += h2f(sc[g]) * s + h2f(lo[g]) * xsum[g];
     }
     return total;
 }
 #endif
 
 /* xsum: caller-provided scratch of in / group floats. Returns 0, or -1 for a bad shape. */
-int vlmkit_gemv_q4(const uint8_t *restrict Q, const float *restrict scale, const float *restrict lo,
+int vlmkit_gemv_q4(const uint8_t *restrict Q, const uint16_t *restrict scale, const uint16_t *restrict lo,
                    const float *restrict x, const float *restrict bias, float *restrict xsum, float *restrict y,
                    int out, int in, int group, int nthreads) {
     if (group <= 0 || group % 32 || in % group) return -1;

@@ -10,10 +10,11 @@
 #include <math.h>
 
 typedef struct {
-    int kind;  /* 0 float32 rows (out, in); 1 float32 stored (in, out); 2 int8 rows + scale; 3 4-bit */
+    int kind;  /* 0 float32 rows (out, in); 1 float32 stored (in, out); 2 int8 rows + group scales; 3 4-bit */
     int out, in, group;
     const void *w;
-    const float *scale, *lo, *bias;
+    const void *scale, *lo; /* (out, in / group): float32 for int8, float16 bits for 4-bit */
+    const float *bias;
 } vk_mat;
 
 typedef struct {
@@ -49,14 +50,14 @@ static int mat_vec(const vk_mat *m, const float *x, float *y, float *scratch, in
     switch (m->kind) {
     case 0: vlmkit_gemv_f32((const float *)m->w, x, m->bias, y, m->out, m->in, nthreads); return 0;
     case 1: gemv_t_f32((const float *)m->w, x, m->bias, y, m->out, m->in, nthreads); return 0;
-    case 2: vlmkit_gemv_i8((const int8_t *)m->w, m->scale, x, m->bias, y, m->out, m->in, nthreads); return 0;
-    case 3: return vlmkit_gemv_q4((const uint8_t *)m->w, m->scale, m->lo, x, m->bias, scratch, y, m->out, m->in, m->group, nthreads);
+    case 2: return vlmkit_gemv_i8((const int8_t *)m->w, (const float *)m->scale, x, m->bias, y, m->out, m->in, m->group, nthreads);
+    case 3: return vlmkit_gemv_q4((const uint8_t *)m->w, (const uint16_t *)m->scale, (const uint16_t *)m->lo, x, m->bias, scratch, y, m->out, m->in, m->group, nthreads);
     default: return -1;
     }
 }
 
 /* Rows o..o+n-1 of m as float32 (n <= 4, stride in): a pointer into W for float32 rows, else
- * dequantized into buf (w = q * scale for int8, q * scale + lo for 4-bit). */
+ * dequantized into buf (w = q * scale for int8, q * scale + lo for 4-bit, per group). */
 static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict buf) {
     int in = m->in;
     if (m->kind == 0) return (const float *)m->w + (size_t)o * in;
@@ -64,14 +65,15 @@ static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict
         float *dst = buf + (size_t)r * in;
         if (m->kind == 2) {
             const int8_t *q = (const int8_t *)m->w + (size_t)(o + r) * in;
-            float sc = m->scale[o + r];
-            for (int i = 0; i < in; i++) dst[i] = (float)q[i] * sc;
+            const float *sc = (const float *)m->scale + (size_t)(o + r) * (in / m->group);
+            for (int i = 0; i < in; i++) dst[i] = (float)q[i] * sc[i / m->group];
         } else {
             int groups = in / m->group;
             const uint8_t *q = (const uint8_t *)m->w + (size_t)(o + r) * (in / 2);
-            const float *sc = m->scale + (size_t)(o + r) * groups, *lo = m->lo + (size_t)(o + r) * groups;
+            const uint16_t *sc = (const uint16_t *)m->scale + (size_t)(o + r) * groups;
+            const uint16_t *lo = (const uint16_t *)m->lo + (size_t)(o + r) * groups;
             for (int i = 0; i < in; i += 32) {
-                float s = sc[i / m->group], z = lo[i / m->group];
+                float s = h2f(sc[i / m->group]), z = h2f(lo[i / m->group]);
                 const uint8_t *b = q + i / 2;
                 for (int j = 0; j < 16; j++) {
                     dst[i + j] = (float)(b[j] & 15) * s + z;
@@ -112,6 +114,7 @@ static void dot4x4(const float *restrict w0, const float *restrict x0, int n, fl
 static int mat_rows(const vk_mat *m, const float *restrict X, float *restrict Y, int B, int nthreads) {
     int out = m->out, in = m->in;
     if (m->kind == 1 || (m->kind == 3 && (m->group <= 0 || m->group % 32 || in % m->group))) return -1;
+    if (m->kind == 2 && !i8_group_ok(in, m->group)) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
         float buf[4 * (size_t)in];
