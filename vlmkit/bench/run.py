@@ -94,9 +94,8 @@ def run_bench(
             say("int8...")
             result["int8"] = int8_section(folder, sides["vlmkit"], prompts, int8_keys, repeats, new_tokens, bandwidth)
         _decode_sections(result, folder, sides["vlmkit"], prompts, repeats, new_tokens, bandwidth, decode, quantize, say)
-        say("llama.cpp on the same weights (when llama-cpp-python is installed)...")
-        greedy = [ids[0].tolist() for ids in agreement_prompts(folder)] if (int8 or quantize) else None
-        result["llama_cpp"] = _llama_cpp(threads, prompts[0].length, new_tokens, repeats, subprocess_timeout, greedy)
+        say("llama.cpp on the same weights, alternated with vlmkit (when llama-cpp-python is installed)...")
+        result["llama_cpp"] = _llama_cpp(folder, sides["vlmkit"], prompts[0], threads, new_tokens, repeats, subprocess_timeout)
     sides.clear()
     print_report(result, console)
     if json_path is not None:
@@ -121,13 +120,17 @@ def _decode_sections(result: dict[str, Any], folder: Path, fp32: VlmkitSide, pro
             result.setdefault("schemes", []).append(scheme_section(folder, fp32, prompts, scheme, repeats, new_tokens, bandwidth))
 
 
-def _llama_cpp(threads: int, prompt_len: int, new_tokens: int, repeats: int, timeout: float,
-               greedy: list[list[int]] | None) -> dict[str, Any]:  # fmt: skip
-    """llama.cpp's rows (:mod:`vlmkit.bench.llama_cpp`; with ``greedy``, the agreement prompts'
-    continuations too); its GGUFs are cached beside the quantized weights."""
+def _llama_cpp(folder: Path, fp32: VlmkitSide, prompt: Prompt, threads: int, new_tokens: int, repeats: int,
+               timeout: float) -> dict[str, Any]:  # fmt: skip
+    """llama.cpp's rows (:mod:`vlmkit.bench.llama_cpp`), alternated with vlmkit's, and both sides'
+    continuations of the agreement prompts; its GGUFs are cached beside the quantized weights."""
+    import torch
+
     from ..quant_cache import cache_dir
 
-    return llama_cpp_section(threads, prompt_len, new_tokens, repeats, cache_dir() / "llama_cpp", timeout, greedy)
+    greedy = [ids[0].tolist() for ids in agreement_prompts(folder)]
+    with torch.inference_mode():
+        return llama_cpp_section(folder, fp32, prompt, threads, new_tokens, repeats, cache_dir() / "llama_cpp", timeout, greedy)
 
 
 def _check_schemes(schemes: Sequence[str]) -> tuple[str, ...]:

@@ -43,6 +43,15 @@ const char *vlmkit_gemv_isa(void) {
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float VSUM8(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
 /* ---------------------------------------------------------------- float32 weights */
 #if defined(__AVX512F__)
 #define LANES 16
@@ -62,12 +71,7 @@ typedef __m256 vec;
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define VADD(a, b) _mm256_add_ps(a, b)
-static inline float VSUM(__m256 a) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#define VSUM(a) VSUM8(a)
 #define VLOAD_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
 #endif
 
@@ -185,22 +189,33 @@ void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const flo
 static inline float dot1_i8g(const int8_t *restrict w, const float *restrict sc, const float *restrict x, int n,
                              int group) {
     if (group == n) return dot1_i8(w, x, n) * sc[0];
+    int groups = n / group, k = 0;
 #ifdef LANES
-    vec total = VZERO();
-    for (int g0 = 0, k = 0; g0 < n; g0 += group, k++) {
-        vec a = VZERO(), b = VZERO();
-        for (int i = g0; i < g0 + group; i += 2 * LANES) {
-            a = VFMA(VLOAD_I8(w + i), VLOAD(x + i), a);
-            b = VFMA(VLOAD_I8(w + i + LANES), VLOAD(x + i + LANES), b);
-        }
-        total = VFMA(VADD(a, b), VSET1(sc[k]), total);
+    /* each group's partial sums (a + b) times its scale go into one of four totals in turn: one
+     * running total would make every group wait for the previous group's FMA */
+#define I8_GROUP(k, t)                                                                     \
+    {                                                                                      \
+        const int8_t *wg = w + (size_t)(k) * group;                                        \
+        const float *xg = x + (size_t)(k) * group;                                         \
+        vec a = VZERO(), b = VZERO();                                                      \
+        for (int i = 0; i < group; i += 2 * LANES) {                                       \
+            a = VFMA(VLOAD_I8(wg + i), VLOAD(xg + i), a);                                  \
+            b = VFMA(VLOAD_I8(wg + i + LANES), VLOAD(xg + i + LANES), b);                  \
+        }                                                                                  \
+        t = VFMA(VADD(a, b), VSET1(sc[k]), t);                                             \
     }
-    return VSUM(total);
+    vec t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
+    for (; k + 4 <= groups; k += 4) {
+        I8_GROUP(k, t0) I8_GROUP(k + 1, t1) I8_GROUP(k + 2, t2) I8_GROUP(k + 3, t3)
+    }
+    for (; k < groups; k++) I8_GROUP(k, t0)
+#undef I8_GROUP
+    return VSUM(VADD(VADD(t0, t1), VADD(t2, t3)));
 #else
     float total = 0.f;
-    for (int g0 = 0, k = 0; g0 < n; g0 += group, k++) {
+    for (; k < groups; k++) {
         float s = 0.f;
-        for (int i = g0; i < g0 + group; i++) s += (float)w[i] * x[i];
+        for (int i = k * group; i < (k + 1) * group; i++) s += (float)w[i] * x[i];
         total += s * sc[k];
     }
     return total;
@@ -231,6 +246,20 @@ int vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const 
  * (high nibble). So y[o] = sum_g scale[o, g] * dot(q[o, g], x[g]) + sum_g lo[o, g] * xsum[g],
  * with xsum[g] the sum of x over group g (computed once per call).
  */
+/* sum_g h[g] * x[g] over n float16 values h: F16C eight at a time where the CPU has it. */
+static inline float dot_h16(const uint16_t *restrict h, const float *restrict x, int n) {
+    float s = 0.f;
+    int g = 0;
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; g + 8 <= n; g += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + g))), _mm256_loadu_ps(x + g), acc);
+    s = VSUM8(acc);
+#endif
+    for (; g < n; g++) s += h2f(h[g]) * x[g];
+    return s;
+}
+
 #if defined(__AVX512F__)
 static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m512 *lo16, __m512 *hi16) {
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -238,19 +267,24 @@ static inline void q4_block(const uint8_t *restrict p, const float *restrict x, 
     *lo16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, m)), _mm512_loadu_ps(x), *lo16);
     *hi16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + 16), *hi16);
 }
+#define Q4_GROUP(g, t)                                                                     \
+    {                                                                                      \
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();                           \
+        for (int k = 0; k < blocks; k++)                                                   \
+            q4_block(p + (size_t)((g) * blocks + k) * 16, x + ((g) * blocks + k) * 32, &a, &b); \
+        t = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(h2f(sc[g])), t);           \
+    }
 static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
-    __m512 total = _mm512_setzero_ps();
-    int groups = in / group, blocks = group / 32;
-    float offset = 0.f;
-    for (int g = 0; g < groups; g++) {
-        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, &a, &b);
-        total = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(h2f(sc[g])), total);
-        offset += h2f(lo[g]) * xsum[g];
+    int groups = in / group, blocks = group / 32, g = 0;
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(), t3 = _mm512_setzero_ps();
+    for (; g + 4 <= groups; g += 4) {
+        Q4_GROUP(g, t0) Q4_GROUP(g + 1, t1) Q4_GROUP(g + 2, t2) Q4_GROUP(g + 3, t3)
     }
-    return _mm512_reduce_add_ps(total) + offset;
+    for (; g < groups; g++) Q4_GROUP(g, t0)
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3))) + dot_h16(lo, xsum, groups);
 }
+#undef Q4_GROUP
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m256 *acc) {
     __m256i m = _mm256_set1_epi32(15);
@@ -261,19 +295,23 @@ static inline void q4_block(const uint8_t *restrict p, const float *restrict x, 
     acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + 16), acc[0]);
     acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + 24), acc[1]);
 }
+#define Q4_GROUP(g, t)                                                                     \
+    {                                                                                      \
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                        \
+        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)((g) * blocks + k) * 16, x + ((g) * blocks + k) * 32, acc); \
+        t = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(h2f(sc[g])), t); \
+    }
 static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
-    __m256 total = _mm256_setzero_ps();
-    int groups = in / group, blocks = group / 32;
-    float offset = 0.f;
-    for (int g = 0; g < groups; g++) {
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)(g * blocks + k) * 16, x + (g * blocks + k) * 32, acc);
-        total = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(h2f(sc[g])), total);
-        offset += h2f(lo[g]) * xsum[g];
+    int groups = in / group, blocks = group / 32, g = 0;
+    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
+    for (; g + 4 <= groups; g += 4) {
+        Q4_GROUP(g, t0) Q4_GROUP(g + 1, t1) Q4_GROUP(g + 2, t2) Q4_GROUP(g + 3, t3)
     }
-    return VSUM(total) + offset;
+    for (; g < groups; g++) Q4_GROUP(g, t0)
+    return VSUM(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) + dot_h16(lo, xsum, groups);
 }
+#undef Q4_GROUP
 #else
 static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
@@ -284,9 +322,9 @@ static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict s
             const uint8_t *b = p + (size_t)(i / 32) * 16;
             for (int j = 0; j < 16; j++) s += (float)(b[j] & 15) * x[i + j] + (float)(b[j] >> 4) * x[i + 16 + j];
         }
-        total += h2f(sc[g]) * s + h2f(lo[g]) * xsum[g];
+        total += h2f(sc[g]) * s;
     }
-    return total;
+    return total + dot_h16(lo, xsum, in / group);
 }
 #endif
 
