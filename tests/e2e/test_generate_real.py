@@ -8,6 +8,7 @@ images without splitting (one 512x512 tile each).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,29 @@ def test_cli_streams_the_answer_and_prints_timings(smolvlm_real_folder: Path, ca
     out, err = capsys.readouterr()
     assert "int8: w8" in err and " layers in " in err and "tokens/s" in err  # w8a8 or w8, whichever fits this CPU
     assert out.strip()  # an answer (int8 is approximate: not asserted token for token)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is optional and not installed")
+def test_llama_cpp_rows_on_the_real_weights(smolvlm_real_folder, tmp_path) -> None:  # noqa: ANN001
+    """The bench's llama.cpp section on the folder made from the GGUF: every kind alternated with
+    its vlmkit side, both continuing prompts that hold an id llama.cpp's vocabulary lacks
+    (SmolVLM's <end_of_utterance>: dropped for both sides); float32 vs F32 agree on most."""
+    import torch
+
+    from vlmkit.bench.llama_cpp import agreement_rows, comparison_rows, llama_cpp_section
+    from vlmkit.bench.prompts import agreement_prompts, make_prompts
+    from vlmkit.bench.sides import VlmkitSide
+
+    fp32 = VlmkitSide(smolvlm_real_folder)
+    fp32.load()
+    prompt = make_prompts(smolvlm_real_folder, [0])[0]
+    greedy = [ids[0].tolist() for ids in agreement_prompts(smolvlm_real_folder)[:4]]
+    assert any(t >= 49152 for t in greedy[0])  # the template's <end_of_utterance>
+    with torch.inference_mode():
+        section = llama_cpp_section(smolvlm_real_folder, fp32, prompt, 2, 4, 1, tmp_path, 600.0, greedy, 4)
+    assert all("error" not in k for k in section["kinds"].values()), section["kinds"]
+    result = {"llama_cpp": section}
+    assert {r["key"] for r in comparison_rows(result)} >= {"decode_F32", "decode_Q8_0", "decode_Q4_1"}
+    agree = {r["key"]: r for r in agreement_rows(result)}
+    assert agree["agree_F32"]["llama.cpp"] >= 0.5 and agree["agree_Q8_0"]["vlmkit"] is not None
+    assert section["kinds"]["Q8_0"]["vlmkit_scheme"] in ("w8", "w8a8") and section["prompt_len"] < prompt.length

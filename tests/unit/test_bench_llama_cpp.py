@@ -104,7 +104,7 @@ def test_the_child_decodes_and_continues_greedily_on_the_real_gguf(tmp_path) -> 
 
     child = LlamaCppChild(gguf_path(), "Q4_1", 2, 64, tmp_path, 300.0, True)
     try:
-        assert child.ready["bytes"] == gguf_path().stat().st_size
+        assert child.ready["bytes"] == gguf_path().stat().st_size and child.ready["vocab"] == 49152
         speed = child.request(op="decode", prompt=[1, 1000, 1001], new_tokens=4)
         assert speed["decode_tok_s"] > 0 and speed["prefill_tok_s"] > 0
         prompts = [[1, 1000, 1001], [1, 2000]]

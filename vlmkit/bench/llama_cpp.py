@@ -11,7 +11,8 @@ loaded, beside vlmkit's counterpart (:data:`KINDS`: float32, ``--int8``, ``w4``,
 through the on-disk cache). Decode tokens/s alternate between the two, one generation at a time
 (A B A B, medians of ``repeats``), on the bench's text prompt's own token ids and the same
 number of new tokens, each side feeding back its argmax; llama.cpp's prefill of that prompt is
-reported too. Then both continue the bench's agreement prompts greedily, so the report sets
+reported too. Ids outside the GGUF's vocabulary (the tokens the VLM's tokenizer adds, such as
+SmolVLM's ``<end_of_utterance>``) are dropped from every prompt, for both sides alike. Then both continue the bench's agreement prompts greedily, so the report sets
 vlmkit's quantized-vs-float32 agreement beside llama.cpp's own (Q8_0 / Q4_1 against its F32) and
 says how often the two float32 implementations agree with each other.
 
@@ -157,9 +158,10 @@ def llama_cpp_section(folder: Path, fp32: Any, prompt: Prompt, threads: int, new
     for kind, scheme in KINDS.items():
         side, applied = (fp32, "fp32") if scheme == "fp32" else _quantized(folder, scheme)
         start = lambda extra, kind=kind: LlamaCppChild(gguf, kind, threads, n_ctx, cache_dir, timeout, extra)  # noqa: E731
-        kinds[kind] = {"vlmkit_scheme": applied, **_kind(kind, side, start, prompt, ids, new_tokens, repeats, greedy, greedy_tokens)}
+        kinds[kind] = {"vlmkit_scheme": applied, **_kind(kind, side, start, ids, new_tokens, repeats, greedy, greedy_tokens)}
         del side
-    return {"version": version, "gguf": str(gguf), "prompt_len": len(ids), "greedy_tokens": greedy_tokens if greedy else None,
+    done = next((k["prompt_ids"] for k in kinds.values() if "prompt_ids" in k), len(ids))
+    return {"version": version, "gguf": str(gguf), "prompt_len": done, "greedy_tokens": greedy_tokens if greedy else None,
             "kinds": kinds}  # fmt: skip
 
 
@@ -173,7 +175,7 @@ def _quantized(folder: Path, scheme: str) -> tuple[Any, str]:
     return side, quantize(side.model, scheme, source=folder)["scheme"]
 
 
-def _kind(kind: str, side: Any, start: Any, prompt: Prompt, ids: list[int], new_tokens: int, repeats: int,
+def _kind(kind: str, side: Any, start: Any, ids: list[int], new_tokens: int, repeats: int,
           greedy: list[list[int]] | None, greedy_tokens: int) -> dict[str, Any]:  # fmt: skip
     """One kind against its vlmkit side; a child that dies on a signal is re-run once without extra buffer types."""
     first_try = None
@@ -181,7 +183,7 @@ def _kind(kind: str, side: Any, start: Any, prompt: Prompt, ids: list[int], new_
         child = None
         try:
             child = start(extra)
-            figures = _measure(kind, side, child, prompt, ids, new_tokens, repeats, greedy, greedy_tokens)
+            figures = _measure(kind, side, child, ids, new_tokens, repeats, greedy, greedy_tokens)
             return {**figures, "extra_bufts": extra, **({"first_try": first_try} if first_try else {})}
         except ChildFailed as exc:
             if exc.signal is None or not extra:
@@ -193,9 +195,16 @@ def _kind(kind: str, side: Any, start: Any, prompt: Prompt, ids: list[int], new_
     raise AssertionError("unreachable")
 
 
-def _measure(kind: str, side: Any, child: LlamaCppChild, prompt: Prompt, ids: list[int], new_tokens: int, repeats: int,
+def _measure(kind: str, side: Any, child: LlamaCppChild, ids: list[int], new_tokens: int, repeats: int,
              greedy: list[list[int]] | None, greedy_tokens: int) -> dict[str, Any]:  # fmt: skip
-    """Decode tok/s in alternation (and llama.cpp's prefill), then both sides' greedy continuations."""
+    """Decode tok/s in alternation (and llama.cpp's prefill), then both sides' greedy continuations,
+    on the prompts less the ids llama.cpp's vocabulary lacks."""
+    import torch
+
+    from .sides import Clock
+
+    vocab = child.ready["vocab"]
+    ids = [t for t in ids if t < vocab]
     metric = Metric(f"decode_{kind}", f"decode, vlmkit {KINDS[kind]} vs llama.cpp {kind} (alternated)", "tok/s", True, GOALS[kind])
     prefill: list[float] = []
 
@@ -204,15 +213,18 @@ def _measure(kind: str, side: Any, child: LlamaCppChild, prompt: Prompt, ids: li
         prefill.append(answer["prefill_tok_s"])
         return answer["decode_tok_s"]
 
-    alternate(metric, {"vlmkit": lambda: side.decode(prompt, new_tokens), "llama.cpp": theirs}, repeats)
-    figures: dict[str, Any] = {"row": metric.as_dict("vlmkit", "llama.cpp"), "prefill_tok_s": statistics.median(prefill),
-                               "bytes": child.ready.get("bytes")}  # fmt: skip
-    if greedy:
-        import torch
+    def mine() -> float:
+        clock = Clock()
+        side.model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
+        return clock.tokens_per_s()
 
+    alternate(metric, {"vlmkit": mine, "llama.cpp": theirs}, repeats)
+    figures: dict[str, Any] = {"row": metric.as_dict("vlmkit", "llama.cpp"), "prefill_tok_s": statistics.median(prefill),
+                               "bytes": child.ready.get("bytes"), "prompt_ids": len(ids)}  # fmt: skip
+    if greedy:
+        greedy = [[t for t in p if t < vocab] for p in greedy]
         figures["greedy"] = child.request(op="greedy", prompts=greedy, new_tokens=greedy_tokens)["greedy"]
-        ours = [side.greedy(torch.tensor([p]), greedy_tokens)[0, len(p) :].tolist() for p in greedy]
-        figures["vlmkit_greedy"] = ours
+        figures["vlmkit_greedy"] = [side.greedy(torch.tensor([p]), greedy_tokens)[0, len(p) :].tolist() for p in greedy]
     return figures
 
 

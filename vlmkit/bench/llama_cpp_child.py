@@ -2,7 +2,7 @@
 
 ``python -m vlmkit.bench.llama_cpp_child GGUF KIND THREADS N_CTX CACHE_DIR [--no-extra-bufts]``
 loads one weight kind (``F32``/``Q8_0`` written once by llama.cpp's own ``llama_model_quantize``
-into ``CACHE_DIR``; ``Q4_1`` as shipped), prints ``{"ready": true, "bytes": ...}``, then answers
+into ``CACHE_DIR``; ``Q4_1`` as shipped), prints ``{"ready": true, "bytes", "vocab"}``, then answers
 one JSON request per stdin line with one JSON line on stdout, until stdin closes:
 
 * ``{"op": "decode", "prompt": [ids], "new_tokens": n}`` -> ``{"prefill_tok_s", "decode_tok_s"}``:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     path = weights(a.gguf, a.kind, a.cache_dir)
     runner = Runner(path, a.threads, a.n_ctx, not a.no_extra_bufts)
-    print(json.dumps({"ready": True, "bytes": path.stat().st_size, "extra_bufts": not a.no_extra_bufts}), flush=True)
+    print(json.dumps({"ready": True, "bytes": path.stat().st_size, "vocab": runner.vocab, "extra_bufts": not a.no_extra_bufts}), flush=True)
     while line := sys.stdin.readline(LINE_LIMIT):
         if not line.endswith("\n") and len(line) == LINE_LIMIT:  # too long: skip the rest of it
             while (more := sys.stdin.readline(LINE_LIMIT)) and not more.endswith("\n"):
