@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ __all__ = ["KINDS", "GOALS", "LlamaCppChild", "ChildFailed", "llama_cpp_section"
 KINDS = {"F32": "fp32", "Q8_0": "int8", "Q4_1": "w4"}
 #: issue 19's goals on vlmkit / llama.cpp decode tok/s (fp32 has its goal against the memory floor instead).
 GOALS = {"F32": None, "Q8_0": 1.0, "Q4_1": 1.0}
+#: seconds each side idles before a timed run: both keep their worker threads spinning for a
+#: while after their work (OpenMP, ggml's thread pool), and neither should run beside the other's
+SETTLE_S = 0.2
 
 
 class ChildFailed(Exception):
@@ -209,11 +213,13 @@ def _measure(kind: str, side: Any, child: LlamaCppChild, ids: list[int], new_tok
     prefill: list[float] = []
 
     def theirs() -> float:
+        time.sleep(SETTLE_S)
         answer = child.request(op="decode", prompt=ids, new_tokens=new_tokens)
         prefill.append(answer["prefill_tok_s"])
         return answer["decode_tok_s"]
 
     def mine() -> float:
+        time.sleep(SETTLE_S)
         clock = Clock()
         side.model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         return clock.tokens_per_s()
