@@ -52,6 +52,9 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
         assert 0 < acc["visual_tokens_rel_error"] < 0.2  # int8 moves the visual tokens, a little
     else:
         assert acc["visual_tokens_rel_error"] == 0  # weight-only: the vision tower stays float32
+        assert acc["max_logit_diff"] < 1e-4  # ... and so do prompts (float32; summation order aside)
+    # the teacher-forced figures run decode steps, where even a weight-only scheme's int8 copy acts
+    assert 0 < acc["decode_step_max_logit_diff"] < 5
     assert set(acc["next_token_logit_diff_per_prompt"]) == set(acc["max_logit_diff_per_prompt"])
     assert all(acc["next_token_logit_diff_per_prompt"][k] <= v for k, v in acc["max_logit_diff_per_prompt"].items())
 

@@ -59,8 +59,9 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
     |logit difference| at any position and at the last one (the next-token logits generation
     reads), and the relative L2 error of the 1-tile prompt's visual tokens; over a fixed prompt
     set, greedy continuations of ``new_tokens``: the share of prompts whose continuation is
-    identical, and the teacher-forced top-1 agreement (both models read the float32
-    continuation; how often their next-token argmax agrees)."""
+    identical, and, teacher-forced (both models read the float32 continuation one token per
+    step, as decoding does, so a weight-only scheme's quantized copy is the one measured), how
+    often their next-token argmax agrees and the largest |logit difference| over those steps."""
     import torch
 
     max_diff, last_diff = {}, {}
@@ -69,15 +70,16 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
         max_diff[p.name], last_diff[p.name] = float(diff.max()), float(diff[:, -1].max())
     prompt_ids = agreement_prompts(folder)
     exact = agree = total = 0
+    step_diff = 0.0
     for ids in prompt_ids:
         want = fp32.greedy(ids, new_tokens)
         got = q.greedy(ids, new_tokens)
         exact += bool(torch.equal(want, got))
-        t = ids.shape[1]
-        a = fp32.model(want).logits[0, t - 1 : -1].argmax(-1)
-        b = q.model(want).logits[0, t - 1 : -1].argmax(-1)
-        agree += int((a == b).sum())
-        total += a.numel()
+        continuation = want[0, ids.shape[1] :]
+        a, b = _stepwise_logits(fp32, ids, continuation), _stepwise_logits(q, ids, continuation)
+        step_diff = max(step_diff, float((a - b).abs().max()))
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += continuation.numel()
     return {
         "max_logit_diff": max(max_diff.values()),
         "max_logit_diff_per_prompt": max_diff,
@@ -87,7 +89,26 @@ def int8_accuracy(fp32: VlmkitSide, q: VlmkitSide, folder: Path, prompts: dict[i
         "new_tokens": new_tokens,
         "greedy_exact_match_rate": exact / len(prompt_ids),
         "teacher_forced_top1_agreement": agree / total,
+        "decode_step_max_logit_diff": step_diff,
     }
+
+
+def _stepwise_logits(side: VlmkitSide, ids, continuation):  # noqa: ANN001
+    """``(n, V)`` next-token logits before each of the ``n`` tokens of ``continuation`` after the
+    prompt ``ids`` ``(1, T)``: the prompt in one forward, then one token per step through the
+    backbone's KV cache (a backbone without one reads the whole sequence in one forward)."""
+    import torch
+
+    bb = side.model.backbone
+    new_cache = getattr(bb, "new_cache", None)
+    if not callable(new_cache):
+        full = torch.cat([ids, continuation[None]], dim=1)
+        return side.model(full).logits[0, ids.shape[1] - 1 : -1]
+    cache = new_cache(1, ids.shape[1] + continuation.numel())
+    rows = [bb.logits(bb(bb.embed(ids), cache=cache)[:, -1:])[0, -1]]
+    for tok in continuation[:-1]:
+        rows.append(bb.logits(bb(bb.embed(tok.view(1, 1)), cache=cache))[0, -1])
+    return torch.stack(rows)
 
 
 def _visual_error(fp32: VlmkitSide, q: VlmkitSide, p: Prompt) -> float:

@@ -123,8 +123,7 @@ def _print_int8(q: dict[str, Any], console: Any) -> None:
         + f", at any position {acc['max_logit_diff']:.2f}; visual tokens rel. error {acc['visual_tokens_rel_error']:.1%}; "
         f"over {acc['prompts']} prompts x "
         f"{acc['new_tokens']} greedy tokens: identical continuations {acc['greedy_exact_match_rate']:.0%}, "
-        f"teacher-forced top-1 agreement {acc['teacher_forced_top1_agreement']:.1%}; "
-        f"{fmt_value(q['bytes_per_token_mb'])} MB per token, floor {fmt_value(q['floor_tok_s'])} tok/s",
+        f"{_teacher_forced(acc)}; {fmt_value(q['bytes_per_token_mb'])} MB per token, floor {fmt_value(q['floor_tok_s'])} tok/s",
         markup=False,
     )
 
@@ -167,9 +166,16 @@ def _print_scheme(q: dict[str, Any], console: Any) -> None:
         f"{q['scheme']}: {rep.get('layers', 0)} layers in {rep['seconds']:.2f} s (cache {rep.get('cache', 'off')}), second run "
         f"{q['cache_second_run_s']:.2f} s (cache {q['cache_second_run']}); {fmt_value(q['bytes_per_token_mb'])} MB per token, "
         f"floor {fmt_value(q['floor_tok_s'])} tok/s; greedy {acc['new_tokens']}-token continuations identical to fp32 on "
-        f"{acc['greedy_exact_match_rate']:.0%} of {acc['prompts']} prompts{extra}",
+        f"{acc['greedy_exact_match_rate']:.0%} of {acc['prompts']} prompts; {_teacher_forced(acc)}{extra}",
         markup=False,
     )
+
+
+def _teacher_forced(acc: dict[str, Any]) -> str:
+    """The teacher-forced decode-step figures of an accuracy block, in words."""
+    diff = acc.get("decode_step_max_logit_diff")
+    return (f"teacher-forced decode steps: top-1 agreement {acc['teacher_forced_top1_agreement']:.1%}"
+            + ("" if diff is None else f", max |logit diff| {diff:.2f}"))  # fmt: skip
 
 
 def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
