@@ -77,22 +77,35 @@ class LlamaCppChild:
         self.lines.put(None)
 
     def _answer(self) -> dict[str, Any]:
-        try:
-            line = self.lines.get(timeout=self.timeout)
-        except queue.Empty:
-            self.close()
-            raise ChildFailed(f"timed out after {self.timeout:.0f} s") from None
-        if line is None:
-            rc = self.proc.wait()
-            if rc < 0:
-                raise ChildFailed(f"llama.cpp died on signal {-rc}", -rc)
-            self.stderr.seek(0)
-            tail = (self.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-            raise ChildFailed(f"exit status {rc}: {tail[:300]}")
-        answer = json.loads(line)
+        """The child's next JSON line (a line that is not a JSON object, e.g. a library printing to
+        stdout, is skipped); :class:`ChildFailed` when it ends, times out or answers an error."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close()
+                raise ChildFailed(f"timed out after {self.timeout:.0f} s") from None
+            if line is None:
+                raise self._ended()
+            try:
+                answer = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(answer, dict):
+                break
         if "error" in answer:
             raise ChildFailed(answer["error"])
         return answer
+
+    def _ended(self) -> ChildFailed:
+        """Why the child's output ended: its signal, or its exit status and last stderr line."""
+        rc = self.proc.wait()
+        if rc < 0:
+            return ChildFailed(f"llama.cpp died on signal {-rc}", -rc)
+        self.stderr.seek(0)
+        tail = (self.stderr.read().decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        return ChildFailed(f"exit status {rc}: {tail[:300]}")
 
     def request(self, **req: Any) -> dict[str, Any]:
         try:
