@@ -115,10 +115,6 @@ static inline void dot4_f32(const float *restrict w0, const float *restrict x, i
     DOT4_BODY(VLOAD)
 }
 
-static inline void dot4_i8(const int8_t *restrict w0, const float *restrict x, int n, float *restrict y) {
-    const int8_t *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
-    DOT4_BODY(VLOAD_I8)
-}
 
 /* One dot product over a contiguous row, vectorized with four accumulators (a plain float loop
  * cannot be: its sum order is fixed). The int8 product runs one row at a time: one sequential
