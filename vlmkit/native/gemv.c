@@ -257,55 +257,47 @@ static inline float dot_h16(const uint16_t *restrict h, const float *restrict x,
 }
 
 #if defined(__AVX512F__)
-static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m512 *lo16, __m512 *hi16) {
+/* One block of 32 inputs: sum_j q[j] * x[j] as 16 partial sums (low nibbles x[0..15], high x[16..31]). */
+static inline vec q4_block(const uint8_t *restrict p, const float *restrict x) {
     __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    __m512i m = _mm512_set1_epi32(15);
-    *lo16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, m)), _mm512_loadu_ps(x), *lo16);
-    *hi16 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + 16), *hi16);
+    __m512 lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15))), _mm512_loadu_ps(x));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + 16), lo);
 }
-#define Q4_GROUP(g, t)                                                                     \
-    {                                                                                      \
-        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();                           \
-        for (int k = 0; k < blocks; k++)                                                   \
-            q4_block(p + (size_t)((g) * blocks + k) * 16, x + ((g) * blocks + k) * 32, &a, &b); \
-        t = _mm512_fmadd_ps(_mm512_add_ps(a, b), _mm512_set1_ps(h2f(sc[g])), t);           \
-    }
-static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
-                           const float *restrict x, const float *restrict xsum, int in, int group) {
-    int groups = in / group, blocks = group / 32, g = 0;
-    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps(), t2 = _mm512_setzero_ps(), t3 = _mm512_setzero_ps();
-    for (; g + 4 <= groups; g += 4) {
-        Q4_GROUP(g, t0) Q4_GROUP(g + 1, t1) Q4_GROUP(g + 2, t2) Q4_GROUP(g + 3, t3)
-    }
-    for (; g < groups; g++) Q4_GROUP(g, t0)
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3))) + dot_h16(lo, xsum, groups);
-}
-#undef Q4_GROUP
 #elif defined(__AVX2__) && defined(__FMA__)
-static inline void q4_block(const uint8_t *restrict p, const float *restrict x, __m256 *acc) {
+/* One block of 32 inputs: sum_j q[j] * x[j] as 8 partial sums (bytes 0..7 and 8..15 in two halves). */
+static inline vec q4_block(const uint8_t *restrict p, const float *restrict x) {
     __m256i m = _mm256_set1_epi32(15);
     __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
     __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
-    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_loadu_ps(x), acc[0]);
-    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m)), _mm256_loadu_ps(x + 8), acc[1]);
-    acc[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + 16), acc[0]);
-    acc[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + 24), acc[1]);
+    __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), _mm256_loadu_ps(x));
+    __m256 c = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(b1, m)), _mm256_loadu_ps(x + 8));
+    a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), _mm256_loadu_ps(x + 16), a);
+    c = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4)), _mm256_loadu_ps(x + 24), c);
+    return _mm256_add_ps(a, c);
 }
+#endif
+
+#ifdef LANES
+/* One 4-bit row: each group's blocks (q4_block, per ISA above) times its scale go into one of
+ * four totals in turn (one running total would make every group wait for the previous FMA);
+ * the minimums add lo . xsum. */
 #define Q4_GROUP(g, t)                                                                     \
     {                                                                                      \
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};                        \
-        for (int k = 0; k < blocks; k++) q4_block(p + (size_t)((g) * blocks + k) * 16, x + ((g) * blocks + k) * 32, acc); \
-        t = _mm256_fmadd_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_set1_ps(h2f(sc[g])), t); \
+        const uint8_t *pg = p + (size_t)(g) * blocks * 16;                                 \
+        const float *xg = x + (size_t)(g) * group;                                         \
+        vec s = q4_block(pg, xg);                                                          \
+        for (int k = 1; k < blocks; k++) s = VADD(s, q4_block(pg + (size_t)k * 16, xg + k * 32)); \
+        t = VFMA(s, VSET1(h2f(sc[g])), t);                                                 \
     }
 static inline float q4_row(const uint8_t *restrict p, const uint16_t *restrict sc, const uint16_t *restrict lo,
                            const float *restrict x, const float *restrict xsum, int in, int group) {
     int groups = in / group, blocks = group / 32, g = 0;
-    __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps(), t2 = _mm256_setzero_ps(), t3 = _mm256_setzero_ps();
+    vec t0 = VZERO(), t1 = VZERO(), t2 = VZERO(), t3 = VZERO();
     for (; g + 4 <= groups; g += 4) {
         Q4_GROUP(g, t0) Q4_GROUP(g + 1, t1) Q4_GROUP(g + 2, t2) Q4_GROUP(g + 3, t3)
     }
     for (; g < groups; g++) Q4_GROUP(g, t0)
-    return VSUM(_mm256_add_ps(_mm256_add_ps(t0, t1), _mm256_add_ps(t2, t3))) + dot_h16(lo, xsum, groups);
+    return VSUM(VADD(VADD(t0, t1), VADD(t2, t3))) + dot_h16(lo, xsum, groups);
 }
 #undef Q4_GROUP
 #else
