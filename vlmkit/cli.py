@@ -15,17 +15,15 @@ from .cli_helpers import (
     batch_prompts,
     chat_batch,
     check_flags,
-    check_quantize,
     rich_console,
     image_line,
     load_model_and_processor,
     print_timings,
-    quantize_and_say,
-    quantize_scheme,
     read_images,
     read_line,
     write_stream,
 )
+from .cli_model import Int8, Quantize, VisionDtype, check_model_options, load_for_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Assemble, inspect and run small VLMs.")
 _state = {"debug": False}
@@ -143,11 +141,12 @@ def generate(
     top_p: TopP = None,
     seed: Seed = None,
     split: Optional[bool] = typer.Option(None, "--split/--no-split", help="Image splitting (default: the checkpoint's)."),
-    int8: bool = typer.Option(False, "--int8", help="The fastest int8 scheme for this CPU: w8a8 (int8 activations too) where its prompts are not slower than float32, else w8 (weight-only); CPU, approximate; see docs/speed.md."),
+    int8: Int8 = False,
     video: Optional[list[Path]] = typer.Option(None, "--video", help="A video file (checkpoints that take video); repeat for several."),
     fps: Optional[float] = typer.Option(None, "--fps", help="With --video: frames sampled per second of video (default: the checkpoint's)."),
     max_frames: Optional[int] = typer.Option(None, "--max-frames", help="With --video: the most frames per video (default: the checkpoint's)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="CPU speed scheme: auto, fp32, w8, w4, w8a8 or int8 (= --int8); see docs/speed.md."),
+    quantize: Quantize = None,
+    vision_dtype: VisionDtype = None,
 ) -> None:
     """Answer PROMPT about the images (and videos): the checkpoint's chat template, streamed to stdout; timings to stderr."""
     from .cli_video import check_video_flags, video_batch
@@ -155,16 +154,12 @@ def generate(
 
     check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)  # fail before loading anything
     check_video_flags(video, fps, max_frames, batch_file is not None)
-    quantize = check_quantize(quantize, int8)
+    options = check_model_options(quantize, int8, vision_dtype)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     prompts = batch_prompts(prompt, image, batch_file, batch_size, output)
     err = rich_console(stderr=True)
     images = read_images(image or [])
-    with Waiting(err, f"loading {source} ..."):
-        model, processor = load_model_and_processor(source)
-    if quantize is not None:  # --int8 is --quantize int8
-        with Waiting(err, f"quantizing ({quantize}) ..."):
-            quantize_scheme(err, model, quantize, source)
+    model, processor = load_for_command(err, source, options)
     if prompts is not None:
         answer_batch(err, model, processor, prompts, output, batch_size, gen)
         return
@@ -196,16 +191,19 @@ def chat(
     top_k: TopK = None,
     top_p: TopP = None,
     seed: Seed = None,
+    int8: Int8 = False,
+    quantize: Quantize = None,
+    vision_dtype: VisionDtype = None,
 ) -> None:
     """Chat with SOURCE in the terminal: history kept, /image PATH attaches images, the conversation's KV cache is reused each turn; /reset, /quit; Ctrl-C stops an answer."""
     from .chat import ChatSession
     from .repl import run_repl
 
     check_flags(max_new_tokens, sample, temperature, top_k, top_p, seed)
+    options = check_model_options(quantize, int8, vision_dtype)
     err = rich_console(stderr=True)
     images = read_images(image or [])
-    with Waiting(err, f"loading {source} ..."):
-        model, processor = load_model_and_processor(source)
+    model, processor = load_for_command(err, source, options)
     session = ChatSession(model, processor, system=system, max_new_tokens=max_new_tokens, do_sample=sample,
                           temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
 
@@ -233,7 +231,9 @@ def serve(
     api_key: Optional[str] = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on /v1/*."),
     max_batch: int = typer.Option(_serve_default("max_batch"), "--max-batch", help="Most requests decoded together."),
     max_queue: int = typer.Option(_serve_default("max_queue"), "--max-queue", help="Most requests waiting for a slot; more get 429."),
-    int8: bool = typer.Option(False, "--int8", help="The fastest int8 scheme for this CPU (w8a8 or weight-only w8; CPU, approximate; see docs/speed.md)."),
+    int8: Int8 = False,
+    quantize: Quantize = None,
+    vision_dtype: VisionDtype = None,
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images", help="Fetch http(s) image URLs."),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Allow file:// image URLs under this folder."),
     request_timeout: float = typer.Option(_serve_default("request_timeout"), "--request-timeout", help="Seconds from arrival to the last token."),
@@ -248,15 +248,13 @@ def serve(
     from .serve import check_options
     from .serve.server import run
 
-    options = check_options(  # every option checked before the model loads
+    options = check_options(  # every option (and the model's, below) checked before the model loads
         host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout,
         allow_remote_images=allow_remote_images, image_root=image_root, max_images=max_images,
         max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels, max_body_bytes=max_body_bytes, model_name=model_name,
     )  # fmt: skip
-    err = rich_console(stderr=True)
-    model, processor = load_model_and_processor(source)
-    if int8:
-        quantize_and_say(err, model, source)
+    model_options = check_model_options(quantize, int8, vision_dtype)
+    model, processor = load_for_command(rich_console(stderr=True), source, model_options)
     run(model, processor, options, model_name=options.model_name or source)
 
 

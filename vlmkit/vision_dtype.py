@@ -26,7 +26,7 @@ from .errors import SpecError, VlmkitError
 from .quantize import Int8Linear
 from .scheme_choice import cpu_flags
 
-__all__ = ["VISION_SLOTS", "BF16_FLAGS", "set_vision_dtype", "has_bf16_units"]
+__all__ = ["VISION_SLOTS", "BF16_FLAGS", "check_vision_dtype", "set_vision_dtype", "has_bf16_units"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,16 @@ def has_bf16_units(flags: dict[str, Any] | None = None) -> bool:
     """Whether the CPU (``flags``: a :func:`~vlmkit.scheme_choice.cpu_flags` dict) has bfloat16 units."""
     flags = flags if flags is not None else cpu_flags()
     return any(f in flags.get("flags", ()) for f in BF16_FLAGS)
+
+
+def check_vision_dtype(dtype: torch.dtype | str, device: torch.device | str = "cpu") -> torch.dtype:
+    """``dtype`` (a float ``torch.dtype`` or its name, e.g. ``"bfloat16"``, ``"bf16"``) as a
+    ``torch.dtype``; a :class:`~vlmkit.errors.VlmkitError` naming the valid names otherwise.
+    Needs no model, so a command can check its option before anything loads."""
+    try:
+        return resolve_dtype(dtype, torch.device(device))
+    except SpecError as exc:  # names the valid dtypes
+        raise VlmkitError(f"vision dtype {dtype!r}: {exc.detail}", hint="e.g. 'bfloat16' or 'float32'") from None
 
 
 def set_vision_dtype(model: nn.Module, dtype: torch.dtype | str, *, flags: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -57,10 +67,7 @@ def set_vision_dtype(model: nn.Module, dtype: torch.dtype | str, *, flags: dict[
         raise VlmkitError("the vision side is int8-quantized (w8a8): its dtype cannot change",
                           hint="set the vision dtype on a float model, before quantize(..., 'w8a8')")  # fmt: skip
     device = params[0].device if params else torch.device("cpu")
-    try:
-        target = resolve_dtype(dtype, device)
-    except SpecError as exc:  # names the valid dtypes
-        raise VlmkitError(f"vision dtype {dtype!r}: {exc}", hint="e.g. 'bfloat16' or 'float32'") from None
+    target = check_vision_dtype(dtype, device)
     for slot in slots:
         getattr(model, slot).to(target)
     bf16 = has_bf16_units(flags) if device.type == "cpu" else None

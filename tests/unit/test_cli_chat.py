@@ -116,6 +116,19 @@ def test_chat_command_in_a_subprocess(tiny):
     assert "reused" in run.stderr
 
 
+def test_chat_command_quantized_answers_as_the_quantized_model():
+    from vlmkit.quant_schemes import quantize
+
+    model, processor = load_tiny()  # a model of its own: quantizing changes it in place
+    quantize(model, "w8")
+    want = ChatSession(model, processor, max_new_tokens=6).ask("Hello")
+    run = subprocess.run([sys.executable, "-m", "vlmkit.cli", "chat", str(tiny_smolvlm_folder()), "-n", "6", "--quantize", "w8"],
+                         input="Hello\n/quit\n", capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert want and run.stdout.strip() == want.strip()
+    assert "quantize: w8;" in run.stderr
+
+
 def test_generate_batch_writes_one_answer_per_prompt(tiny, picture, tmp_path, capsys):
     model, processor = tiny
     rows = [{"prompt": "Describe.", "images": [picture.name], "id": "a"}, {"prompt": "Hi"}, {"prompt": "Say a word.", "id": 7}]
