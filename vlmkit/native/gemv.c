@@ -82,6 +82,7 @@ typedef __m256 vec;
     vec b0 = VZERO(), b1 = VZERO(), b2 = VZERO(), b3 = VZERO();                            \
     int i = 0;                                                                             \
     for (; i + 2 * LANES <= n; i += 2 * LANES) {                                           \
+        PREFETCH_NEXT                                                                      \
         vec x0 = VLOAD(x + i), x1 = VLOAD(x + i + LANES);                                  \
         a0 = VFMA(LOADW(w0 + i), x0, a0); b0 = VFMA(LOADW(w0 + i + LANES), x1, b0);        \
         a1 = VFMA(LOADW(w1 + i), x0, a1); b1 = VFMA(LOADW(w1 + i + LANES), x1, b1);        \
@@ -110,10 +111,27 @@ typedef __m256 vec;
     y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
 #endif
 
+#define PREFETCH_NEXT
 static inline void dot4_f32(const float *restrict w0, const float *restrict x, int n, float *restrict y) {
     const float *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
     DOT4_BODY(VLOAD)
 }
+#undef PREFETCH_NEXT
+
+/* dot4_f32 that also prefetches the next four rows (pf: 4n contiguous floats, or NULL), spread
+ * over its loop and non-temporally (prefetchnta), so weights read once stream in without evicting
+ * what the rest of the process keeps in L2/L3. On an AMD EPYC (AVX-512): a 424 MB product 40-44
+ * -> 46-53 GB/s, fp32 decode 1.11x (paired A/B); the same prefetch into every level was 0.93x. */
+#define PREFETCH_NEXT                                                                      \
+    if (pf)                                                                                \
+        for (int k = 0; k < 8 * LANES; k += 16) __builtin_prefetch(pf + 4 * (size_t)i + k, 0, 0);
+static inline void dot4_f32_nt(const float *restrict w0, const float *restrict x, int n, float *restrict y,
+                               const float *pf) {
+    (void)pf; /* the portable build does not prefetch */
+    const float *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
+    DOT4_BODY(VLOAD)
+}
+#undef PREFETCH_NEXT
 
 
 /* One dot product over a contiguous row, vectorized with four accumulators (a plain float loop
@@ -150,6 +168,15 @@ static inline float dot1_i8(const int8_t *restrict w, const float *restrict x, i
     return s;
 }
 
+/* Rows ahead that the one-row quantized products prefetch, and the prefetch itself: every cache
+ * line of a bytes at p and of b bytes at q, non-temporally (see dot4_f32_nt). w8 decode 1.17x,
+ * w4 1.04x on an AMD EPYC (paired A/B). */
+#define ROWS_AHEAD 4
+static inline void prefetch_nt(const void *p, size_t a, const void *q, size_t b) {
+    for (size_t k = 0; k < a; k += 64) __builtin_prefetch((const char *)p + k, 0, 0);
+    for (size_t k = 0; k < b; k += 64) __builtin_prefetch((const char *)q + k, 0, 0);
+}
+
 /* Called inside an OpenMP parallel region: this thread's share [lo, hi) of out rows, in whole
  * units of `unit` rows (4: the four-row kernels, whose caller does the out % 4 tail rows; 1: one
  * row at a time). Without OpenMP the one thread takes them all. */
@@ -173,7 +200,8 @@ void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const flo
     {
         int lo, hi;
         my_rows(out, 4, &lo, &hi);
-        for (int o = lo; o < hi; o += 4) dot4_f32(W + (size_t)o * in, x, in, y + o);
+        for (int o = lo; o < hi; o += 4)
+            dot4_f32_nt(W + (size_t)o * in, x, in, y + o, o + 8 <= hi ? W + (size_t)(o + 4) * in : NULL);
     }
     for (int o = out / 4 * 4; o < out; o++) y[o] = dot1_f32(W + (size_t)o * in, x, in);
     if (bias)
@@ -229,8 +257,10 @@ int vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const 
     {
         int lo, hi;
         my_rows(out, 1, &lo, &hi);
-        for (int o = lo; o < hi; o++)
+        for (int o = lo; o < hi; o++) {
+            if (o + ROWS_AHEAD < hi) prefetch_nt(W + (size_t)(o + ROWS_AHEAD) * in, in, scale + (size_t)(o + ROWS_AHEAD) * groups, groups * 4);
             y[o] = dot1_i8g(W + (size_t)o * in, scale + (size_t)o * groups, x, in, group) + (bias ? bias[o] : 0.f);
+        }
     }
     return 0;
 }
@@ -327,9 +357,19 @@ int vlmkit_gemv_q4(const uint8_t *restrict Q, const uint16_t *restrict scale, co
         for (int i = g * group; i < (g + 1) * group; i++) s += x[i];
         xsum[g] = s;
     }
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int o = 0; o < out; o++)
-        y[o] = q4_row(Q + (size_t)o * (in / 2), scale + (size_t)o * groups, lo + (size_t)o * groups, x, xsum, in, group);
+#pragma omp parallel num_threads(nthreads)
+    {
+        int first, last;
+        my_rows(out, 1, &first, &last);
+        for (int o = first; o < last; o++) {
+            if (o + ROWS_AHEAD < last) {
+                size_t a = (size_t)(o + ROWS_AHEAD);
+                prefetch_nt(Q + a * (in / 2), in / 2, scale + a * groups, groups * 2);
+                prefetch_nt(lo + a * groups, groups * 2, NULL, 0);
+            }
+            y[o] = q4_row(Q + (size_t)o * (in / 2), scale + (size_t)o * groups, lo + (size_t)o * groups, x, xsum, in, group);
+        }
+    }
     if (bias)
         for (int o = 0; o < out; o++) y[o] += bias[o];
     return 0;
