@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
@@ -38,6 +39,9 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
         assert _positive(row["int8"]), row
     for key in ("bandwidth_gb_s", "bytes_per_token_mb", "floor_tok_s"):
         assert _positive(result["floor"][key])
+    samples = result["floor"]["bandwidth_samples"]  # one before each round of the text-prompt decode row
+    assert len(samples) == result["info"]["repeats"] and all(_positive(v) for v in samples)
+    assert result["floor"]["bandwidth_gb_s"] == statistics.median(samples)
     for key in ("gflop_per_tile", "matmul_gflop_s", "floor_ms", "vlmkit_fraction", "transformers_fraction"):
         assert _positive(result["vision_floor"][key])
     assert result["checks"]["import_vlmkit_imports_transformers"] is False
@@ -104,3 +108,18 @@ def test_bench_cli_rejects_bad_options(tmp_path):
     from vlmkit.cli import main
 
     assert main(["bench", str(tmp_path), "--repeats", "0"]) == 1
+
+
+def test_bandwidth_probe_samples_beside_alternated_rounds():
+    from vlmkit.bench.measure import BandwidthProbe, Metric, alternate
+
+    probe, order = BandwidthProbe(1 << 20), []
+    metric = Metric("m", "m", "s")
+    alternate(metric, {"a": lambda: order.append("a") or 1.0, "b": lambda: order.append("b") or 2.0}, 3,
+              between=lambda: order.append("bw") or probe.sample(1))  # fmt: skip
+    assert order == ["a", "b"] + ["bw", "a", "b"] * 3  # the warm-up round has no sample
+    assert len(probe.samples) == 3 and all(_positive(v) for v in probe.samples) and probe.buffer is not None
+    probe.release()
+    assert probe.buffer is None and probe.median() == statistics.median(probe.samples)
+    fresh = BandwidthProbe(1 << 20)
+    assert _positive(fresh.median()) and len(fresh.samples) == 1 and fresh.buffer is None  # sampled on demand, then freed

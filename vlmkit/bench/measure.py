@@ -105,12 +105,16 @@ def timed(fn: Callable[[], Any], scale: float = 1.0) -> Callable[[], float]:
     return run
 
 
-def alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1) -> None:
-    """Warm up each side, then take ``repeats`` samples in alternation A B A B ..."""
+def alternate(metric: Metric, fns: dict[str, Callable[[], float]], repeats: int, warmup: int = 1,
+              between: Callable[[], Any] | None = None) -> None:  # fmt: skip
+    """Warm up each side, then take ``repeats`` samples in alternation A B A B ...; ``between``
+    (if given) runs before each round, e.g. to sample the memory bandwidth beside the timings."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     for _ in range(repeats):
+        if between is not None:
+            between()
         for side, fn in fns.items():
             metric.add(side, fn())
 
@@ -217,15 +221,44 @@ def _inspect_yaml_check(folder: Path, timeout: float, env: dict[str, str]) -> di
 def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Read bandwidth in GB/s: the best of ``repeats`` sums over an ``nbytes`` float32 tensor
     (larger than the last-level cache, so it measures memory)."""
-    import torch
+    probe = BandwidthProbe(nbytes)
+    return probe.sample(repeats)
 
-    x = torch.ones(nbytes // 4)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best / 1e9
+
+class BandwidthProbe:
+    """:func:`measure_bandwidth` with its ``nbytes`` buffer allocated once, for samples taken
+    between other timings (a shared machine's bandwidth moves over a run: the decode floor is
+    measured in the same rounds as the decode it bounds)."""
+
+    def __init__(self, nbytes: int = 1 << 30) -> None:
+        self.nbytes = nbytes
+        self.buffer: Any = None  # allocated at the first sample, dropped by release()
+        self.samples: list[float] = []
+
+    def sample(self, repeats: int = 3) -> float:
+        """One sample in GB/s (the best of ``repeats`` sums), also kept in :attr:`samples`."""
+        import torch
+
+        if self.buffer is None:
+            self.buffer = torch.ones(self.nbytes // 4)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.buffer.sum()
+            best = min(best, time.perf_counter() - start)
+        self.samples.append(self.nbytes / best / 1e9)
+        return self.samples[-1]
+
+    def release(self) -> None:
+        """Free the buffer (the samples stay)."""
+        self.buffer = None
+
+    def median(self) -> float:
+        """The median sample (one is taken first when there is none)."""
+        if not self.samples:
+            self.sample()
+            self.release()
+        return statistics.median(self.samples)
 
 
 def measure_matmul_gflops(n: int = 1536, repeats: int = 5) -> float:

@@ -77,6 +77,13 @@ def _rows_table(title: str, a: str, b: str, ratio: str, rows: list[dict[str, Any
     return table
 
 
+def _spread(samples: list[float] | None) -> str:
+    """`` (median of N samples, LO-HI GB/s, beside the decode rounds)`` for several samples."""
+    if not samples or len(samples) < 2:
+        return ""
+    return f" (median of {len(samples)} samples, {min(samples):.1f}-{max(samples):.1f}, taken beside the decode rounds)"
+
+
 def _print_main(result: dict[str, Any], console: Any) -> None:
     """The vlmkit vs transformers table, the decode floor, the CLI checks and the prompt lengths."""
     info = result["info"]
@@ -84,7 +91,8 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
     console.print(_rows_table(title, "vlmkit", "transformers", "ratio v/t", result["rows"]))
     fl, ck = result["floor"], result["checks"]
     console.print(
-        f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured / {fmt_value(fl['bytes_per_token_mb'])} MB per token = "
+        f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured{_spread(fl.get('bandwidth_samples'))} / "
+        f"{fmt_value(fl['bytes_per_token_mb'])} MB per token = "
         f"{fmt_value(fl['floor_tok_s'])} tok/s; vlmkit reaches {fl['vlmkit_fraction']:.0%} of it, transformers {fl['transformers_fraction']:.0%}",
         markup=False,
     )

@@ -25,7 +25,7 @@ from .measure import (
     timed,
     decode_bytes_per_token,
     expected_rows,
-    measure_bandwidth,
+    BandwidthProbe,
     measure_matmul_gflops,
     vision_flops_per_tile,
 )
@@ -78,13 +78,13 @@ def run_bench(
         say("fresh-process runs (import, load, peak RSS)...")
         _fresh_process_rows(rows, folder, tile_counts, threads, min(new_tokens, 8), subprocess_timeout)
         checks = cli_checks(subprocess_timeout, folder)
-        _in_process_rows(rows, sides, prompts, repeats, new_tokens, say)
-        say("memory bandwidth...")
-        bandwidth = measure_bandwidth()
+        probe = BandwidthProbe()  # sampled before each round of the text-prompt decode row
+        _in_process_rows(rows, sides, prompts, repeats, new_tokens, say, probe)
+        bandwidth = probe.median()
         result: dict[str, Any] = {
             "info": info,
             "rows": [rows[k].as_dict("vlmkit", "transformers") for k in keys],
-            "floor": _floor(rows["decode_tps"], bandwidth, decode_bytes_per_token(sides["vlmkit"].model.backbone)),
+            "floor": _floor(rows["decode_tps"], probe, decode_bytes_per_token(sides["vlmkit"].model.backbone)),
             "vision_floor": _vision_floor(rows["vision_1_ms"], sides["vlmkit"], prompts[1]),
             "checks": checks,
         }
@@ -183,11 +183,13 @@ def _info(source: str | os.PathLike, folder: Path, prompts: dict[int, Prompt], *
     }  # fmt: skip
 
 
-def _floor(decode: Metric, bandwidth: float, per_token: int) -> dict[str, Any]:
-    """The ``floor`` section: measured bandwidth / bytes per token, and the share of it each side's
-    median decode speed (row ``decode``) reaches."""
+def _floor(decode: Metric, probe: BandwidthProbe, per_token: int) -> dict[str, Any]:
+    """The ``floor`` section: the median bandwidth sampled in the decode rounds / bytes per token,
+    and the share of it each side's median decode speed (row ``decode``) reaches."""
+    bandwidth = probe.median()
     return {
         "bandwidth_gb_s": bandwidth,
+        "bandwidth_samples": list(probe.samples),
         "bytes_per_token_mb": per_token / 1e6,
         "floor_tok_s": bandwidth * 1e9 / per_token,
         "vlmkit_fraction": decode.median("vlmkit") / (bandwidth * 1e9 / per_token),
@@ -223,9 +225,9 @@ def _fresh_process_rows(rows: dict[str, Metric], folder: Path, tile_counts: list
 
 
 def _in_process_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int,
-                     new_tokens: int, say: Callable[[str], None]) -> None:  # fmt: skip
+                     new_tokens: int, say: Callable[[str], None], probe: BandwidthProbe) -> None:  # fmt: skip
     """Load, then (inference mode) vision encode, prefill, time to first token and decode, each
-    side in alternation."""
+    side in alternation; ``probe`` samples the bandwidth before each text-prompt decode round."""
     import torch
 
     say("load...")
@@ -237,10 +239,12 @@ def _in_process_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: di
         _prefill_rows(rows, sides, prompts, repeats)
         say("time to first token...")
         _first_token_rows(rows, sides, prompts, repeats)
-        say("decode...")
+        say("decode (and the memory bandwidth before each round of the text-prompt row)...")
         for tiles, key in ((0, "decode_tps"), (1, "decode_1_tps")):
             p = prompts[tiles]
-            alternate(rows[key], {s: (lambda s=s, p=p: sides[s].decode(p, new_tokens)) for s in SIDES}, repeats)
+            alternate(rows[key], {s: (lambda s=s, p=p: sides[s].decode(p, new_tokens)) for s in SIDES}, repeats,
+                      between=probe.sample if tiles == 0 else None)  # fmt: skip
+            probe.release()
 
 
 def _vision_rows(rows: dict[str, Metric], sides: dict[str, Any], prompts: dict[int, Prompt], repeats: int) -> None:
