@@ -18,6 +18,9 @@ keyed by the source, the flags, the compiler's version and the CPU's flags; a se
 loads the file in milliseconds. Where no compiler works, :func:`available` is False, the reason
 is logged once on the ``vlmkit`` log (:func:`status` returns it) and callers keep torch's kernels.
 ``VLMKIT_NATIVE=0`` switches the kernels off; :func:`disabled` does so for a block (A/B timing).
+``VLMKIT_NATIVE_MARCH=NAME`` compiles for ``-march=NAME`` instead of ``native`` (e.g. ``haswell``:
+the AVX2 kernels, ``x86-64``: the portable C ones, on a CPU that also runs wider ones), with no
+fallback to other flags: a name the compiler refuses leaves the kernels off, and says why.
 Nothing here runs under autograd: callers use it for inference-only one-row calls.
 """
 
@@ -29,6 +32,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -90,7 +94,10 @@ def _compile(cc: str, folder: Path) -> tuple[Path | None, str]:
     source = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
     base = hashlib.sha256(source + _version(cc).encode() + _cpu_flags().encode() + platform.machine().encode())
     errors = []
-    for flags in FLAGS:
+    sets, why = _flag_sets()
+    if not sets:
+        return None, why
+    for flags in sets:
         key = hashlib.sha256(base.digest() + " ".join(flags).encode()).hexdigest()[:24]
         target = folder / f"gemv-{key}.so"
         if target.is_file():
@@ -109,6 +116,17 @@ def _compile(cc: str, folder: Path) -> tuple[Path | None, str]:
             errors.append(f"{' '.join(flags)}: {(done.stderr.strip().splitlines() or ['failed'])[-1]}")
         Path(tmp).unlink(missing_ok=True)
     return None, "; ".join(errors)
+
+
+def _flag_sets() -> tuple[list[tuple[str, ...]], str]:
+    """:data:`FLAGS`, or with ``$VLMKIT_NATIVE_MARCH`` set only the sets with ``-march``, for that
+    name; ``([], why)`` for a value that is not a ``-march`` name."""
+    march = os.environ.get("VLMKIT_NATIVE_MARCH")
+    if not march:
+        return list(FLAGS), ""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", march):
+        return [], f"VLMKIT_NATIVE_MARCH={march!r} is not a -march name (e.g. native, haswell, x86-64)"
+    return [tuple(f"-march={march}" if f == "-march=native" else f for f in flags) for flags in FLAGS if "-march=native" in flags], ""
 
 
 def _load() -> ctypes.CDLL | None:
