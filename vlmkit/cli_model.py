@@ -20,7 +20,7 @@ __all__ = ["Int8", "Quantize", "VisionDtype", "ModelOptions", "check_model_optio
 
 Int8 = Annotated[bool, typer.Option("--int8", help="The fastest int8 scheme for this CPU: w8a8 (int8 activations too) where its prompts are not slower than float32, else w8 (weight-only); CPU, approximate; see docs/speed.md.")]  # fmt: skip
 Quantize = Annotated[Optional[str], typer.Option("--quantize", help="CPU speed scheme: auto, fp32, w8, w4, w8a8 or int8 (= --int8); see docs/speed.md.")]  # fmt: skip
-VisionDtype = Annotated[Optional[str], typer.Option("--vision-dtype", help="Run the vision tower and connector in this float dtype (e.g. bfloat16), the text model staying as it is: images encode ~2x faster on CPUs with bfloat16 units (avx512_bf16, amx_bf16), slower elsewhere; approximate; see docs/speed.md.")]  # fmt: skip
+VisionDtype = Annotated[Optional[str], typer.Option("--vision-dtype", help="Run the vision side in bfloat16 (~2x faster images on CPUs with avx512_bf16/amx_bf16) or int8 (w8a8 tower layers, ~2.5x faster on CPUs with VNNI/AMX), the text model staying as it is (float32 or --quantize w8/w4); slower on CPUs without those units; approximate; see docs/speed.md.")]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,16 +34,16 @@ class ModelOptions:
 
 def check_model_options(quantize: str | None, int8: bool, vision_dtype: str | None) -> ModelOptions:
     """The options checked before the model loads: an unknown scheme or dtype, ``--int8`` with
-    ``--quantize``, and ``--quantize w8a8`` with a non-float32 vision side (w8a8 makes the vision
+    ``--quantize``, and ``--quantize w8a8`` with a float vision dtype (w8a8 makes the vision
     tower int8) are :class:`~vlmkit.errors.VlmkitError` naming the valid choices."""
     from .errors import VlmkitError
-    from .vision_dtype import check_vision_dtype
+    from .vision_dtype import INT8, vision_dtype_name
 
     scheme = check_quantize(quantize, int8)
     if vision_dtype is None:
         return ModelOptions(scheme, None)
-    name = str(check_vision_dtype(vision_dtype)).removeprefix("torch.")
-    if scheme == "w8a8" and name != "float32":
+    name = vision_dtype_name(vision_dtype)
+    if scheme == "w8a8" and name != INT8:
         raise VlmkitError(f"--vision-dtype {vision_dtype} with --quantize w8a8: w8a8 runs the vision tower in int8",
                           hint="use --quantize w8 or w4 (weight-only: the text model only) with --vision-dtype")  # fmt: skip
     return ModelOptions(scheme, name)
@@ -64,13 +64,14 @@ def load_for_command(err, source: str, options: ModelOptions):  # noqa: ANN001, 
 
 def _apply_vision_dtype(err, model, options: ModelOptions) -> None:  # noqa: ANN001
     """:func:`~vlmkit.vision_dtype.set_vision_dtype`, refused with a CLI hint where ``--int8`` /
-    ``auto`` chose w8a8 on this CPU (its vision tower is int8 then)."""
+    ``auto`` chose w8a8 on this CPU and a float vision dtype was asked for (the tower is int8 then)."""
     from .errors import VlmkitError
-    from .vision_dtype import set_vision_dtype
+    from .vision_dtype import INT8, set_vision_dtype
 
-    if getattr(model, "quantized", None) == "int8" and options.vision_dtype != "float32":
+    if getattr(model, "quantized", None) == "int8" and options.vision_dtype != INT8:
         raise VlmkitError(f"--quantize {options.scheme} chose w8a8 on this CPU, which runs the vision tower in int8: "
                           f"--vision-dtype {options.vision_dtype} cannot apply",
                           hint="use --quantize w8 or w4 (weight-only) with --vision-dtype, or drop --vision-dtype")  # fmt: skip
-    report = set_vision_dtype(model, options.vision_dtype)  # a CPU without bfloat16 units: a logged warning
-    err.print(f"vision dtype: {report['dtype']} ({', '.join(report['slots'])}; the text model as it was)", markup=False)
+    report = set_vision_dtype(model, options.vision_dtype)  # a CPU without the units for it: a logged warning
+    already = f"; {report['note']}" if report["note"].endswith("already") else ""
+    err.print(f"vision dtype: {report['dtype']} ({', '.join(report['slots'])}; the text model as it was){already}", markup=False)

@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from vlmkit.bench import expected_rows, run_bench  # noqa: E402
+from vlmkit.scheme_choice import has_int8_dot  # noqa: E402
 from vlmkit.vision_dtype import has_bf16_units  # noqa: E402
 
 from ..parity.tiny_hf import SHAPES, make_checkpoint  # noqa: E402
@@ -62,13 +63,15 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
     assert set(acc["next_token_logit_diff_per_prompt"]) == set(acc["max_logit_diff_per_prompt"])
     assert all(acc["next_token_logit_diff_per_prompt"][k] <= v for k, v in acc["max_logit_diff_per_prompt"].items())
 
-    vd = result["vision_dtype"]  # the bfloat16 vision tower where this CPU has bfloat16 units
-    if has_bf16_units():
-        assert _positive(vd["vs_transformers"]["bf16"]) and _positive(vd["vs_fp32"]["vlmkit"])
-        assert vd["vs_transformers"]["goal"] == 0.7 and 0 < vd["token_rel_err"] < 0.1
-        assert vd["report"]["dtype"] == "bfloat16"
-    else:
-        assert "none of avx512_bf16" in vd["skipped"]
+    vd = result["vision_dtype"]  # bfloat16 / int8 vision towers where this CPU has the units for them
+    for dtype, label, present, missing in (("bfloat16", "bf16", has_bf16_units(), "none of avx512_bf16"),
+                                           ("int8", "int8", has_int8_dot(), "none of avx512_vnni")):  # fmt: skip
+        if present:
+            assert _positive(vd[dtype]["vs_transformers"][label]) and _positive(vd[dtype]["vs_fp32"]["vlmkit"])
+            assert vd[dtype]["vs_transformers"]["goal"] == 0.7 and 0 < vd[dtype]["token_rel_err"] < 0.1
+            assert vd[dtype]["report"]["dtype"] == dtype
+        else:
+            assert missing in vd[dtype]["skipped"]
 
     text = console.export_text()
     assert "vision tower in bfloat16" in text

@@ -51,7 +51,7 @@ def test_a_cpu_without_bf16_units_gets_a_note(caplog):
     assert report["bf16_units"] is False and "no bfloat16 units" in report["note"] and "slower" in caplog.text
 
 
-@pytest.mark.parametrize("dtype, match", [("int8", "unknown dtype 'int8'"), (torch.int8, "not a floating-point"), (3, "dtype must be")])
+@pytest.mark.parametrize("dtype, match", [("int4", "unknown dtype 'int4'"), (torch.int16, "not a floating-point"), (3, "dtype must be")])
 def test_bad_dtypes_are_vlmkit_errors_that_name_the_choices(dtype, match):
     model = _model()
     with pytest.raises(VlmkitError, match=match) as err:
@@ -65,3 +65,49 @@ def test_an_int8_vision_tower_is_refused():
     quantize_int8(model, slots=("vision_tower",))
     with pytest.raises(VlmkitError, match="int8-quantized"):
         set_vision_dtype(model, "bfloat16")
+
+
+VNNI = {"capability": "AVX512", "flags": ["avx512f", "avx512_vnni"]}
+
+
+def test_int8_vision_side_keeps_the_text_model_and_its_scheme():
+    """``int8``: the tower's linear layers become w8a8 int8 (as quantize(..., 'w8a8') makes them)
+    while the text model stays as it was -- here weight-only w8, which keeps its native decode."""
+    from vlmkit.quant_schemes import quantize
+    from vlmkit.quantize import Int8Linear
+    from vlmkit.weight_only import WeightOnlyLinear
+
+    ref, model = _model().eval(), _model().eval()
+    quantize(model, "w8")
+    report = set_vision_dtype(model, "int8", flags=VNNI)
+    assert report == {"dtype": "int8", "slots": ["vision_tower"], "bf16_units": None, "int8_dot": True, "note": ""}
+    assert model.quantized == "w8"  # still says what the text model is
+    assert any(isinstance(m, Int8Linear) for m in model.vision_tower.modules())
+    assert not any(isinstance(m, Int8Linear) for m in model.backbone.modules())
+    assert any(isinstance(m, WeightOnlyLinear) for m in model.backbone.modules())
+    ids, pixels = _prompt()
+    with torch.no_grad():
+        tokens, _ = model.encode_images(pixels)
+        want, _ = ref.encode_images(pixels)
+    assert tokens.dtype == torch.float32 and 0 < ((tokens - want).norm() / want.norm()) < 0.1
+    assert model.generate(ids, pixel_values=pixels, max_new_tokens=4).shape[1] == ids.shape[1] + 4
+    again = set_vision_dtype(model, "w8a8")
+    assert again["note"] == "the vision tower is int8 (w8a8) already"
+
+
+def test_int8_vision_on_a_cpu_without_int8_dot_products_gets_a_note(caplog):
+    with caplog.at_level(logging.WARNING, logger="vlmkit.vision_dtype"):
+        report = set_vision_dtype(_model(), torch.int8, flags=AVX2)
+    assert report["int8_dot"] is False and "no int8 dot products" in report["note"] and "slower" in caplog.text
+
+
+def test_int8_needs_a_float32_tower_and_names_resolve_once():
+    from vlmkit.vision_dtype import vision_dtype_name
+
+    model = _model()
+    set_vision_dtype(model, "bfloat16", flags=BF16_CPU)
+    with pytest.raises(VlmkitError, match="float32 CPU models"):
+        set_vision_dtype(model, "int8")
+    assert [vision_dtype_name(n) for n in ("w8a8", "int8", torch.int8, "bf16", "fp32")] == ["int8", "int8", "int8", "bfloat16", "float32"]
+    with pytest.raises(VlmkitError, match="unknown dtype 'int4'.*'int8' \\(w8a8 vision layers\\)"):
+        vision_dtype_name("int4")

@@ -207,19 +207,23 @@ def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
 
 
 def _print_vision_dtype(section: dict[str, Any], console: Any) -> None:
-    """The bfloat16 vision tower's rows (or why they were skipped)."""
-    if "skipped" in section:
-        console.print(f"vision tower in bfloat16: skipped ({section['skipped']})", markup=False)
-        return
-    vt, vf = section["vs_transformers"], section["vs_fp32"]
-    rows = [{**vt, "label": "vision encode, 1 tile: bf16 tower / transformers fp32"}]
-    console.print(_rows_table("vlmkit vision tower in bfloat16 (text model float32)", "bf16", "transformers", "ratio", rows))
-    console.print(
-        f"bf16 tower / vlmkit fp32 tower: {fmt_value(vf['ratio'])} ({fmt_value(vf['bf16'])} / {fmt_value(vf['vlmkit'])} ms); "
-        f"visual tokens differ from fp32's by {section['token_rel_err']:.2%} (relative norm); opt-in: "
-        "vlmkit.vision_dtype.set_vision_dtype(model, 'bfloat16')",
-        markup=False,
-    )
+    """The bfloat16 / int8 vision towers' rows (or why each was skipped)."""
+    rows, lines = [], []
+    for dtype, figures in section.items():
+        if "skipped" in figures:
+            lines.append(f"vision tower in {dtype}: skipped ({figures['skipped']})")
+            continue
+        label, vt, vf = figures["label"], figures["vs_transformers"], figures["vs_fp32"]
+        rows.append({**vt, "label": f"vision encode, 1 tile: {label} tower / transformers fp32", "tower": vt[label]})
+        lines.append(
+            f"{label} tower / vlmkit fp32 tower: {fmt_value(vf['ratio'])} ({fmt_value(vf[label])} / {fmt_value(vf['vlmkit'])} ms); "
+            f"visual tokens differ from fp32's by {figures['token_rel_err']:.2%} (relative norm); opt-in: "
+            f"vlmkit.vision_dtype.set_vision_dtype(model, '{dtype}') / --vision-dtype {dtype}"
+        )
+    if rows:
+        console.print(_rows_table("vlmkit vision tower in bfloat16 / int8 (text model float32)", "tower", "transformers", "ratio", rows))
+    for line in lines:
+        console.print(line, markup=False)
 
 
 def print_report(result: dict[str, Any], console: Any) -> None:

@@ -1,6 +1,8 @@
-"""The vision-dtype section of ``vlmkit bench``: vlmkit's vision tower in bfloat16
-(:func:`vlmkit.vision_dtype.set_vision_dtype`, the text model stays float32) against vlmkit's
-float32 tower and transformers' float32 one, alternated; plus how far its visual tokens move."""
+"""The vision-dtype section of ``vlmkit bench``: vlmkit's vision side in bfloat16 and in int8
+(:func:`vlmkit.vision_dtype.set_vision_dtype`; the text model stays float32) against vlmkit's
+float32 tower and transformers' float32 one, alternated; plus how far its visual tokens move.
+Each dtype runs only where this CPU has the units that make it fast (bfloat16 units; int8 dot
+products), and says why it was skipped otherwise."""
 
 from __future__ import annotations
 
@@ -13,32 +15,53 @@ from .sides import VlmkitSide
 
 #: the issue's bound on vlmkit's vision time per tile over transformers'
 VISION_GOAL = 0.70
+#: the vision dtypes timed: name -> the short label of its rows
+DTYPES = {"bfloat16": "bf16", "int8": "int8"}
+
+
+def _why_not(dtype: str) -> str | None:
+    """Why ``dtype`` is not timed on this CPU (None: it is)."""
+    from ..scheme_choice import INT8_DOT_FLAGS, has_int8_dot
+    from ..vision_dtype import BF16_FLAGS, has_bf16_units
+
+    if dtype == "bfloat16" and not has_bf16_units():
+        return f"this CPU has none of {', '.join(BF16_FLAGS)}: a bfloat16 tower would be slower than float32"
+    if dtype == "int8" and not has_int8_dot():
+        return f"this CPU has none of {', '.join(INT8_DOT_FLAGS)}: an int8 tower would be slower than float32"
+    return None
 
 
 def vision_dtype_section(folder: Path, sides: dict[str, Any], p1: Prompt, repeats: int) -> dict[str, Any]:
-    """Time one tile through a bfloat16 tower (``bf16``), vlmkit float32 (``vlmkit``) and
-    transformers float32 (``transformers``); JSON-ready. Where the CPU has no bfloat16 units the
-    section is skipped and says so (a bfloat16 tower is slower than float32 there)."""
+    """``{dtype: figures}`` for each of :data:`DTYPES`: one tile through that tower, vlmkit float32
+    (``vlmkit``) and transformers float32 (``transformers``), all alternated; JSON-ready. A dtype
+    this CPU runs slower than float32 is ``{"skipped": why}``."""
     import torch
 
-    from ..vision_dtype import BF16_FLAGS, has_bf16_units, set_vision_dtype
+    from ..vision_dtype import set_vision_dtype
 
-    if not has_bf16_units():
-        return {"skipped": f"this CPU has none of {', '.join(BF16_FLAGS)}: a bfloat16 tower would be slower than float32"}
-    bf16 = VlmkitSide(folder)
-    bf16.load()
-    report = set_vision_dtype(bf16.model, "bfloat16")
-    every = {"bf16": bf16, "vlmkit": sides["vlmkit"], "transformers": sides["transformers"]}
-    metric = Metric("vision_bf16", "vision encode, 1 tile", "ms/tile", False, VISION_GOAL)
+    out: dict[str, Any] = {d: {"skipped": why} for d in DTYPES if (why := _why_not(d))}
+    every, reports = {}, {}
+    for dtype, label in DTYPES.items():
+        if dtype not in out:
+            every[label] = VlmkitSide(folder)
+            every[label].load()
+            reports[dtype] = set_vision_dtype(every[label].model, dtype)
+    if not every:
+        return out
+    every.update(vlmkit=sides["vlmkit"], transformers=sides["transformers"])
+    metric = Metric("vision_dtype", "vision encode, 1 tile", "ms/tile", False, VISION_GOAL)
     alternate(metric, {s: timed(lambda s=s: every[s].encode(p1), 1e3 / p1.tiles) for s in every}, repeats)
     pixels, mask = p1.tensors["pixel_values"], p1.tensors.get("pixel_attention_mask")
     with torch.inference_mode():
         want = sides["vlmkit"].model.encode_images(pixels, mask)[0]
-        got = bf16.model.encode_images(pixels, mask)[0]
-    drift = float((got - want).norm() / want.norm())
-    return {
-        "report": report,
-        "vs_transformers": metric.as_dict("bf16", "transformers"),
-        "vs_fp32": {**metric.as_dict("bf16", "vlmkit"), "goal": None, "met": None},
-        "token_rel_err": drift,
-    }
+        for dtype, report in reports.items():
+            label = DTYPES[dtype]
+            got = every[label].model.encode_images(pixels, mask)[0]
+            out[dtype] = {
+                "label": label,
+                "report": report,
+                "vs_transformers": metric.as_dict(label, "transformers"),
+                "vs_fp32": {**metric.as_dict(label, "vlmkit"), "goal": None, "met": None},
+                "token_rel_err": float((got - want).norm() / want.norm()),
+            }
+    return out
