@@ -120,8 +120,9 @@ def test_a_hook_or_a_swapped_layer_makes_the_step_use_the_modules():
     assert plan_of(bb) is not plan and isinstance(plan_of(bb), FusedDecode)
 
 
+@pytest.mark.parametrize("B", [3, 13])  # 13 = 8 (the eight-row kernel) + 4 (the four-row one) + 1
 @pytest.mark.parametrize("scheme", ["fp32", "w8", "w4"])
-def test_unpadded_rows_decode_together_as_each_row_alone(scheme):
+def test_unpadded_rows_decode_together_as_each_row_alone(scheme, B):
     """A batched step's layers read the same weights a one-row step does (the int8/int4 copy for w8/w4)."""
     bb = _backbone(vocab_size=96)
     if scheme != "fp32":
@@ -129,7 +130,7 @@ def test_unpadded_rows_decode_together_as_each_row_alone(scheme):
         wrapper.backbone = bb
         quantize(wrapper, scheme)
     g = torch.Generator().manual_seed(2)
-    ids, steps = torch.randint(0, 96, (3, 7), generator=g), torch.randint(0, 96, (3, 5), generator=g)
+    ids, steps = torch.randint(0, 96, (B, 7), generator=g), torch.randint(0, 96, (B, 5), generator=g)
 
     def run(rows):
         with torch.inference_mode():
@@ -139,10 +140,10 @@ def test_unpadded_rows_decode_together_as_each_row_alone(scheme):
             # float32 weight for several rows, its int8/int4 copy for one)
             return torch.stack([bb(bb.embed(steps[rows, i : i + 1]), cache=cache)[:, -1] for i in range(5)], 1)
 
-    together = run([0, 1, 2])
+    together = run(list(range(B)))
     assert isinstance(plan_of(bb), FusedDecode)
     with native.disabled():  # each row alone, through the modules and torch's kernels
-        alone = torch.cat([run([b]) for b in range(3)])
+        alone = torch.cat([run([b]) for b in range(B)])
     assert (together - alone).abs().max() < 1e-4 * max(1.0, alone.abs().max().item())
 
 

@@ -31,6 +31,18 @@ def _fresh_kernels(tmp_path_factory, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [2, 4, 8, 13, 16])  # the 4-row and 8-row kernels, their tails, MAX_ROWS
+@pytest.mark.parametrize("shape", [(7, 33), (1003, 577), (70, 64)], ids=["7x33", "1003x577", "70x64"])
+def test_several_rows_match_torch(shape, rows):
+    assert native.available(), native.status()
+    out, inp = shape
+    g = torch.Generator().manual_seed(out + rows)
+    w, x, b = torch.randn(out, inp, generator=g), torch.randn(rows, inp, generator=g), torch.randn(out, generator=g)
+    got = native.gemm_rows(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * inp**0.5)
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{o}x{i}" for o, i in SHAPES])
 def test_f32_and_i8_match_torch(shape, threads):

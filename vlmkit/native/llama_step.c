@@ -117,6 +117,37 @@ static void dot4x4(const float *restrict w0, const float *restrict x0, int n, fl
 }
 #endif
 
+#if defined(LANES) && LANES == 16
+/* Two weight rows (stride n) against eight inputs (stride n): Y[b * ldy + r], 16 accumulators so
+ * each weight load feeds eight FMAs: one pass over the weights serves all eight rows, where
+ * two dot4x4 passes leave memory idle during the second (AVX-512: 32 registers hold them). pf:
+ * as dot4x4's, two rows. */
+static void dot2x8(const float *restrict w0, const float *restrict x0, int n, float *restrict Y, int ldy,
+                   const float *pf) {
+    vec a[2][8];
+    for (int r = 0; r < 2; r++)
+        for (int b = 0; b < 8; b++) a[r][b] = VZERO();
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        if (pf)
+            for (int r = 0; r < 2; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, 0);
+        vec w0v = VLOAD(w0 + i), w1v = VLOAD(w0 + (size_t)n + i);
+        for (int b = 0; b < 8; b++) {
+            vec x = VLOAD(x0 + (size_t)b * n + i);
+            a[0][b] = VFMA(w0v, x, a[0][b]);
+            a[1][b] = VFMA(w1v, x, a[1][b]);
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int b = 0; b < 8; b++) {
+            float s = VSUM(a[r][b]);
+            for (int k = i; k < n; k++) s += w0[(size_t)r * n + k] * x0[(size_t)b * n + k];
+            Y[(size_t)b * ldy + r] = s;
+        }
+}
+#define HAVE_DOT2X8 1
+#endif
+
 /* Y (B, out) = X (B, in) W^T (+ bias): each block of 4 weight rows is read (and dequantized)
  * once and multiplied by all B rows of X while it sits in L1. Not for kind 1 (returns -1). */
 static int mat_rows(const vk_mat *m, const float *restrict X, float *restrict Y, int B, int nthreads) {
@@ -133,6 +164,12 @@ static int mat_rows(const vk_mat *m, const float *restrict X, float *restrict Y,
             /* float32 rows: the block PREFETCH_BLOCKS ahead streams in while this one is multiplied */
             const float *pf = m->kind == 0 && o + 4 * PREFETCH_BLOCKS + 4 <= hi ? w + (size_t)4 * PREFETCH_BLOCKS * in : NULL;
             int b = 0;
+#ifdef HAVE_DOT2X8
+            for (; b + 8 <= B; b += 8, pf = NULL) {
+                dot2x8(w, X + (size_t)b * in, in, Y + (size_t)b * out + o, out, pf);
+                dot2x8(w + (size_t)2 * in, X + (size_t)b * in, in, Y + (size_t)b * out + o + 2, out, pf ? pf + (size_t)2 * in : NULL);
+            }
+#endif
 #ifdef LANES
             for (; b + 4 <= B; b += 4, pf = NULL) dot4x4(w, X + (size_t)b * in, in, Y + (size_t)b * out + o, out, pf);
 #endif
