@@ -275,9 +275,11 @@ int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, c
     size_t layer_kv = (size_t)B * Hk * cap * d;
     for (int l = 0; l < dm->layers; l++) {
         const vk_layer *ly = L + l;
+#pragma omp parallel for num_threads(nthreads) if (B > 1) schedule(static)
         for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * D, ly->norm1, dm->eps, D, normed + (size_t)b * D);
         if (mat_op(&ly->qkv, normed, qkv, B, small, nthreads)) return -1;
         float *K = keys + l * layer_kv, *V = values + l * layer_kv;
+#pragma omp parallel for num_threads(nthreads) if (B > 1) schedule(static)
         for (int b = 0; b < B; b++) {
             float *row = qkv + (size_t)b * W;
             for (int hh = 0; hh < H + Hk; hh++) rope(row + (size_t)hh * d, cos, sin, d);
@@ -291,8 +293,10 @@ int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, c
         attend(q, K, V, B, H, Hk, d, cap, len, scores, att, nthreads);
         if (mat_op(&ly->o, att, tmp, B, small, nthreads)) return -1;
         for (size_t i = 0; i < (size_t)B * D; i++) h[i] = h[i] + tmp[i];
+#pragma omp parallel for num_threads(nthreads) if (B > 1) schedule(static)
         for (int b = 0; b < B; b++) rms_norm(h + (size_t)b * D, ly->norm2, dm->eps, D, normed + (size_t)b * D);
         if (mat_op(&ly->gate_up, normed, gu, B, small, nthreads)) return -1;
+#pragma omp parallel for num_threads(nthreads) if (B > 1) schedule(static)
         for (int b = 0; b < B; b++) {
             const float *g = gu + (size_t)b * 2 * I;
             float *a = act + (size_t)b * I;
