@@ -78,6 +78,8 @@ def test_bench_quick_int8_reports_every_row(tmp_path):
     for row in result["rows"] + result["int8"]["rows"]:
         assert row["label"] in text
     assert "decode floor" in text and "int8 accuracy" in text and "vision floor" in text
+    native_line = result["info"]["machine"]["native"]  # which kernel build ran: its ISA and flags, or why none
+    assert native_line.startswith(("gemv-", "off: ")) and "vlmkit native kernels" in text
     assert f"--int8 chose {result['int8']['scheme']}" in text
 
 

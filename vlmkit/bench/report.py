@@ -17,7 +17,10 @@ def machine_facts() -> dict[str, Any]:
 
     import torch
 
+    from .. import native
+
     out = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": platform.processor() or None}
+    out["native"] = native.status() if native.available() else f"off: {native.status()}"  # which build (ISA, flags)
     with contextlib.suppress(Exception):
         out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     with contextlib.suppress(OSError):
@@ -151,7 +154,8 @@ def _print_cpu(result: dict[str, Any], console: Any) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "-"
     lcpp = (result.get("llama_cpp") or {}).get("version") or "not installed (pip install llama-cpp-python to compare on the same GGUF)"
     console.print(f"CPU: {result['info']['machine'].get('cpu')}; torch capability {cpu['capability']}; flags "
-                  f"{' '.join(cpu['flags']) or '-'}; load average {load}; llama.cpp: {lcpp}", markup=False)  # fmt: skip
+                  f"{' '.join(cpu['flags']) or '-'}; load average {load}; llama.cpp: {lcpp}; vlmkit native kernels: "
+                  f"{result['info']['machine'].get('native', '?')}", markup=False)  # fmt: skip
 
 
 def _print_decode(d: dict[str, Any], console: Any) -> None:
