@@ -90,60 +90,49 @@ static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict
  * non-temporally, as the one-row products do (3% faster than into every cache level there). */
 #define PREFETCH_BLOCKS 4
 #ifdef LANES
-/* Four weight rows (stride n) against four inputs (stride n): Y[b * ldy + r], 16 accumulators so
- * each load feeds four FMAs. pf (or NULL): four rows (stride n) to prefetch, one cache line of
- * each per 16 floats consumed, so memory keeps streaming while the FMAs run. */
-static void dot4x4(const float *restrict w0, const float *restrict x0, int n, float *restrict Y, int ldy,
-                   const float *pf) {
-    vec a[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int b = 0; b < 4; b++) a[r][b] = VZERO();
+/* R weight rows (stride n) against NB inputs (stride n): Y[b * ldy + r], R * NB accumulators, so
+ * each weight load feeds NB FMAs and each input load R. R and NB are constants at every call
+ * (R <= 4, NB <= 8), so the loops unroll and the accumulators live in registers. pf (or NULL):
+ * R rows (stride n) to prefetch non-temporally, one cache line of each per 16 floats consumed,
+ * so memory keeps streaming while the FMAs run. */
+static inline __attribute__((always_inline)) void dot_block(const int R, const int NB, const float *restrict w0,
+                                                            const float *restrict x0, int n, float *restrict Y,
+                                                            int ldy, const float *pf) {
+    vec a[4][8];
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) a[r][b] = VZERO();
     int i = 0;
     for (; i + LANES <= n; i += LANES) {
-        vec w[4], x[4];
+        vec w[4], x[8];
         if (pf && (i & 15) == 0)
-            for (int r = 0; r < 4; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, 0);
-        for (int r = 0; r < 4; r++) w[r] = VLOAD(w0 + (size_t)r * n + i);
-        for (int b = 0; b < 4; b++) x[b] = VLOAD(x0 + (size_t)b * n + i);
-        for (int r = 0; r < 4; r++)
-            for (int b = 0; b < 4; b++) a[r][b] = VFMA(w[r], x[b], a[r][b]);
+            for (int r = 0; r < R; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, 0);
+        for (int r = 0; r < R; r++) w[r] = VLOAD(w0 + (size_t)r * n + i);
+        for (int b = 0; b < NB; b++) x[b] = VLOAD(x0 + (size_t)b * n + i);
+        for (int r = 0; r < R; r++)
+            for (int b = 0; b < NB; b++) a[r][b] = VFMA(w[r], x[b], a[r][b]);
     }
-    for (int r = 0; r < 4; r++)
-        for (int b = 0; b < 4; b++) {
+    for (int r = 0; r < R; r++)
+        for (int b = 0; b < NB; b++) {
             float s = VSUM(a[r][b]);
             for (int k = i; k < n; k++) s += w0[(size_t)r * n + k] * x0[(size_t)b * n + k];
             Y[(size_t)b * ldy + r] = s;
         }
 }
+
+/* Four weight rows against four inputs: 16 accumulators (AVX2's 16 registers come close). */
+static void dot4x4(const float *restrict w0, const float *restrict x0, int n, float *restrict Y, int ldy,
+                   const float *pf) {
+    dot_block(4, 4, w0, x0, n, Y, ldy, pf);
+}
 #endif
 
 #if defined(LANES) && LANES == 16
-/* Two weight rows (stride n) against eight inputs (stride n): Y[b * ldy + r], 16 accumulators so
- * each weight load feeds eight FMAs: one pass over the weights serves all eight rows, where
- * two dot4x4 passes leave memory idle during the second (AVX-512: 32 registers hold them). pf:
- * as dot4x4's, two rows. */
+/* Two weight rows against eight inputs, 16 accumulators (AVX-512's 32 registers hold them): one
+ * pass over the weights serves all eight rows, where two dot4x4 passes leave memory idle during
+ * the second. */
 static void dot2x8(const float *restrict w0, const float *restrict x0, int n, float *restrict Y, int ldy,
                    const float *pf) {
-    vec a[2][8];
-    for (int r = 0; r < 2; r++)
-        for (int b = 0; b < 8; b++) a[r][b] = VZERO();
-    int i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        if (pf)
-            for (int r = 0; r < 2; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, 0);
-        vec w0v = VLOAD(w0 + i), w1v = VLOAD(w0 + (size_t)n + i);
-        for (int b = 0; b < 8; b++) {
-            vec x = VLOAD(x0 + (size_t)b * n + i);
-            a[0][b] = VFMA(w0v, x, a[0][b]);
-            a[1][b] = VFMA(w1v, x, a[1][b]);
-        }
-    }
-    for (int r = 0; r < 2; r++)
-        for (int b = 0; b < 8; b++) {
-            float s = VSUM(a[r][b]);
-            for (int k = i; k < n; k++) s += w0[(size_t)r * n + k] * x0[(size_t)b * n + k];
-            Y[(size_t)b * ldy + r] = s;
-        }
+    dot_block(2, 8, w0, x0, n, Y, ldy, pf);
 }
 #define HAVE_DOT2X8 1
 #endif
