@@ -65,6 +65,19 @@ def test_f32_and_i8_match_torch(shape, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 96])  # 32: the constant-size path; 64, 96: group as a run-time value
+def test_i8_with_each_group_size_matches_its_dequantized_weight(group):
+    assert native.available(), native.status()
+    g = torch.Generator().manual_seed(group)
+    out, inp = 13, 576
+    q8 = torch.randint(-127, 128, (out, inp), generator=g, dtype=torch.int8)
+    scale = torch.rand(out, inp // group, generator=g) + 0.5
+    x, b = torch.randn(inp, generator=g), torch.randn(out, generator=g)
+    want = F.linear(x, q8.float() * scale.repeat_interleave(group, dim=1), b)
+    torch.testing.assert_close(native.gemv_i8(x, q8, scale, b), want, rtol=1e-5, atol=1e-4 * inp**0.5)
+
+
+@needs_kernels
 def test_inputs_the_kernels_do_not_take_return_none():
     assert native.available(), native.status()
     w, x = torch.randn(8, 16), torch.randn(16)
@@ -171,7 +184,9 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch):
     assert native.gemv_f32(torch.randn(4), torch.randn(3, 4)) is None
 
 
-Q4_SHAPES = [(1, 32, 32), (5, 64, 32), (7, 192, 64), (130, 576, 64), (33, 1536, 128)]
+# group 32 runs as a compile-time constant (scales widened 8 at a time: 576 / 32 = 18 groups is
+# two such passes and a tail), other groups as a run-time value
+Q4_SHAPES = [(1, 32, 32), (5, 64, 32), (9, 576, 32), (7, 192, 64), (130, 576, 64), (33, 1536, 128)]
 
 
 @needs_kernels
