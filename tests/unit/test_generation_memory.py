@@ -149,3 +149,21 @@ def test_peak_memory_does_not_depend_on_max_new_tokens():
         assert run.returncode == 0, run.stderr[-2000:]
         grew[n] = json.loads(run.stdout.strip().splitlines()[-1])["grew_kb"]
     assert grew[30_000] - grew[1] < 50 * 1024, grew
+
+
+@pytest.mark.parametrize(
+    "row, bad",
+    [([0.0, float("inf")], True), ([float("-inf"), float("inf")], True), ([float("nan"), 1.0], True),
+     ([3e38, 3e38], False), ([1.0, -2.0], False)],
+    ids=["inf", "inf-minus-inf", "nan", "finite-sum-overflows", "finite"],
+)
+def test_the_finite_check_reads_the_sum_first_and_each_value_only_when_it_is_not_finite(row, bad):
+    from vlmkit.generation.loop import _check_finite
+
+    logits = torch.tensor([[0.5, 0.5], row])
+    if not bad:  # a finite sum that overflowed float32 must not be mistaken for a bad value
+        _check_finite(logits, 0)
+        _check_finite(torch.full((1, 49280), 60000.0).half(), 0)  # float16: summed in float32
+        return
+    with pytest.raises(GenerationError, match=r"new token 2 \(batch rows \[1\]\)"):
+        _check_finite(logits, 2)
