@@ -26,6 +26,9 @@ VARIANTS = {
     "llama3-rope-head-dim-24": {"head_dim": 24, "rope_theta": 500000.0, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64}},
+    # attention weighs the values in whole vectors (8 floats on AVX2, 16 on AVX-512) where the head
+    # size allows: 12 is none, so this runs the per-float loop (as 24 does on AVX-512)
+    "head-dim-12": {"head_dim": 12},
 }  # fmt: skip
 
 
