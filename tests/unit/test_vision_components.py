@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import torch
 
-from vlmkit.components import hidden_align, idefics3_connector, navit, siglip
+from vlmkit.components import clip, clip_image, hidden_align, idefics3_connector, navit, siglip
 from vlmkit.components.hidden_align import HiddenAlign
 from vlmkit.components.idefics3_connector import Idefics3Connector
 from vlmkit.components.navit import NavitVisionTower
@@ -94,6 +94,22 @@ def test_defaults_match_transformers_configs():
         for name, value in ours.model_dump().items():
             assert getattr(theirs, name) == value, name
     assert idefics3_connector.Idefics3ConnectorParams().scale_factor == transformers.Idefics3Config().scale_factor
+
+
+def test_clip_defaults_match_transformers():
+    """A LLaVA config.json may leave any of these out; transformers then uses its class defaults."""
+    transformers = pytest.importorskip("transformers")
+    vision, llava = transformers.CLIPVisionConfig(), transformers.LlavaConfig()
+    for name, value in clip.ClipParams().model_dump().items():
+        theirs = getattr(llava if name.startswith("vision_feature_") else vision, name)
+        assert theirs == value, name
+    ours, theirs = clip_image.ClipImageSettings(), transformers.CLIPImageProcessor()
+    assert ours.shortest_edge == theirs.size.shortest_edge and ours.resize_to is None
+    assert ours.crop_size == (theirs.crop_size.height, theirs.crop_size.width)
+    assert ours.resample == int(theirs.resample)
+    for name in ("do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.image_mean == tuple(theirs.image_mean) and ours.image_std == tuple(theirs.image_std)
 
 
 @pytest.mark.parametrize("model", ["SmolVLM-256M-Instruct", "SmolVLM-500M-Instruct"])
