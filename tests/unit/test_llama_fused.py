@@ -92,6 +92,41 @@ def test_cache_growth_mid_generation_keeps_the_step_exact():
     assert (fused - modules).abs().max() < 1e-4 * max(1.0, modules.abs().max().item())
 
 
+@pytest.mark.parametrize("variant", ["gqa", "mha-tied", "mqa-biases", "head-dim-12"])
+def test_a_long_cache_attends_in_chunks_as_the_modules_do(variant):
+    """Past 256 cached positions the step attends chunk by chunk (600: three chunks of 200 and
+    201) and merges the chunks' softmaxes; the logits stay the modules'."""
+    bb = _backbone(**VARIANTS[variant])
+    fused, modules = _fused_and_modules(bb, prompt=600, steps=2)
+    assert (fused - modules).abs().max() < 1e-5 * max(1.0, modules.abs().max().item())
+
+
+@pytest.mark.parametrize("length", [17, 600])
+@pytest.mark.parametrize("B", [1, 2])
+def test_the_step_gives_the_same_numbers_on_any_number_of_threads(B, length):
+    """Rows split across threads and attention items (query heads grouped by key/value head, or
+    one per item when that leaves a thread idle) change the work per thread, never a sum:
+    1, 2, 3 and 5 threads give bitwise the same hidden states."""
+    bb = _backbone()
+    plan = FusedDecode.build(bb)
+    g = torch.Generator().manual_seed(3)
+    cache = bb.new_cache(B, length + 1)
+    cache.grow(length + 1)
+    cache.keys.normal_(generator=g)
+    cache.values.normal_(generator=g)
+    cache.length = length
+    h = torch.randn(B, 1, bb.hidden_size, generator=g)
+    cos, sin = bb.rope(None, length, 1, torch.device("cpu"), torch.float32)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            outs.append(plan.step(h, cos, sin, cache))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
 def test_what_it_does_not_run_falls_back_to_the_modules_and_says_why():
     gelu = _backbone(hidden_act="gelu")
     _steps(gelu, steps=2)

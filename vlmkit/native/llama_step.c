@@ -207,100 +207,18 @@ static void rope(float *restrict x, const float *restrict cos, const float *rest
     }
 }
 
-#ifdef LANES
-#if LANES == 16
-#define VSTORE(p, a) _mm512_storeu_ps(p, a)
-#else
-#define VSTORE(p, a) _mm256_storeu_ps(p, a)
-#endif
-/* oh (d) = sum_t p[t] V[t] over len value rows (stride d), d = NV * LANES: NV accumulators held in
- * registers for the whole pass (NV is a constant at every call, as in dot_block). */
-static inline __attribute__((always_inline)) void weigh_values(const int NV, const float *restrict p,
-                                                               const float *restrict V, int len, int d,
-                                                               float *restrict oh) {
-    vec acc[8];
-    for (int k = 0; k < NV; k++) acc[k] = VZERO();
-    for (int t = 0; t < len; t++) {
-        vec pt = VSET1(p[t]);
-        const float *v = V + (size_t)t * d;
-        for (int k = 0; k < NV; k++) acc[k] = VFMA(pt, VLOAD(v + k * LANES), acc[k]);
-    }
-    for (int k = 0; k < NV; k++) VSTORE(oh + k * LANES, acc[k]);
-}
-
-/* weigh_values for this head size, or 0 when it is not 1..8 vectors (the caller loops). */
-static int weigh_values_d(const float *restrict p, const float *restrict V, int len, int d, float *restrict oh) {
-    if (d % LANES) return 0;
-    switch (d / LANES) {
-    case 1: weigh_values(1, p, V, len, d, oh); return 1;
-    case 2: weigh_values(2, p, V, len, d, oh); return 1;
-    case 3: weigh_values(3, p, V, len, d, oh); return 1;
-    case 4: weigh_values(4, p, V, len, d, oh); return 1;
-    case 5: weigh_values(5, p, V, len, d, oh); return 1;
-    case 6: weigh_values(6, p, V, len, d, oh); return 1;
-    case 7: weigh_values(7, p, V, len, d, oh); return 1;
-    case 8: weigh_values(8, p, V, len, d, oh); return 1;
-    default: return 0;
-    }
-}
-#endif
-
-/* s[t] = q . K[t] for len key rows (stride d): four rows per dot_block pass where there are
- * vector kernels (four independent sums, one load of q), then one at a time. */
-static void scores_of(const float *restrict q, const float *restrict K, int len, int d, float *restrict s) {
-    int t = 0;
-#ifdef LANES
-    for (; t + 4 <= len; t += 4) dot_block(4, 1, K + (size_t)t * d, q, d, s + t, 1, NULL);
-#endif
-    for (; t < len; t++) s[t] = dot1_f32(q, K + (size_t)t * d, d);
-}
-
-/* q (B, H, d) against the cache of one layer: K, V (B, H_kv, cap, d), positions 0..len-1 ->
- * out (B, H, d); scores: B * H * len floats. Per query head: the scores (scores_of), softmax in
- * float32, then the values weighed in registers (weigh_values) where d is a whole number of
- * vectors (paired A/B, the w8 step on an AVX2 AMD EPYC: 1.04x at 1,000 cached positions, 1.05x
- * at 400, unchanged at 17). */
-static void attend(const float *restrict q, const float *restrict K, const float *restrict V, int B, int H, int H_kv,
-                   int d, int cap, int len, float *restrict scores, float *restrict out, int nthreads) {
-    int rep = H / H_kv;
-    float scale = 1.0f / sqrtf((float)d);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int bh = 0; bh < B * H; bh++) {
-        int b = bh / H, h = bh % H;
-        const float *qh = q + (size_t)bh * d;
-        size_t kv = ((size_t)b * H_kv + h / rep) * cap * d;
-        const float *Kh = K + kv, *Vh = V + kv;
-        float *s = scores + (size_t)bh * len, *oh = out + (size_t)bh * d;
-        scores_of(qh, Kh, len, d, s);
-        float mx = -INFINITY;
-        for (int t = 0; t < len; t++) {
-            s[t] *= scale;
-            if (s[t] > mx) mx = s[t];
-        }
-        float sum = 0.f;
-        for (int t = 0; t < len; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        for (int t = 0; t < len; t++) s[t] /= sum;
-#ifdef LANES
-        if (weigh_values_d(s, Vh, len, d, oh)) continue;
-#endif
-        for (int j = 0; j < d; j++) oh[j] = 0.f;
-        for (int t = 0; t < len; t++) {
-            const float *v = Vh + (size_t)t * d;
-            for (int j = 0; j < d; j++) oh[j] += s[t] * v[j];
-        }
-    }
-}
+#include "attention.c"
 
 /* Scratch floats vlmkit_llama_step needs for B rows and a cache of capacity cap. */
 long vlmkit_llama_scratch(const vk_dims *dm, int cap, int B) {
     long H = dm->heads, Hk = dm->kv_heads, d = dm->head_dim, widest = dm->hidden;
     if (H * d > widest) widest = H * d;
     if (dm->inter > widest) widest = dm->inter;
-    /* per row: normed, qkv, q, attention out, scores, gate|up, act, tmp; then the 4-bit kernel's sums */
-    long row = dm->hidden + (H + 2 * Hk) * d + 2 * H * d + H * (long)cap + 3L * dm->inter + dm->hidden;
+    long chunks = ((long)cap + ATT_CHUNK - 1) / ATT_CHUNK;
+    /* per row: normed, qkv, q, attention out, scores, attention parts, gate|up, act, tmp; then the
+     * 4-bit kernel's sums */
+    long row = dm->hidden + (H + 2 * Hk) * d + 2 * H * d + H * (long)cap + H * chunks * (d + 2) + 3L * dm->inter +
+               dm->hidden;
     return B * row + widest / 32 + 1;
 }
 
@@ -314,7 +232,9 @@ int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, c
     if (B < 1 || pos < 0 || pos >= cap || scratch_len < vlmkit_llama_scratch(dm, cap, B)) return -2;
     int W = (H + 2 * Hk) * d, len = pos + 1;
     float *normed = scratch, *qkv = normed + (size_t)B * D, *q = qkv + (size_t)B * W, *att = q + (size_t)B * H * d;
-    float *scores = att + (size_t)B * H * d, *gu = scores + (size_t)B * H * len, *act = gu + (size_t)B * 2 * I;
+    size_t chunks = (size_t)(len + ATT_CHUNK - 1) / ATT_CHUNK;
+    float *scores = att + (size_t)B * H * d, *parts = scores + (size_t)B * H * len;
+    float *gu = parts + (size_t)B * H * chunks * (d + 2), *act = gu + (size_t)B * 2 * I;
     float *tmp = act + (size_t)B * I, *small = tmp + (size_t)B * D;
     size_t layer_kv = (size_t)B * Hk * cap * d;
     for (int l = 0; l < dm->layers; l++) {
@@ -334,7 +254,7 @@ int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, c
                 for (int j = 0; j < d; j++) { K[at + j] = ks[j]; V[at + j] = vs[j]; }
             }
         }
-        attend(q, K, V, B, H, Hk, d, cap, len, scores, att, nthreads);
+        attend(q, K, V, B, H, Hk, d, cap, len, scores, parts, att, nthreads);
         if (mat_op(&ly->o, att, tmp, B, small, nthreads)) return -1;
         for (size_t i = 0; i < (size_t)B * D; i++) h[i] = h[i] + tmp[i];
 #pragma omp parallel for num_threads(nthreads) if (B > 1) schedule(static)
