@@ -248,3 +248,24 @@ def test_int8_kernel_passes_nan_and_inf_through():
         x[5] = bad
         y = native.gemv_i8(x, q["q8"], q["scale"])
         assert not torch.isfinite(y).all()  # never silently finite: the decode loop's check sees it
+
+
+@needs_kernels
+def test_attention_exponential_is_within_a_float32_step_of_exp():
+    """Attention's softmax takes e^(score - max) eight or sixteen at a time (a Taylor series after
+    range reduction): within 1.5e-7 relative of float64 exp over [-87, 0], 1 at 0, NaN for NaN,
+    and a value too small to move a sum (< 2e-38) below -87."""
+    lib = native.library()
+    assert lib is not None, native.status()
+    x = torch.cat([torch.linspace(-87.0, 0.0, 1_000_003), torch.tensor([-0.0, -1e-30, -0.34657359, -0.34657360])])
+    y = torch.empty_like(x)
+    lib.vlmkit_exp_neg(x.data_ptr(), y.data_ptr(), x.numel())
+    ref = torch.exp(x.double())
+    assert ((y.double() - ref).abs() / ref).max().item() < 1.5e-7
+    assert y[-4].item() == 1.0 and y[-3].item() == 1.0
+    odd = torch.tensor([float("nan"), -88.0, -1000.0, float("-inf")] * 4)  # 16 lanes: the vector path
+    out = torch.empty_like(odd)
+    lib.vlmkit_exp_neg(odd.data_ptr(), out.data_ptr(), odd.numel())
+    assert torch.isnan(out[0::4]).all()
+    assert ((out[1::4] >= 0) & (out[1::4] < 2e-38)).all() and ((out[2::4] >= 0) & (out[2::4] < 2e-38)).all()
+    assert ((out[3::4] >= 0) & (out[3::4] < 2e-38)).all()

@@ -4,9 +4,97 @@
 #ifdef LANES
 #if LANES == 16
 #define VSTORE(p, a) _mm512_storeu_ps(p, a)
+#define VMUL(a, b) _mm512_mul_ps(a, b)
+#define VSUB(a, b) _mm512_sub_ps(a, b)
+#define VMAX(a, b) _mm512_max_ps(a, b)
+#define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #else
 #define VSTORE(p, a) _mm256_storeu_ps(p, a)
+#define VMUL(a, b) _mm256_mul_ps(a, b)
+#define VSUB(a, b) _mm256_sub_ps(a, b)
+#define VMAX(a, b) _mm256_max_ps(a, b)
+#define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #endif
+
+/* e^x lane by lane for x <= 0 (a score minus the max): x = n ln2 + r with n = round(x / ln2) and
+ * |r| <= ln2 / 2 (ln2 in two parts, so r is exact to float32), e^r by its Taylor series to r^7
+ * (truncated at under 6e-9 relative, a tenth of float32's spacing), times 2^n built in the
+ * exponent bits. x below -87 is taken as -87 (e^-87 ~ 1.6e-38, not 0: beside the max's 1 it
+ * leaves the sum unchanged); NaN stays NaN (VMAX returns its second operand for a NaN). */
+static inline vec vexp_neg(vec x) {
+    x = VMAX(VSET1(-87.0f), x);
+    vec n = VROUND(VMUL(x, VSET1(1.44269504088896341f)));
+    vec r = VFMA(n, VSET1(-0.693145751953125f), x);
+    r = VFMA(n, VSET1(-1.42860682030941723e-6f), r);
+    vec p = VFMA(VSET1(1.f / 5040.f), r, VSET1(1.f / 720.f));
+    p = VFMA(p, r, VSET1(1.f / 120.f));
+    p = VFMA(p, r, VSET1(1.f / 24.f));
+    p = VFMA(p, r, VSET1(1.f / 6.f));
+    p = VFMA(p, r, VSET1(0.5f));
+    p = VFMA(p, r, VSET1(1.f));
+    p = VFMA(p, r, VSET1(1.f));
+    return VMUL(p, VPOW2(n));
+}
+
+/* s[0..n) *= scale in place; returns their max (NaN scores are skipped as in the scalar loop, or
+ * carried: either way the head's output is NaN). */
+static float scale_and_max(float *restrict s, int n, float scale) {
+    vec m = VSET1(-INFINITY), sc = VSET1(scale);
+    int t = 0;
+    for (; t + LANES <= n; t += LANES) {
+        vec v = VMUL(VLOAD(s + t), sc);
+        VSTORE(s + t, v);
+        m = VMAX(m, v);
+    }
+    float lanes[LANES], mx = -INFINITY;
+    VSTORE(lanes, m);
+    for (int k = 0; k < LANES; k++) mx = lanes[k] > mx ? lanes[k] : mx;
+    for (; t < n; t++) {
+        s[t] *= scale;
+        if (s[t] > mx) mx = s[t];
+    }
+    return mx;
+}
+
+/* s[t] = e^(s[t] - mx) in place (vexp_neg, expf for the tail); returns their sum. */
+static float exp_and_sum(float *restrict s, int n, float mx) {
+    vec acc = VZERO(), m = VSET1(mx);
+    int t = 0;
+    for (; t + LANES <= n; t += LANES) {
+        vec e = vexp_neg(VSUB(VLOAD(s + t), m));
+        VSTORE(s + t, e);
+        acc = VADD(acc, e);
+    }
+    float sum = VSUM(acc);
+    for (; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+#else
+static float scale_and_max(float *restrict s, int n, float scale) {
+    float mx = -INFINITY;
+    for (int t = 0; t < n; t++) {
+        s[t] *= scale;
+        if (s[t] > mx) mx = s[t];
+    }
+    return mx;
+}
+
+static float exp_and_sum(float *restrict s, int n, float mx) {
+    float sum = 0.f;
+    for (int t = 0; t < n; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    return sum;
+}
+#endif
+
+#ifdef LANES
 /* oh (d) = sum_t p[t] V[t] over len value rows (stride d), d = NV * LANES: NV accumulators held in
  * registers for the whole pass (NV is a constant at every call, as in dot_block). */
 static inline __attribute__((always_inline)) void weigh_values(const int NV, const float *restrict p,
@@ -86,15 +174,8 @@ static void attend_chunk(const float *restrict q, const float *restrict K, const
                          int n, float scale, float *restrict s, int lds, float *restrict part, size_t stride) {
     scores_of(q, K, G, n, d, s, lds);
     for (int g = 0; g < G; g++) {
-        float *sg = s + (size_t)g * lds, *o = part + (size_t)g * stride, mx = -INFINITY, sum = 0.f;
-        for (int t = 0; t < n; t++) {
-            sg[t] *= scale;
-            if (sg[t] > mx) mx = sg[t];
-        }
-        for (int t = 0; t < n; t++) {
-            sg[t] = expf(sg[t] - mx);
-            sum += sg[t];
-        }
+        float *sg = s + (size_t)g * lds, *o = part + (size_t)g * stride;
+        float mx = scale_and_max(sg, n, scale), sum = exp_and_sum(sg, n, mx);
         o[d] = mx;
         o[d + 1] = sum;
 #ifdef LANES
@@ -148,4 +229,14 @@ static void attend(const float *restrict q, const float *restrict K, const float
     if (C == 1) return; /* each item wrote its heads' out */
 #pragma omp parallel for num_threads(nthreads) if (B * H * C > 64) schedule(static)
     for (int bh = 0; bh < B * H; bh++) merge_parts(parts + (size_t)bh * stride, C, d, out + (size_t)bh * d);
+}
+
+/* y = e^x for n values x <= 0 as attention's softmax computes it (vexp_neg; expf where there are
+ * no vector kernels), for the tests. */
+void vlmkit_exp_neg(const float *restrict x, float *restrict y, int n) {
+    int i = 0;
+#ifdef LANES
+    for (; i + LANES <= n; i += LANES) VSTORE(y + i, vexp_neg(VLOAD(x + i)));
+#endif
+    for (; i < n; i++) y[i] = expf(x[i]);
 }
