@@ -300,12 +300,14 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads for both sides (default: torch's)."),
     new_tokens: int = typer.Option(32, "--new-tokens", help="Decode steps per decode sample."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    device: Optional[str] = typer.Option(None, "--device", help="Run both sides on this device, e.g. cuda (default: the CPU)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Both sides' dtype: float32 (default), bfloat16 or float16."),
 ) -> None:
-    """Benchmark vlmkit against transformers on SOURCE (float32, CPU): load, vision, prefill, time to first token, decode, peak RSS."""
+    """Benchmark vlmkit against transformers on SOURCE (float32, CPU; or --device/--dtype): load, vision, prefill, time to first token, decode, memory."""
     from .bench import run_bench
 
     run_bench(source, repeats=repeats, quick=quick, int8=int8, threads=threads, new_tokens=new_tokens, json_path=json_out,
-              quantize=quantize or ())  # fmt: skip
+              quantize=quantize or (), device=device, dtype=dtype)  # fmt: skip
 
 
 @app.command()

@@ -128,3 +128,60 @@ def test_bandwidth_probe_samples_beside_alternated_rounds():
     assert probe.buffer is None and probe.median() == statistics.median(probe.samples)
     fresh = BandwidthProbe(1 << 20)
     assert _positive(fresh.median()) and len(fresh.samples) == 1 and fresh.buffer is None  # sampled on demand, then freed
+
+
+def test_bench_on_another_dtype_runs_the_device_rows(tmp_path):
+    """``--device``/``--dtype`` other than CPU float32 (here bfloat16 on the CPU: the path a GPU run
+    takes, without one): both sides in that dtype, every row, the floors and the logit agreement."""
+    from rich.console import Console
+
+    from vlmkit.bench.accelerator import DEVICE_ROWS, device_rows
+
+    folder = tmp_path / "tiny"
+    make_checkpoint(SHAPES[0], folder)
+    out = tmp_path / "bench.json"
+    console = Console(record=True, width=200)
+    run_bench(folder, repeats=1, quick=True, new_tokens=4, threads=1, json_path=out, console=console,
+              device="cpu", dtype="bfloat16")  # fmt: skip
+
+    result = json.loads(out.read_text())
+    assert result["info"]["dtype"] == "bfloat16" and result["info"]["device"] == "cpu"
+    keys = device_rows(quick=True, device_type="cpu")
+    assert [r["key"] for r in result["rows"]] == keys
+    assert "vision_17_ms" not in keys and "memory_1_mb" not in keys  # quick; device memory is read on CUDA only
+    assert {"memory_1_mb", "memory_17_mb"} <= set(device_rows(quick=False, device_type="cuda")) <= set(DEVICE_ROWS)
+    for row in result["rows"]:
+        assert _positive(row["vlmkit"]) and _positive(row["transformers"]) and _positive(row["ratio"]), row
+    for section, names in (("floor", ("bandwidth_gb_s", "bytes_per_token_mb", "floor_tok_s")),
+                           ("vision_floor", ("gflop_per_tile", "matmul_gflop_s", "floor_ms"))):  # fmt: skip
+        assert all(_positive(result[section][k]) for k in names), result[section]
+    assert result["floor"]["bytes_per_token_mb"] * 2 < _float32_bytes_per_token(folder) / 1e6 * 1.01  # bf16 halves it
+    ag = result["agreement"]
+    assert ag["positions"] > 1 and 0.9 <= ag["top1_agreement"] <= 1 and ag["max_abs_diff"] <= 0.05 * ag["max_abs_logit"]
+    assert all(_positive(v) for v in result["batch_scaling"].values())
+    text = console.export_text()
+    assert "decode floor" in text and "vision floor" in text and "logits, 1-tile prompt" in text and "8 rows / 1 row" in text
+    assert all(row["label"] in text for row in result["rows"])
+
+
+def _float32_bytes_per_token(folder) -> int:
+    import vlmkit
+    from vlmkit.bench import decode_bytes_per_token
+
+    return decode_bytes_per_token(vlmkit.build_from_hf(folder, dtype="float32").backbone)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "int8"], "--dtype 'int8' is not one the benchmark runs"),
+        (["--dtype", "bfloat16", "--int8"], "--int8 compares CPU float32 schemes"),
+        (["--dtype", "float16", "--quantize", "w8"], "--quantize compares CPU float32 schemes"),
+        (["--device", "tpu9"], "tpu9"),
+    ],
+)
+def test_bench_device_options_are_checked_before_loading(tmp_path, capsys, args, message):
+    from vlmkit.cli import main
+
+    assert main(["bench", str(tmp_path / "absent"), *args]) == 1  # the folder is never looked at
+    assert message in capsys.readouterr().err

@@ -65,7 +65,7 @@ def met_text(met: bool | None) -> str:
     return "" if met is None else "[green]met[/green]" if met else "[red]not met[/red]"
 
 
-def _rows_table(title: str, a: str, b: str, ratio: str, rows: list[dict[str, Any]]):
+def rows_table(title: str, a: str, b: str, ratio: str, rows: list[dict[str, Any]]):
     """A rich Table of result rows: label, unit, the medians of sides ``a`` and ``b``, their
     ratio (column ``ratio``), the goal and whether it is met."""
     from rich.table import Table
@@ -91,7 +91,7 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
     """The vlmkit vs transformers table, the decode floor, the CLI checks and the prompt lengths."""
     info = result["info"]
     title = f"vlmkit vs transformers -- {info['folder']} (float32, {info['threads']} threads, medians of {info['repeats']})"
-    console.print(_rows_table(title, "vlmkit", "transformers", "ratio v/t", result["rows"]))
+    console.print(rows_table(title, "vlmkit", "transformers", "ratio v/t", result["rows"]))
     fl, ck = result["floor"], result["checks"]
     console.print(
         f"decode floor: {fl['bandwidth_gb_s']:.1f} GB/s measured{_spread(fl.get('bandwidth_samples'))} / "
@@ -124,7 +124,7 @@ def _print_main(result: dict[str, Any], console: Any) -> None:
 def _print_int8(q: dict[str, Any], console: Any) -> None:
     """The int8 vs float32 table and the int8 accuracy line."""
     title = f"vlmkit --int8 (applied: {q.get('scheme', 'w8a8')}) vs vlmkit float32"
-    console.print(_rows_table(title, "int8", "fp32", "ratio int8/fp32", q["rows"]))
+    console.print(rows_table(title, "int8", "fp32", "ratio int8/fp32", q["rows"]))
     if "why" in q:
         console.print(f"--int8 chose {q['scheme']}: {q['why']}", markup=False)
     acc = q["accuracy"]
@@ -160,17 +160,17 @@ def _print_cpu(result: dict[str, Any], console: Any) -> None:
 
 def _print_decode(d: dict[str, Any], console: Any) -> None:
     """The decode-layout and batched-decode rows."""
-    console.print(_rows_table("vlmkit decode layout (per-shape, see chosen) vs row-major weights", "layout", "rows",
+    console.print(rows_table("vlmkit decode layout (per-shape, see chosen) vs row-major weights", "layout", "rows",
                               "ratio", [d["layout"]]))  # fmt: skip
     console.print(f"decode layout chosen per weight shape: {d['layout']['chosen']}; floor {fmt_value(d['floor_tok_s'])} tok/s: "
                   f"layout reaches {d['layout_fraction']:.0%}, row-major {d['rows_fraction']:.0%} (goal >= 85%)", markup=False)  # fmt: skip
-    console.print(_rows_table("batched decode (vlmkit float32)", "8 rows", "1 row", "ratio", [d["batch"]]))
+    console.print(rows_table("batched decode (vlmkit float32)", "8 rows", "1 row", "ratio", [d["batch"]]))
 
 
 def _print_scheme(q: dict[str, Any], console: Any) -> None:
     rep = q["report"]
     title = f"vlmkit --quantize {q['requested']} (applied: {q['scheme']}) vs vlmkit float32"
-    console.print(_rows_table(title, "q", "fp32", "ratio q/fp32", q["rows"]))
+    console.print(rows_table(title, "q", "fp32", "ratio q/fp32", q["rows"]))
     acc = q["accuracy"]
     choice = rep.get("choice")
     extra = f"; {q['requested']}: {choice['why']} (timed {choice['timed']}, ms {choice['ms']})" if choice else ""
@@ -200,7 +200,7 @@ def print_llama_cpp(result: dict[str, Any], console: Any) -> None:
     rows = comparison_rows(result) + agreement_rows(result)
     if rows:
         title = f"vlmkit vs llama.cpp {section['version']} ({Path(section.get('gguf', '')).name} and its F32/Q8_0 rewrites)"
-        console.print(_rows_table(title, "vlmkit", "llama.cpp", "ratio v/l", rows))
+        console.print(rows_table(title, "vlmkit", "llama.cpp", "ratio v/l", rows))
     for kind, figures in (section.get("kinds") or {}).items():
         note = figures.get("error") or (None if figures.get("extra_bufts", True) else
                                         f"ran without extra buffer types after: {figures.get('first_try')}")  # fmt: skip
@@ -225,7 +225,7 @@ def _print_vision_dtype(section: dict[str, Any], console: Any) -> None:
             f"vlmkit.vision_dtype.set_vision_dtype(model, '{dtype}') / --vision-dtype {dtype}"
         )
     if rows:
-        console.print(_rows_table("vlmkit vision tower in bfloat16 / int8 (text model float32)", "tower", "transformers", "ratio", rows))
+        console.print(rows_table("vlmkit vision tower in bfloat16 / int8 (text model float32)", "tower", "transformers", "ratio", rows))
     for line in lines:
         console.print(line, markup=False)
 

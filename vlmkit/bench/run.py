@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .accelerator import DEVICE_DTYPES, device_bench, print_device_report
 from .int8 import int8_section
 from .llama_cpp import llama_cpp_section
 from .schemes import layout_and_batch, scheme_section
@@ -47,24 +48,32 @@ def run_bench(
     subprocess_timeout: float = 1800.0,
     quantize: Sequence[str] = (),
     decode: bool = True,
+    device: str | None = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Run the benchmark on ``source`` (a checkpoint folder or Hub repo id), print the tables on
     ``console`` (a rich Console; None prints to stdout) and return the results (also written
     to ``json_path``). ``quick`` skips the 17-tile rows; ``int8`` adds the int8 comparison;
     ``decode`` the decode-layout and batched-decode rows; each scheme of ``quantize``
-    (:data:`vlmkit.quant_schemes.SCHEMES`) a table against vlmkit float32."""
+    (:data:`vlmkit.quant_schemes.SCHEMES`) a table against vlmkit float32. A ``device`` other
+    than the CPU or a ``dtype`` other than float32 runs :mod:`vlmkit.bench.accelerator` instead
+    (no ``int8``, ``quantize`` or ``decode=False`` there)."""
     import torch
 
     from ..hub import resolve_source
 
     _check_options(repeats, new_tokens)
     quantize = _check_schemes(quantize)
+    target = _check_target(device, dtype, int8=int8, quantize=quantize, decode=decode)
     _import_transformers()
     folder = resolve_source(source, weights=True)
     threads = int(threads or torch.get_num_threads())
     torch.set_num_threads(threads)
     console = console or make_console()
     say = (lambda msg: console.print(f"[dim]{msg}[/dim]")) if console is not None else (lambda msg: None)
+    if target is not None:
+        return _run_on_device(source, folder, target, repeats=repeats, quick=quick, threads=threads,
+                              new_tokens=new_tokens, json_path=json_path, console=console, say=say)  # fmt: skip
 
     tile_counts = [0, 1] if quick else [0, 1, MANY_TILES]
     prompts = make_prompts(folder, tile_counts)
@@ -131,6 +140,49 @@ def _llama_cpp(folder: Path, fp32: VlmkitSide, prompt: Prompt, threads: int, new
     greedy = [ids[0].tolist() for ids in agreement_prompts(folder)]
     with torch.inference_mode():
         return llama_cpp_section(folder, fp32, prompt, threads, new_tokens, repeats, cache_dir() / "llama_cpp", timeout, greedy)
+
+
+def _check_target(device: str | None, dtype: str, *, int8: bool, quantize: tuple[str, ...], decode: bool):
+    """``(torch.device, torch.dtype)`` for a run off the CPU float32 default, else None; a
+    :class:`~vlmkit.errors.VlmkitError` for an unknown dtype, a device this machine lacks, or a
+    CPU-only option asked for with either."""
+    from ..builder import resolve_device
+    from ..errors import VlmkitError
+
+    if dtype not in DEVICE_DTYPES:
+        raise VlmkitError(f"--dtype {dtype!r} is not one the benchmark runs", hint=f"choose among {', '.join(DEVICE_DTYPES)}")
+    dev = resolve_device(device)
+    if dev.type == "cpu" and dtype == "float32":
+        return None
+    asked = [name for name, on in (("--int8", int8), ("--quantize", bool(quantize)), ("--no-decode", not decode)) if on]
+    if asked:
+        verb = "compares" if len(asked) == 1 else "compare"
+        raise VlmkitError(f"{' and '.join(asked)} {verb} CPU float32 schemes and cannot run with --device {dev} --dtype {dtype}",
+                          hint="run them in a separate bench without --device/--dtype")  # fmt: skip
+    import torch
+
+    return dev, getattr(torch, dtype)
+
+
+def _run_on_device(source: str | os.PathLike, folder: Path, target: tuple[Any, Any], *, repeats: int, quick: bool,
+                   threads: int, new_tokens: int, json_path: str | os.PathLike | None, console: Any, say) -> dict[str, Any]:  # noqa: ANN001  # fmt: skip
+    """The :mod:`~vlmkit.bench.accelerator` run, its report and JSON file."""
+    import torch
+    import transformers
+
+    device, dtype = target
+    result = device_bench(folder, device=device, dtype=dtype, repeats=repeats, quick=quick, new_tokens=new_tokens, say=say)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    result["info"] = {
+        "source": str(source), "folder": str(folder), "device": str(device), "device_name": name,
+        "dtype": str(dtype).removeprefix("torch."), "threads": threads, "repeats": repeats, "quick": quick,
+        "new_tokens": new_tokens, "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": machine_facts(),
+    }  # fmt: skip
+    print_device_report(result, console)
+    if json_path is not None:
+        write_json(result, json_path)
+    return result
 
 
 def _check_schemes(schemes: Sequence[str]) -> tuple[str, ...]:
@@ -288,11 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quantize", action="append", default=[], metavar="SCHEME",
                         help="also compare this scheme (auto, fp32, w8, w4, w8a8, int8) with vlmkit float32; repeatable")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="skip the decode-layout and batched rows")
+    parser.add_argument("--device", default=None, help="run both sides on this device, e.g. cuda (default: the CPU)")
+    parser.add_argument("--dtype", default="float32", choices=DEVICE_DTYPES, help="both sides' dtype (default float32)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run_bench(args.source, repeats=args.repeats, quick=args.quick, int8=args.int8, threads=args.threads,
-              new_tokens=args.new_tokens, json_path=args.json_path, quantize=args.quantize, decode=args.decode)  # fmt: skip
+              new_tokens=args.new_tokens, json_path=args.json_path, quantize=args.quantize, decode=args.decode,
+              device=args.device, dtype=args.dtype)  # fmt: skip
     return 0

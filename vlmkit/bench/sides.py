@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,16 +14,20 @@ from .prompts import Prompt
 
 
 class Clock:
-    """A transformers-style streamer (``put``/``end``) that stamps each new token."""
+    """A transformers-style streamer (``put``/``end``) that stamps each new token; ``sync`` (e.g.
+    ``torch.cuda.synchronize``) waits for the device before each stamp."""
 
-    def __init__(self) -> None:
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
         self.prompt_seen = False
         self.stamps: list[float] = []
+        self.sync = sync
 
     def put(self, value) -> None:  # noqa: ANN001
         if not self.prompt_seen:
             self.prompt_seen = True
             return
+        if self.sync is not None:
+            self.sync()
         self.stamps.append(time.perf_counter())
 
     def end(self) -> None:
@@ -34,19 +39,30 @@ class Clock:
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
 
 
+def device_sync(device: Any) -> Callable[[], None] | None:
+    """``torch.cuda.synchronize`` for a CUDA ``device``, else None (CPU calls return when done)."""
+    import torch
+
+    if device is not None and torch.device(device).type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
 class VlmkitSide:
-    """vlmkit's calls, shaped like :class:`HFSide`'s."""
+    """vlmkit's calls, shaped like :class:`HFSide`'s; float32 on the CPU unless ``device`` and
+    ``dtype`` say otherwise (as ``build_from_hf`` takes them)."""
 
     name = "vlmkit"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: Any = None, dtype: Any = "float32") -> None:
         self.folder = folder
+        self.device, self.dtype = device, dtype
         self.model = None
 
     def load(self):
         from ..builder import build_from_hf
 
-        self.model = build_from_hf(self.folder, dtype="float32")
+        self.model = build_from_hf(self.folder, dtype=self.dtype, device=self.device)
         return self.model
 
     def encode(self, p: Prompt) -> None:
@@ -61,7 +77,7 @@ class VlmkitSide:
         self.model.generate(**p.tensors, max_new_tokens=1)
 
     def decode(self, p: Prompt, new_tokens: int) -> float:
-        clock = Clock()
+        clock = Clock(device_sync(self.device))
         self.model.generate(**p.tensors, max_new_tokens=new_tokens, eos_token_id=[], streamer=clock)
         return clock.tokens_per_s()
 
@@ -73,12 +89,14 @@ class VlmkitSide:
 
 
 class HFSide:
-    """transformers' ``AutoModelForImageTextToText`` on the same folder, float32."""
+    """transformers' ``AutoModelForImageTextToText`` on the same folder with sdpa attention,
+    float32 on the CPU unless ``device`` and ``dtype`` say otherwise."""
 
     name = "transformers"
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, device: Any = None, dtype: Any = "float32") -> None:
         self.folder = folder
+        self.device, self.dtype = device, dtype
         self.model = None
         self._gen = None
 
@@ -86,7 +104,9 @@ class HFSide:
         import torch
         import transformers
 
-        self.model = transformers.AutoModelForImageTextToText.from_pretrained(self.folder, dtype=torch.float32).eval()
+        dtype = self.dtype if isinstance(self.dtype, torch.dtype) else getattr(torch, self.dtype)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(self.folder, dtype=dtype, attn_implementation="sdpa")
+        self.model = model.to(self.device or "cpu").eval()
         gen = copy.deepcopy(self.model.generation_config)
         gen.eos_token_id = None  # decode exactly the asked number of tokens, as vlmkit does
         gen.do_sample = False
@@ -116,6 +136,9 @@ class HFSide:
         self.model.generate(**self._kw(p, 1))
 
     def decode(self, p: Prompt, new_tokens: int) -> float:
-        clock = Clock()
+        clock = Clock(device_sync(self.device))
         self.model.generate(**self._kw(p, new_tokens), streamer=clock)
         return clock.tokens_per_s()
+
+    def logits(self, p: Prompt):
+        return self.model(**p.tensors).logits
