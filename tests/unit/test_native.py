@@ -269,3 +269,26 @@ def test_attention_exponential_is_within_a_float32_step_of_exp():
     assert torch.isnan(out[0::4]).all()
     assert ((out[1::4] >= 0) & (out[1::4] < 2e-38)).all() and ((out[2::4] >= 0) & (out[2::4] < 2e-38)).all()
     assert ((out[3::4] >= 0) & (out[3::4] < 2e-38)).all()
+
+
+@needs_kernels
+def test_the_steps_silu_is_within_float32_rounding_of_torchs():
+    """The decode step's ``silu(gate) * up`` (vector e^-|g| on both signs) against float64, over
+    gates from -100 to 100 (both tails, where ``e^-g`` alone would overflow), zeros, inf and NaN."""
+    lib = native.library()
+    assert lib is not None, native.status()
+    g = torch.cat([torch.linspace(-100.0, 100.0, 2_000_003), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.7, -88.7])])
+    u = torch.linspace(-2.0, 3.0, g.numel())
+    a = torch.empty_like(g)
+    lib.vlmkit_silu_mul(g.data_ptr(), u.data_ptr(), a.data_ptr(), g.numel())
+    ref = torch.nn.functional.silu(g.double()) * u.double()
+    err, big = (a.double() - ref).abs(), ref.abs() > 1e-30  # below: g < -65, where e^-87 stands in for e^g
+    assert (err[big] / ref[big].abs()).max().item() < 4e-7 and err[~big].max().item() < 1e-30  # a few float32 roundings
+    torch_err = (torch.nn.functional.silu(g) * u).double() - ref
+    assert (torch_err[big].abs() / ref[big].abs()).max().item() < 5e-7  # torch's own float32 silu is as close
+    odd = torch.tensor([float("nan"), float("inf"), 1.0, -1.0] * 4)  # 16 lanes: the vector path
+    out, ones = torch.empty_like(odd), torch.ones_like(odd)  # held: a pointer alone does not keep a tensor alive
+    lib.vlmkit_silu_mul(odd.data_ptr(), ones.data_ptr(), out.data_ptr(), odd.numel())
+    assert torch.isnan(out[0::4]).all() and torch.isinf(out[1::4]).all()
+    silu = torch.nn.functional.silu
+    assert torch.allclose(out[2::4], silu(torch.tensor(1.0))) and torch.allclose(out[3::4], silu(torch.tensor(-1.0)))

@@ -58,7 +58,7 @@ FLAGS = (
 MAX_ROWS = 16
 #: seconds a compile may take
 COMPILE_TIMEOUT = 120
-ABI = 10
+ABI = 11
 
 _state: dict[str, object] = {"lib": None, "why": None, "tried": False, "off": 0}
 _P, _I = ctypes.c_void_p, ctypes.c_int
@@ -159,6 +159,7 @@ def _load() -> ctypes.CDLL | None:
     lib.vlmkit_llama_scratch.restype = ctypes.c_long
     lib.vlmkit_llama_step.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _P, ctypes.c_long, _I]
     lib.vlmkit_exp_neg.argtypes = [_P, _P, _I]
+    lib.vlmkit_silu_mul.argtypes = [_P, _P, _P, _I]
     _state["why"] = f"{path.name} ({lib.vlmkit_gemv_isa().decode()}; {how})"
     return lib
 

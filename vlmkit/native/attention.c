@@ -9,6 +9,9 @@
 #define VMAX(a, b) _mm512_max_ps(a, b)
 #define VROUND(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define VPOW2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define VDIV(a, b) _mm512_div_ps(a, b)
+#define VNEG_ABS(a) _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_set1_epi32((int)0x80000000u)))
+#define VIF_NEG(x, a, b) _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), b, a)
 #else
 #define VSTORE(p, a) _mm256_storeu_ps(p, a)
 #define VMUL(a, b) _mm256_mul_ps(a, b)
@@ -16,6 +19,9 @@
 #define VMAX(a, b) _mm256_max_ps(a, b)
 #define VROUND(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define VPOW2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define VDIV(a, b) _mm256_div_ps(a, b)
+#define VNEG_ABS(a) _mm256_or_ps(a, _mm256_set1_ps(-0.0f))
+#define VIF_NEG(x, a, b) _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ))
 #endif
 
 /* e^x lane by lane for x <= 0 (a score minus the max): x = n ln2 + r with n = round(x / ln2) and

@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-int vlmkit_gemv_abi(void) { return 10; }
+int vlmkit_gemv_abi(void) { return 11; }
 
 /* IEEE float16 bits -> float32: the F16C instruction where the CPU has it, else by hand. */
 #if defined(__F16C__)

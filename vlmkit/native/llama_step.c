@@ -209,6 +209,23 @@ static void rope(float *restrict x, const float *restrict cos, const float *rest
 
 #include "attention.c"
 
+/* a[i] = silu(g[i]) * u[i] for n values: silu(g) = g / (1 + e^-g), computed as g * e / (1 + e)
+ * for g < 0 and g / (1 + e) otherwise with e = e^-|g| (vexp_neg: never overflows); expf for the
+ * tail and in the portable build. */
+static void silu_mul(const float *restrict g, const float *restrict u, float *restrict a, int n) {
+    int i = 0;
+#ifdef LANES
+    for (; i + LANES <= n; i += LANES) {
+        vec x = VLOAD(g + i), e = vexp_neg(VNEG_ABS(x)), one = VSET1(1.f);
+        vec sig = VDIV(VIF_NEG(x, e, one), VADD(one, e));
+        VSTORE(a + i, VMUL(VMUL(x, sig), VLOAD(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+}
+
+void vlmkit_silu_mul(const float *restrict g, const float *restrict u, float *restrict a, int n) { silu_mul(g, u, a, n); }
+
 /* Scratch floats vlmkit_llama_step needs for B rows and a cache of capacity cap. */
 long vlmkit_llama_scratch(const vk_dims *dm, int cap, int B) {
     long H = dm->heads, Hk = dm->kv_heads, d = dm->head_dim, widest = dm->hidden;
@@ -264,7 +281,7 @@ int vlmkit_llama_step(const vk_dims *dm, const vk_layer *L, float *restrict h, c
         for (int b = 0; b < B; b++) {
             const float *g = gu + (size_t)b * 2 * I;
             float *a = act + (size_t)b * I;
-            for (int i = 0; i < I; i++) a[i] = (g[i] / (1.0f + expf(-g[i]))) * g[I + i];
+            silu_mul(g, g + I, a, I);
         }
         if (mat_op(&ly->down, act, tmp, B, small, nthreads)) return -1;
         for (size_t i = 0; i < (size_t)B * D; i++) h[i] = h[i] + tmp[i];
