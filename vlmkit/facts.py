@@ -29,7 +29,7 @@ from .errors import PluginError, SpecError, VlmkitError, short_repr
 from .protocols import DeclaresGeometry, DeclaresTokenCount, DeclaresWidths, TextWidths, TowerGeometry
 
 __all__ = [
-    "SpecFacts", "make_component", "geometry_of", "tower_geometry", "connector_tokens", "text_widths",
+    "SpecFacts", "ValuelessInit", "make_component", "geometry_of", "tower_geometry", "connector_tokens", "text_widths",
     "spec_facts", "checked_geometry", "checked_tokens", "packer_tokens", "check_placeholder",
 ]  # fmt: skip
 
@@ -73,14 +73,32 @@ def _guarded(entry: Any, slot: str, doing: str, call: Callable[[], Any]) -> Any:
         ) from exc
 
 
+class ValuelessInit(torch.overrides.TorchFunctionMode):
+    """Inside it, an initialiser of ``torch.nn.init`` or a random fill (``normal_``,
+    ``uniform_``, ...) applied to a meta tensor returns the tensor untouched: it has no values. Only this
+    context changes; other tensors and ops pass through. Why: torch's meta ``normal_`` imports
+    ``torch._dynamo`` on its first call (1.3-2.4 s, measured with torch 2.14), which every first
+    model build in a process and ``vlmkit inspect`` would pay for nothing."""
+
+    FILLS = frozenset({torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.log_normal_, torch.Tensor.exponential_,
+                       torch.Tensor.cauchy_, torch.Tensor.geometric_, torch.Tensor.random_, torch.Tensor.bernoulli_})  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in self.FILLS or getattr(func, "__module__", None) == "torch.nn.init":
+            tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def make_component(spec: Any, slot: str, meta: bool, **widths: Any) -> nn.Module:
     """Instantiate ``slot``'s component of ``spec`` as ``cls(params, **widths)`` (on the meta
-    device when ``meta``)."""
+    device, with :class:`ValuelessInit`, when ``meta``)."""
     entry = _entry(spec, slot)
-    where = torch.device("meta") if meta else contextlib.nullcontext()
 
     def build():
-        with where:
+        with torch.device("meta") if meta else contextlib.nullcontext(), ValuelessInit() if meta else contextlib.nullcontext():
             return entry.cls(getattr(spec, slot).params, **widths)
 
     return _guarded(entry, slot, "being built", build)

@@ -194,3 +194,31 @@ def test_bad_facts_are_spec_errors_naming_the_key():
         vlmkit.load_processor(spec=_spec(*TOWERS["navit"], tokens_per_image=7))
     with pytest.raises(SpecError, match="outside the backbone vocabulary"):
         facts.spec_facts(_spec(*TOWERS["navit"], backbone={**LLAMA, "vocab_size": 100}))
+
+
+def test_building_on_the_meta_device_fills_nothing_and_imports_no_dynamo():
+    """Meta tensors have no values, so torch.nn.init's initialisers and random fills skip them
+    inside ValuelessInit (torch's meta normal_ imports torch._dynamo, ~2 s, on its first call);
+    real tensors in the same context are filled as usual. In a fresh process, a whole model built
+    from the bundled SmolVLM-256M config on the meta device leaves torch._dynamo unimported."""
+    with torch.device("meta"), facts.ValuelessInit():
+        emb = torch.nn.Embedding(8, 4)
+        lin = torch.nn.Linear(4, 4)
+        torch.nn.init.trunc_normal_(lin.weight, std=0.02)
+        lin.weight.normal_()
+    assert emb.weight.is_meta and lin.weight.is_meta and emb.weight.shape == (8, 4)
+    real = torch.zeros(64)
+    with facts.ValuelessInit():
+        torch.nn.init.normal_(real)
+        real.uniform_(5.0, 6.0)
+    assert real.min() >= 5.0  # filled: the context only skips meta tensors
+
+    code = (
+        "import sys, vlmkit.hf, vlmkit.wiring, vlmkit.protocols\n"
+        f"spec = vlmkit.hf.spec_from_hf({TOKENIZER!r})\n"
+        "model = vlmkit.wiring.assemble_within_memory(spec, frozenset(vlmkit.protocols.SLOTS))  # build_from_hf's first step\n"
+        "print(sum(p.numel() for p in model.parameters()) > 2e8, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
