@@ -6,9 +6,12 @@ bandwidth (measured: the 49280 x 576 LM head of SmolLM2-135M on an AMD EPYC). Tw
 exist: ``torch.mv`` on a weight whose *storage* is ``W^T`` ``(in, out)`` (a column-major ``W``),
 and vlmkit's own kernel on the row-major ``W`` (:func:`vlmkit.native.gemv_f32`, compiled on first
 use; where it is unavailable a row-major one-row call runs ``F.linear``). :func:`prepare_decode`
-picks, per weight shape, the faster of the two layouts (timed on the model's own weights, A/B
-alternated: ``rows`` times vlmkit's kernel where it is available) and re-stores the chosen
-weights:
+keeps the row-major layout where vlmkit's native kernels are available (they, and the one-call
+decode step that reads every layer's weights itself, are written for it: on every AMD EPYC bench
+run the timed choice below picked ``rows`` for every shape, and timing it cost the first
+``generate`` 0.7 s and up to 256 MB of transposed copies); without them it picks, per weight
+shape, the faster of the two layouts (timed on the model's own weights, A/B alternated) and
+re-stores the chosen weights:
 
 * the transposed layout **replaces** the weight (``weight`` stays an ``(out, in)`` parameter,
   now a view of ``(in, out)`` storage), so memory does not grow; values are bit-identical, only the summation
@@ -38,7 +41,8 @@ from .errors import VlmkitError
 
 __all__ = ["GemvLinear", "LAYOUTS", "linear_rows", "prepare_decode", "ensure_decode_layout", "is_transposed"]
 
-#: ``auto`` (time both per shape), ``transposed`` (always ``W^T`` storage), ``rows`` (leave row-major).
+#: ``auto`` (row-major where vlmkit's native kernels run, else time both per shape), ``transposed``
+#: (always ``W^T`` storage), ``rows`` (leave row-major).
 LAYOUTS = ("auto", "transposed", "rows")
 #: A/B rounds per shape for ``auto``; the LM head (the largest matrix) gets fewer.
 TUNE_ROUNDS = 5
@@ -177,7 +181,7 @@ def _apply_layouts(shapes: dict, layout: str, chosen: dict) -> None:  # noqa: AN
     for shape, group in shapes.items():
         rounds = TUNE_ROUNDS if len(group) > 1 else 3
         transpose = layout == "transposed" or (
-            layout == "auto" and faster_transposed([getattr(o, a) for o, a in group], rounds)
+            layout == "auto" and not native.available() and faster_transposed([getattr(o, a) for o, a in group], rounds)
         )
         chosen[shape] = "transposed" if transpose else "rows"
         for i, (owner, attr) in enumerate(group):

@@ -60,12 +60,30 @@ def test_prepare_decode_replaces_weights_without_growing_memory(tied):
     assert not any(is_transposed(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear))
 
 
-def test_auto_layout_times_and_chooses_per_shape():
+def test_auto_layout_times_and_chooses_per_shape(monkeypatch):
+    from vlmkit import decode_layout, native
+
+    timed = []
+    monkeypatch.setattr(decode_layout, "faster_transposed", lambda weights, rounds: timed.append(weights[0].shape) or True)
+    model = _model().eval()
+    with native.disabled():  # without vlmkit's kernels: each shape timed, the faster layout kept
+        chosen = prepare_decode(model.backbone)  # auto
+    shapes = {tuple(m.weight.shape) for m in model.backbone.modules() if isinstance(m, nn.Linear)}
+    assert set(chosen) == shapes and set(chosen.values()) == {"transposed"} and {tuple(s) for s in timed} >= shapes
+    monkeypatch.undo()
+    assert isinstance(faster_transposed([torch.randn(16, 8)], rounds=2), bool)
+
+
+def test_auto_layout_keeps_rows_untimed_where_the_native_kernels_run(monkeypatch):
+    from vlmkit import decode_layout, native
+
+    if not native.available():
+        pytest.skip(f"vlmkit's native kernels are not available here: {native.status()}")
+    monkeypatch.setattr(decode_layout, "faster_transposed", lambda *a, **k: pytest.fail("auto timed a layout"))
     model = _model().eval()
     chosen = prepare_decode(model.backbone)  # auto
-    shapes = {tuple(m.weight.shape) for m in model.backbone.modules() if isinstance(m, nn.Linear)}
-    assert set(chosen) == shapes and set(chosen.values()) <= {"transposed", "rows"}
-    assert isinstance(faster_transposed([torch.randn(16, 8)], rounds=2), bool)
+    assert chosen and set(chosen.values()) == {"rows"}
+    assert not any(is_transposed(m.weight) for m in model.backbone.modules() if isinstance(m, GemvLinear))
 
 
 def test_generate_prepares_the_layout_once():
