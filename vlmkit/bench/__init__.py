@@ -41,6 +41,8 @@ Entry points: ``vlmkit bench SOURCE`` and ``python benchmarks/run_bench.py SOURC
   :data:`INT8_ROWS`, :func:`expected_rows`), timing in alternation, the fresh-process runs and CLI
   checks, :func:`measure_bandwidth` and :func:`decode_bytes_per_token`;
 - :mod:`~vlmkit.bench.int8` -- the ``--int8`` section and :func:`int8_accuracy`;
+- :mod:`~vlmkit.bench.accelerator` -- ``--device``/``--dtype``: the same comparison on a GPU or in
+  another dtype (synchronized timings, device memory, 8-row decode, floors, logit agreement);
 - :mod:`~vlmkit.bench.report` -- the printed tables and the JSON file;
 - :mod:`~vlmkit.bench.run` -- :func:`run_bench` and the command line (:func:`build_parser`,
   :func:`main`; also ``python -m vlmkit.bench``).
