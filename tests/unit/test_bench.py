@@ -185,3 +185,11 @@ def test_bench_device_options_are_checked_before_loading(tmp_path, capsys, args,
 
     assert main(["bench", str(tmp_path / "absent"), *args]) == 1  # the folder is never looked at
     assert message in capsys.readouterr().err
+
+
+def test_the_module_entry_point_reports_errors_as_the_cli_does(tmp_path, capsys):
+    from vlmkit.bench import main
+
+    assert main([str(tmp_path / "absent"), "--device", "cuda:99", "--dtype", "bfloat16"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cuda:99" in err and "hint: " in err and "Traceback" not in err

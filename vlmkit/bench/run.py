@@ -346,8 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vlmkit.bench`` / ``benchmarks/run_bench.py``: a
+    :class:`~vlmkit.errors.VlmkitError` prints as ``error: ...`` and ``hint: ...`` on stderr (exit
+    1), as ``vlmkit bench`` prints it."""
+    import sys
+
+    from ..errors import VlmkitError
+
     args = build_parser().parse_args(argv)
-    run_bench(args.source, repeats=args.repeats, quick=args.quick, int8=args.int8, threads=args.threads,
-              new_tokens=args.new_tokens, json_path=args.json_path, quantize=args.quantize, decode=args.decode,
-              device=args.device, dtype=args.dtype)  # fmt: skip
+    try:
+        run_bench(args.source, repeats=args.repeats, quick=args.quick, int8=args.int8, threads=args.threads,
+                  new_tokens=args.new_tokens, json_path=args.json_path, quantize=args.quantize, decode=args.decode,
+                  device=args.device, dtype=args.dtype)  # fmt: skip
+    except VlmkitError as exc:
+        print(f"error: {exc.message}" + (f"\nhint: {exc.hint}" if exc.hint else ""), file=sys.stderr)
+        return 1
     return 0
