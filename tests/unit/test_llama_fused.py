@@ -198,3 +198,31 @@ def test_padded_rows_and_autograd_never_take_the_native_step():
     bb(bb.embed(torch.tensor([[3, 4, 5]])), cache=cache)
     out = bb(bb.embed(torch.tensor([[6]])), cache=cache)  # grad mode: the modules
     assert out.shape == (1, 1, bb.hidden_size) and plan_of(bb) is None
+
+
+def test_the_plan_is_checked_at_the_first_of_a_run_of_steps(monkeypatch):
+    """Consecutive steps on one cache check the plan once; a prefill (or a reset) on the same
+    cache starts a new run, checked again, so a hook added between generations is seen."""
+    bb = _backbone()
+    _steps(bb, steps=2)  # a plan exists
+    checks = []
+    real = FusedDecode.current
+    monkeypatch.setattr(FusedDecode, "current", lambda self: checks.append(1) or real(self))
+    ids = torch.randint(0, bb.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = bb.new_cache(1, 40)
+        bb(bb.embed(ids), cache=cache)  # prefill: the modules
+        for _ in range(6):
+            bb(bb.embed(ids[:, :1]), cache=cache)
+        assert checks == []  # a new cache builds a plan (nothing to check)
+        plan = plan_of(bb)
+        bb(bb.embed(ids), cache=cache)  # a prefill on the same cache
+        for _ in range(6):
+            bb(bb.embed(ids[:, :1]), cache=cache)
+        assert len(checks) == 1 and plan_of(bb) is plan
+        seen = []
+        handle = bb.layers[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(1))
+        cache.reset(cache.length - 3)  # a reset: the next step is not the one after the last
+        bb(bb.embed(ids[:, :1]), cache=cache)
+        handle.remove()
+    assert len(checks) == 2 and seen == [1] and plan_of(bb).startswith("a forward hook on LlamaMLP")
