@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .measure import Metric, alternate, decode_bytes_per_token, vision_flops_per_tile
+from .measure import ROWS, Metric, alternate, decode_bytes_per_token, vision_flops_per_tile
 from .prompts import MANY_TILES, Prompt, make_prompts
 from .sides import HFSide, VlmkitSide, device_sync
 
@@ -37,21 +37,16 @@ from .sides import HFSide, VlmkitSide, device_sync
 DEVICE_DTYPES = ("float32", "bfloat16", "float16")
 #: Rows decoded together in the batched row.
 BATCH = 8
-#: key -> (label, unit, higher is better, goal on vlmkit / transformers)
+#: the rows this run shares with the CPU float32 run, under the same labels and units (:data:`ROWS`)
+_SHARED_ROWS = ("load_s", "vision_1_ms", "vision_17_ms", "prefill_1_ms", "prefill_17_ms", "ttft_text_ms", "ttft_1_ms",
+                "ttft_17_ms", "decode_tps", "decode_1_tps")  # fmt: skip
+#: key -> (label, unit, higher is better, goal). No goals in the table: the issues bound these ratios on
+#: CPUs (on a GPU the figures are recorded); the 8-row scaling line keeps issue 19's >= 4x, which names no device.
 DEVICE_ROWS: dict[str, tuple[str, str, bool, float | None]] = {
-    "load_s": ("load (in process, warm cache)", "s", False, None),
-    "vision_1_ms": ("vision encode, 1 tile", "ms/tile", False, 0.7),
-    "vision_17_ms": ("vision encode, 17 tiles", "ms/tile", False, 0.7),
-    "prefill_1_ms": ("prefill LLM, 1-tile prompt", "ms", False, None),
-    "prefill_17_ms": ("prefill LLM, 17-tile prompt", "ms", False, None),
-    "ttft_text_ms": ("time to first token, text only", "ms", False, None),
-    "ttft_1_ms": ("time to first token, 1 tile", "ms", False, 1.0),
-    "ttft_17_ms": ("time to first token, 17 tiles", "ms", False, 0.9),
-    "decode_tps": ("decode, text prompt", "tok/s", True, 1.0),
-    "decode_1_tps": ("decode, after a 1-tile prompt", "tok/s", True, None),
-    "decode_batch_tps": (f"decode, {BATCH} rows of the text prompt (aggregate)", "tok/s", True, 1.0),
-    "memory_1_mb": ("peak device memory, 1 tile", "MB", False, 1.0),
-    "memory_17_mb": ("peak device memory, 17 tiles", "MB", False, 1.0),
+    **{k: (*ROWS[k][:3], None) for k in _SHARED_ROWS},
+    "decode_batch_tps": (f"decode, {BATCH} rows of the text prompt (aggregate)", "tok/s", True, None),
+    "memory_1_mb": ("peak device memory, 1 tile", "MB", False, None),
+    "memory_17_mb": ("peak device memory, 17 tiles", "MB", False, None),
 }
 _MANY_TILE_ROWS = frozenset({"vision_17_ms", "prefill_17_ms", "ttft_17_ms", "memory_17_mb"})
 _MEMORY_ROWS = frozenset({"memory_1_mb", "memory_17_mb"})
