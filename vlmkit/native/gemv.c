@@ -82,7 +82,6 @@ typedef __m256 vec;
     vec b0 = VZERO(), b1 = VZERO(), b2 = VZERO(), b3 = VZERO();                            \
     int i = 0;                                                                             \
     for (; i + 2 * LANES <= n; i += 2 * LANES) {                                           \
-        PREFETCH_NEXT                                                                      \
         vec x0 = VLOAD(x + i), x1 = VLOAD(x + i + LANES);                                  \
         a0 = VFMA(LOADW(w0 + i), x0, a0); b0 = VFMA(LOADW(w0 + i + LANES), x1, b0);        \
         a1 = VFMA(LOADW(w1 + i), x0, a1); b1 = VFMA(LOADW(w1 + i + LANES), x1, b1);        \
@@ -111,28 +110,10 @@ typedef __m256 vec;
     y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3;
 #endif
 
-#define PREFETCH_NEXT
 static inline void dot4_f32(const float *restrict w0, const float *restrict x, int n, float *restrict y) {
     const float *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
     DOT4_BODY(VLOAD)
 }
-#undef PREFETCH_NEXT
-
-/* dot4_f32 that also prefetches the next four rows (pf: 4n contiguous floats, or NULL), spread
- * over its loop and non-temporally (prefetchnta), so weights read once stream in without evicting
- * what the rest of the process keeps in L2/L3. On an AMD EPYC (AVX-512): a 424 MB product 40-44
- * -> 46-53 GB/s, fp32 decode 1.11x (paired A/B); the same prefetch into every level was 0.93x. */
-#define PREFETCH_NEXT                                                                      \
-    if (pf)                                                                                \
-        for (int k = 0; k < 8 * LANES; k += 16) __builtin_prefetch(pf + 4 * (size_t)i + k, 0, 0);
-static inline void dot4_f32_nt(const float *restrict w0, const float *restrict x, int n, float *restrict y,
-                               const float *pf) {
-    (void)pf; /* the portable build does not prefetch */
-    const float *w1 = w0 + n, *w2 = w0 + 2 * (size_t)n, *w3 = w0 + 3 * (size_t)n;
-    DOT4_BODY(VLOAD)
-}
-#undef PREFETCH_NEXT
-
 
 /* One dot product over a contiguous row, vectorized with four accumulators (a plain float loop
  * cannot be: its sum order is fixed). The int8 product runs one row at a time: one sequential
@@ -169,8 +150,9 @@ static inline float dot1_i8(const int8_t *restrict w, const float *restrict x, i
 }
 
 /* Rows ahead that the one-row quantized products prefetch, and the prefetch itself: every cache
- * line of a bytes at p and of b bytes at q, non-temporally (see dot4_f32_nt). w8 decode 1.17x,
- * w4 1.04x on an AMD EPYC (paired A/B). */
+ * line of a bytes at p and of b bytes at q, non-temporally (prefetchnta: weights read once stream
+ * in without evicting what the process keeps in L2/L3). w8 decode 1.17x, w4 1.04x on an AMD EPYC
+ * (paired A/B). */
 #define ROWS_AHEAD 4
 static inline void prefetch_nt(const void *p, size_t a, const void *q, size_t b) {
     for (size_t k = 0; k < a; k += 64) __builtin_prefetch((const char *)p + k, 0, 0);
@@ -192,14 +174,14 @@ static inline void my_rows(int out, int unit, int *lo, int *hi) {
     *hi = unit * (first + per + (t < extra ? 1 : 0));
 }
 
-/* Float32 rows per pass: four against one load of x, with the non-temporal prefetch, where it was
- * measured faster (AVX-512, AMD EPYC Zen 4: decode 1.11x); one row at a time, one sequential stream
- * per thread and only the hardware prefetcher, in the AVX2 build (AMD EPYC Zen 3, paired A/B: the
- * decode step 1.06-1.09x, the LM head 1.08x; with the prefetch of a row ahead 0.90x of that). */
-#if defined(__AVX512F__) || !defined(LANES)
-#define F32_ROWS 4
-#else
+/* Float32 rows per pass: one at a time in the vector builds, one sequential stream per thread and
+ * only the hardware prefetcher (paired A/B in one process against four rows per pass with the
+ * non-temporal prefetch of the next four: decode 1.36x on an AMD EPYC Zen 4, 1.06-1.09x on Zen 3
+ * (AVX2), 1.03-1.05x on Zen 5); four in the portable build, where they are four independent sums. */
+#ifdef LANES
 #define F32_ROWS 1
+#else
+#define F32_ROWS 4
 #endif
 
 void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const float *restrict bias,
@@ -210,7 +192,7 @@ void vlmkit_gemv_f32(const float *restrict W, const float *restrict x, const flo
         my_rows(out, F32_ROWS, &lo, &hi);
         for (int o = lo; o < hi; o += F32_ROWS)
             if (F32_ROWS == 4)
-                dot4_f32_nt(W + (size_t)o * in, x, in, y + o, o + 8 <= hi ? W + (size_t)(o + 4) * in : NULL);
+                dot4_f32(W + (size_t)o * in, x, in, y + o);
             else
                 y[o] = dot1_f32(W + (size_t)o * in, x, in);
     }

@@ -87,7 +87,7 @@ static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict
 
 /* Blocks of 4 rows ahead that a several-row product prefetches (2-16 measured alike: the 8-row
  * step 30-34 -> 22-26 ms on an AMD EPYC, where a burst of prefetches per block did nothing);
- * non-temporally, as the one-row products do (3% faster than into every cache level there). */
+ * non-temporally, as the one-row quantized products do (3% faster than into every cache level there). */
 #define PREFETCH_BLOCKS 4
 #ifdef LANES
 /* R weight rows (stride n) against NB inputs (stride n): Y[b * ldy + r], R * NB accumulators, so
