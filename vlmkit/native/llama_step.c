@@ -87,13 +87,13 @@ static const float *rows_as_float(const vk_mat *m, int o, int n, float *restrict
 
 /* Blocks of 4 rows ahead that a several-row product prefetches (2-16 measured alike: the 8-row
  * step 30-34 -> 22-26 ms on an AMD EPYC, where a burst of prefetches per block did nothing);
- * non-temporally, as the one-row quantized products do (3% faster than into every cache level there). */
+ * into L2 (PF_LOCALITY), as the one-row quantized products do. */
 #define PREFETCH_BLOCKS 4
 #ifdef LANES
 /* R weight rows (stride n) against NB inputs (stride n): Y[b * ldy + r], R * NB accumulators, so
  * each weight load feeds NB FMAs and each input load R. R and NB are constants at every call
  * (R <= 4, NB <= 8), so the loops unroll and the accumulators live in registers. pf (or NULL):
- * R rows (stride n) to prefetch non-temporally, one cache line of each per 16 floats consumed,
+ * R rows (stride n) to prefetch into L2, one cache line of each per 16 floats consumed,
  * so memory keeps streaming while the FMAs run. */
 static inline __attribute__((always_inline)) void dot_block(const int R, const int NB, const float *restrict w0,
                                                             const float *restrict x0, int n, float *restrict Y,
@@ -105,7 +105,7 @@ static inline __attribute__((always_inline)) void dot_block(const int R, const i
     for (; i + LANES <= n; i += LANES) {
         vec w[4], x[8];
         if (pf && (i & 15) == 0)
-            for (int r = 0; r < R; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, 0);
+            for (int r = 0; r < R; r++) __builtin_prefetch(pf + (size_t)r * n + i, 0, PF_LOCALITY);
         for (int r = 0; r < R; r++) w[r] = VLOAD(w0 + (size_t)r * n + i);
         for (int b = 0; b < NB; b++) x[b] = VLOAD(x0 + (size_t)b * n + i);
         for (int r = 0; r < R; r++)
