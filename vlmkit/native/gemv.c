@@ -287,19 +287,30 @@ static inline float dot1_i8g(const int8_t *restrict w, const float *restrict sc,
 
 static inline int i8_group_ok(int in, int group) { return group == in || (group > 0 && group % 32 == 0 && in % group == 0); }
 
-/* scale: (out, in / group) float32. Returns 0, or -1 for a group size it does not take. */
+/* y[o] of the int8 product, prefetching the row ROWS_AHEAD further on while it is before end. */
+static inline void i8_row(const int8_t *restrict W, const float *restrict scale, const float *restrict x,
+                          const float *restrict bias, float *restrict y, int o, int end, int in, int group) {
+    int groups = in / group;
+    if (o + ROWS_AHEAD < end) prefetch_rows(W + (size_t)(o + ROWS_AHEAD) * in, in, scale + (size_t)(o + ROWS_AHEAD) * groups, groups * 4);
+    y[o] = dot1_i8g(W + (size_t)o * in, scale + (size_t)o * groups, x, in, group) + (bias ? bias[o] : 0.f);
+}
+
+/* scale: (out, in / group) float32. Returns 0, or -1 for a group size it does not take. Each
+ * thread reads its rows as two streams, its two halves a row of each in turn, as the float32
+ * product does (w8 decode 1.06x and 1.04x, 12 of 12 pairs each, on an AMD EPYC Zen 4). */
 int vlmkit_gemv_i8(const int8_t *restrict W, const float *restrict scale, const float *restrict x,
                    const float *restrict bias, float *restrict y, int out, int in, int group, int nthreads) {
     if (!i8_group_ok(in, group)) return -1;
-    int groups = in / group;
 #pragma omp parallel num_threads(nthreads)
     {
         int lo, hi;
         my_rows(out, 1, &lo, &hi);
-        for (int o = lo; o < hi; o++) {
-            if (o + ROWS_AHEAD < hi) prefetch_rows(W + (size_t)(o + ROWS_AHEAD) * in, in, scale + (size_t)(o + ROWS_AHEAD) * groups, groups * 4);
-            y[o] = dot1_i8g(W + (size_t)o * in, scale + (size_t)o * groups, x, in, group) + (bias ? bias[o] : 0.f);
+        int half = (hi - lo) / 2, mid = lo + half;
+        for (int k = 0; k < half; k++) {
+            i8_row(W, scale, x, bias, y, lo + k, mid, in, group);
+            i8_row(W, scale, x, bias, y, mid + k, hi, in, group);
         }
+        if ((hi - lo) % 2) i8_row(W, scale, x, bias, y, hi - 1, hi, in, group);
     }
     return 0;
 }
